@@ -1,0 +1,98 @@
+//! Checkpoint I/O: where files are (local or hub cache), what `config.json` says, and the one table
+//! of tensor names. The only module that knows Hugging Face formats.
+
+pub mod hf_config;
+pub mod names;
+pub mod resolve;
+pub mod safetensors_io;
+
+use std::collections::BTreeSet;
+
+use anyhow::{Result, bail};
+use burn::tensor::backend::Backend;
+use serde_json::Value;
+
+use crate::model::{Decoder, FloatFormat, ModelConfig};
+pub use resolve::{CheckpointFiles, Origin};
+pub use safetensors_io::SafetensorsStore;
+
+/// A resolved checkpoint: its files and its parsed config.
+pub struct Checkpoint {
+    pub files: CheckpointFiles,
+    pub config: ModelConfig,
+    /// `config.json` as written, kept so export can extend rather than rewrite it.
+    pub raw_config: Value,
+}
+
+impl Checkpoint {
+    /// Resolves a local folder or hub id and reads its `config.json`.
+    pub fn open(spec: &str) -> Result<Self> {
+        let files = resolve::resolve(spec)?;
+        let (config, raw_config) = hf_config::read_model_config(&files.config)?;
+        Ok(Self {
+            files,
+            config,
+            raw_config,
+        })
+    }
+
+    /// Maps the weight files, converting to `format` on load.
+    pub fn store(&self, format: FloatFormat) -> Result<SafetensorsStore> {
+        SafetensorsStore::open(&self.files.weights, format)
+    }
+
+    /// Checks that the files hold exactly the tensors `config.json` describes (DMS tensors aside),
+    /// reporting every missing and unexpected name at once.
+    pub fn verify_tensor_names(&self, store: &SafetensorsStore) -> Result<()> {
+        let expected = safetensors_io::names_of(self.config.base_weight_keys());
+        let present: BTreeSet<String> = store.names().cloned().collect();
+        let missing: Vec<_> = expected.difference(&present).cloned().collect();
+        let unexpected: Vec<_> = store
+            .unexpected(&expected)
+            .into_iter()
+            .filter(|name| !safetensors_io::is_dms_name(name))
+            // Some tied checkpoints still store a copy of the head; transformers ignores it too.
+            .filter(|name| !(self.config.tie_word_embeddings && name == "lm_head.weight"))
+            .collect();
+        if missing.is_empty() && unexpected.is_empty() {
+            return Ok(());
+        }
+        let list = |names: &[String]| {
+            let shown: Vec<_> = names.iter().take(8).map(String::as_str).collect();
+            let more = names.len().saturating_sub(shown.len());
+            format!(
+                "{}{}",
+                shown.join(", "),
+                if more > 0 {
+                    format!(" (+{more} more)")
+                } else {
+                    String::new()
+                }
+            )
+        };
+        let mut problems = Vec::new();
+        if !missing.is_empty() {
+            problems.push(format!("missing tensors: {}", list(&missing)));
+        }
+        if !unexpected.is_empty() {
+            problems.push(format!("unexpected tensors: {}", list(&unexpected)));
+        }
+        bail!(
+            "the weights in '{}' do not match its config.json ({}): {}",
+            self.files.dir.display(),
+            self.config.architecture.hf_class(),
+            problems.join("; ")
+        )
+    }
+
+    /// Loads the base decoder onto `device`, its weights converted to `format`.
+    pub fn load_decoder<B: Backend>(
+        &self,
+        format: FloatFormat,
+        device: &B::Device,
+    ) -> Result<Decoder<B>> {
+        let mut store = self.store(format)?;
+        self.verify_tensor_names(&store)?;
+        Decoder::load(&self.config, &mut store, device)
+    }
+}

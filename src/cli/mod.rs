@@ -1,0 +1,89 @@
+//! The command line: argument structs, logging setup, and printing. No tensor math lives here.
+
+mod inspect;
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// Retrofit Llama and Qwen checkpoints with Dynamic Memory Sparsification (DMS): learned per-head
+/// KV-cache eviction that shrinks inference memory up to 8x.
+#[derive(Parser, Debug)]
+#[command(name = "dms-retrofit", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    #[command(flatten)]
+    pub global: GlobalArgs,
+}
+
+/// Options every command takes.
+#[derive(Args, Debug)]
+pub struct GlobalArgs {
+    /// More log output (-v debug, -vv trace). RUST_LOG overrides this.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Show a checkpoint's architecture, size and KV-cache memory (dense and under DMS).
+    Inspect(inspect::InspectArgs),
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Entry point of the binary: runs the command and prints the full error chain on failure.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.global.verbose);
+    let result = match cli.command {
+        Command::Inspect(args) => inspect::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Bytes in human units (binary prefixes).
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.2} {}", UNITS[unit])
+    }
+}
+
+/// Counts in human units (K, M, B).
+pub fn human_count(count: u64) -> String {
+    match count {
+        c if c >= 1_000_000_000 => format!("{:.2}B", c as f64 / 1e9),
+        c if c >= 1_000_000 => format!("{:.1}M", c as f64 / 1e6),
+        c if c >= 1_000 => format!("{:.1}K", c as f64 / 1e3),
+        c => c.to_string(),
+    }
+}

@@ -1,0 +1,415 @@
+//! One decoder for every supported architecture (Llama 2/3/3.x, Qwen2, Qwen3).
+//!
+//! Read top to bottom: `Linear` → `RmsNorm` → `Mlp` → `Attention` → `DecoderLayer` → `Decoder`.
+//! Architecture differences are `ModelConfig` fields (biases, q/k norm, head_dim, tied head,
+//! RoPE scaling), never branches on the architecture's name.
+
+use anyhow::Result;
+use burn::module::{Module, Param};
+use burn::tensor::{Bool, FloatDType, Int, Tensor, TensorData, activation, backend::Backend};
+
+use super::config::ModelConfig;
+use super::rope::RopeTables;
+use super::weights::{LayerNorm, Projection, WeightKey, WeightSource};
+
+/// Builds a parameter from a [`WeightSource`], checking its shape against the config.
+fn load_param<B: Backend, const D: usize>(
+    cfg: &ModelConfig,
+    source: &mut dyn WeightSource,
+    key: WeightKey,
+    device: &B::Device,
+) -> Result<Param<Tensor<B, D>>> {
+    let data = source.load(key, &cfg.weight_shape(key))?;
+    Ok(Param::from_tensor(Tensor::from_data(data, device)))
+}
+
+/// `y = x Wᵀ + b` with `W` kept in the Hugging Face `[out, in]` layout, so export writes it back
+/// unchanged.
+#[derive(Module, Debug)]
+pub struct Linear<B: Backend> {
+    /// `[d_output, d_input]`
+    pub weight: Param<Tensor<B, 2>>,
+    /// `[d_output]`
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: Backend> Linear<B> {
+    fn load(
+        cfg: &ModelConfig,
+        source: &mut dyn WeightSource,
+        layer: usize,
+        projection: Projection,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let key = |bias| WeightKey::Linear {
+            layer,
+            projection,
+            bias,
+        };
+        let weight = load_param(cfg, source, key(false), device)?;
+        let bias = if cfg.has_bias(projection) {
+            Some(load_param(cfg, source, key(true), device)?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    /// # Shapes
+    /// - `x`: `[..., d_input]` → `[..., d_output]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        burn::tensor::module::linear(
+            x,
+            self.weight.val().transpose(),
+            self.bias.as_ref().map(|b| b.val()),
+        )
+    }
+}
+
+/// Root-mean-square norm, computed in f32 whatever the activation dtype (as transformers does).
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    /// `[dim]`
+    pub weight: Param<Tensor<B, 1>>,
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    pub fn load(
+        cfg: &ModelConfig,
+        source: &mut dyn WeightSource,
+        key: WeightKey,
+        device: &B::Device,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: load_param(cfg, source, key, device)?,
+            eps: cfg.rms_norm_eps,
+        })
+    }
+
+    /// # Shapes
+    /// - `x`: `[..., dim]` → same
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = x.dtype();
+        let x = x.cast(FloatDType::F32);
+        let mean_square = x.clone().powi_scalar(2).mean_dim(D - 1);
+        let normed = x * (mean_square + self.eps).sqrt().recip();
+        normed.cast(dtype) * self.weight.val().unsqueeze::<D>()
+    }
+}
+
+/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: Linear<B>,
+    pub up_proj: Linear<B>,
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]` → same
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gate = activation::silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+/// What a query may see, beyond the projections themselves.
+pub enum AttentionMask<B: Backend> {
+    /// Plain causal attention; the queries sit at absolute positions `offset ..`, the keys at `0 ..`.
+    Causal { offset: usize },
+    /// Causal attention plus an additive bias on the scores, shared by the query heads of a GQA
+    /// group: `[batch, kv_heads, q_len, k_len]` (dims of size 1 broadcast).
+    CausalWithBias { offset: usize, bias: Tensor<B, 4> },
+}
+
+/// Multi-head attention with grouped KV heads, optional q/k RMSNorm and RoPE.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub o_proj: Linear<B>,
+    pub q_norm: Option<RmsNorm<B>>,
+    pub k_norm: Option<RmsNorm<B>>,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Queries, keys and values of one layer after projection, norm and RoPE.
+pub struct Qkv<B: Backend> {
+    /// `[batch, heads, seq, head_dim]`
+    pub q: Tensor<B, 4>,
+    /// `[batch, kv_heads, seq, head_dim]`
+    pub k: Tensor<B, 4>,
+    /// `[batch, kv_heads, seq, head_dim]`
+    pub v: Tensor<B, 4>,
+}
+
+impl<B: Backend> Attention<B> {
+    /// Projects `x` and applies q/k norm and RoPE.
+    ///
+    /// `pre_rope` sees the queries `[batch, heads, seq, head_dim]` after q-norm and before RoPE and
+    /// may rewrite them (the DMS q-neuron variant reads and zeroes one channel there);
+    /// `post_rope` sees them after RoPE.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]`
+    pub fn project(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        pre_rope: &mut dyn FnMut(Tensor<B, 4>) -> Tensor<B, 4>,
+        post_rope: &mut dyn FnMut(Tensor<B, 4>) -> Tensor<B, 4>,
+    ) -> Qkv<B> {
+        let [batch, seq, _] = x.dims();
+        // 1. Project: [B, T, hidden] -> [B, T, heads, head_dim]
+        let q = self
+            .q_proj
+            .forward(x.clone())
+            .reshape([batch, seq, self.num_heads, self.head_dim]);
+        let k =
+            self.k_proj
+                .forward(x.clone())
+                .reshape([batch, seq, self.num_kv_heads, self.head_dim]);
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([batch, seq, self.num_kv_heads, self.head_dim]);
+        // 2. Per-head norm (Qwen3), over head_dim, before RoPE.
+        let q = match &self.q_norm {
+            Some(norm) => norm.forward(q),
+            None => q,
+        };
+        let k = match &self.k_norm {
+            Some(norm) => norm.forward(k),
+            None => k,
+        };
+        // 3. [B, T, H, D] -> [B, H, T, D], then rotate.
+        let q = pre_rope(q.swap_dims(1, 2));
+        let q = post_rope(rope.apply(q));
+        let k = rope.apply(k.swap_dims(1, 2));
+        Qkv {
+            q,
+            k,
+            v: v.swap_dims(1, 2),
+        }
+    }
+
+    /// Merges heads and applies the output projection.
+    ///
+    /// # Shapes
+    /// - `context`: `[batch, heads, seq, head_dim]` → `[batch, seq, hidden]`
+    pub fn output(&self, context: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [batch, heads, seq, dim] = context.dims();
+        self.o_proj
+            .forward(context.swap_dims(1, 2).reshape([batch, seq, heads * dim]))
+    }
+
+    /// Plain forward: project, attend causally (optionally with a bias), project out.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        mask: &AttentionMask<B>,
+    ) -> Tensor<B, 3> {
+        let qkv = self.project(x, rope, &mut |q| q, &mut |q| q);
+        self.output(grouped_attention(qkv.q, qkv.k, qkv.v, mask))
+    }
+}
+
+/// A boolean `[q_len, k_len]` mask, `true` where key `k` lies in the future of query `q`.
+pub fn future_mask<B: Backend>(
+    q_len: usize,
+    k_len: usize,
+    offset: usize,
+    device: &B::Device,
+) -> Tensor<B, 2, Bool> {
+    let mut mask = Vec::with_capacity(q_len * k_len);
+    for q in 0..q_len {
+        mask.extend((0..k_len).map(|k| k > q + offset));
+    }
+    Tensor::from_data(TensorData::new(mask, [q_len, k_len]), device)
+}
+
+/// Scaled dot-product attention where the `heads / kv_heads` query heads of a group share one KV
+/// head. Queries are folded into their group instead of repeating K and V, so nothing of size
+/// `heads x seq x head_dim` is copied.
+///
+/// # Shapes
+/// - `q`: `[batch, heads, q_len, head_dim]`
+/// - `k`, `v`: `[batch, kv_heads, k_len, head_dim]`
+/// - output: `[batch, heads, q_len, head_dim]`
+pub fn grouped_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: &AttentionMask<B>,
+) -> Tensor<B, 4> {
+    let [batch, heads, q_len, dim] = q.dims();
+    let [_, kv_heads, k_len, _] = k.dims();
+    let group = heads / kv_heads;
+    let dtype = q.dtype();
+    // Head h = j * group + g belongs to KV head j, so this reshape keeps groups contiguous.
+    let q = q.reshape([batch, kv_heads, group * q_len, dim]);
+    let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (dim as f64).sqrt());
+    let scores = scores
+        .reshape([batch, kv_heads, group, q_len, k_len])
+        .cast(FloatDType::F32);
+    let (offset, bias) = match mask {
+        AttentionMask::Causal { offset } => (*offset, None),
+        AttentionMask::CausalWithBias { offset, bias } => (*offset, Some(bias)),
+    };
+    let scores = match bias {
+        Some(bias) => scores + bias.clone().cast(FloatDType::F32).unsqueeze_dim::<5>(2),
+        None => scores,
+    };
+    let future = future_mask::<B>(q_len, k_len, offset, &scores.device());
+    let scores = scores.mask_fill(future.unsqueeze::<5>(), f32::NEG_INFINITY);
+    let probs = activation::softmax(scores, 4).cast(dtype);
+    probs
+        .reshape([batch, kv_heads, group * q_len, k_len])
+        .matmul(v)
+        .reshape([batch, heads, q_len, dim])
+}
+
+/// Pre-norm transformer block.
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    pub input_layernorm: RmsNorm<B>,
+    pub self_attn: Attention<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+    pub mlp: Mlp<B>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    fn load(
+        cfg: &ModelConfig,
+        source: &mut dyn WeightSource,
+        layer: usize,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let norm = |source: &mut dyn WeightSource, norm| {
+            RmsNorm::load(cfg, source, WeightKey::Norm { layer, norm }, device)
+        };
+        let linear = |source: &mut dyn WeightSource, p| Linear::load(cfg, source, layer, p, device);
+        Ok(Self {
+            input_layernorm: norm(source, LayerNorm::Input)?,
+            self_attn: Attention {
+                q_proj: linear(source, Projection::Q)?,
+                k_proj: linear(source, Projection::K)?,
+                v_proj: linear(source, Projection::V)?,
+                o_proj: linear(source, Projection::O)?,
+                q_norm: cfg
+                    .qk_norm
+                    .then(|| norm(source, LayerNorm::Q))
+                    .transpose()?,
+                k_norm: cfg
+                    .qk_norm
+                    .then(|| norm(source, LayerNorm::K))
+                    .transpose()?,
+                num_heads: cfg.num_heads,
+                num_kv_heads: cfg.num_kv_heads,
+                head_dim: cfg.head_dim,
+            },
+            post_attention_layernorm: norm(source, LayerNorm::PostAttention)?,
+            mlp: Mlp {
+                gate_proj: linear(source, Projection::Gate)?,
+                up_proj: linear(source, Projection::Up)?,
+                down_proj: linear(source, Projection::Down)?,
+            },
+        })
+    }
+
+    /// The MLP half of the block: `x + mlp(norm(x))`.
+    pub fn feed_forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
+    }
+
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]` → same
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        mask: &AttentionMask<B>,
+    ) -> Tensor<B, 3> {
+        let attended = self
+            .self_attn
+            .forward(self.input_layernorm.forward(x.clone()), rope, mask);
+        self.feed_forward(x + attended)
+    }
+}
+
+/// Embedding, decoder layers, final norm and LM head (tied to the embedding when the config says
+/// so).
+#[derive(Module, Debug)]
+pub struct Decoder<B: Backend> {
+    /// `[vocab, hidden]`
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+    /// `None` when tied to `embed_tokens`.
+    pub lm_head: Option<Linear<B>>,
+}
+
+impl<B: Backend> Decoder<B> {
+    /// Builds the decoder from a weight source, checking every tensor's shape against `cfg`.
+    pub fn load(
+        cfg: &ModelConfig,
+        source: &mut dyn WeightSource,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let embed_tokens = load_param(cfg, source, WeightKey::Embedding, device)?;
+        let layers = (0..cfg.num_layers)
+            .map(|layer| DecoderLayer::load(cfg, source, layer, device))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(cfg, source, WeightKey::FinalNorm, device)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(Linear {
+                weight: load_param(cfg, source, WeightKey::LmHead, device)?,
+                bias: None,
+            })
+        };
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    /// # Shapes
+    /// - `input_ids`: `[batch, seq]` → `[batch, seq, hidden]`
+    pub fn embed(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        burn::tensor::module::embedding(self.embed_tokens.val(), input_ids)
+    }
+
+    /// Final norm and LM head.
+    ///
+    /// # Shapes
+    /// - `hidden`: `[batch, seq, hidden]` → `[batch, seq, vocab]`
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        let hidden = self.norm.forward(hidden);
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => burn::tensor::module::linear(hidden, self.embed_tokens.val().transpose(), None),
+        }
+    }
+
+    /// Full causal forward from position 0.
+    ///
+    /// # Shapes
+    /// - `input_ids`: `[batch, seq]` → logits `[batch, seq, vocab]`
+    pub fn forward(&self, input_ids: Tensor<B, 2, Int>, rope: &RopeTables<B>) -> Tensor<B, 3> {
+        let mask = AttentionMask::Causal { offset: 0 };
+        let hidden = self.layers.iter().fold(self.embed(input_ids), |x, layer| {
+            layer.forward(x, rope, &mask)
+        });
+        self.logits(hidden)
+    }
+}

@@ -1,0 +1,11 @@
+//! The architectures: one config-driven decoder for Llama, Qwen2 and Qwen3.
+
+pub mod config;
+pub mod decoder;
+pub mod rope;
+pub mod weights;
+
+pub use config::{Architecture, FloatFormat, ModelConfig, RopeConfig, RopeScaling};
+pub use decoder::Decoder;
+pub use rope::RopeTables;
+pub use weights::{LayerNorm, Projection, WeightKey, WeightSource};
