@@ -288,3 +288,29 @@ fn nonexistent_folder_is_explained() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
 }
+
+#[test]
+fn inspect_load_checks_every_weight() {
+    let dir = common::fixtures().join("qwen2_bf16");
+    let out = dms_retrofit(&["inspect", dir.to_str().unwrap(), "--load", "--json"], &[], true);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let params = report["parameters"].as_u64().unwrap();
+    assert_eq!(report["load"]["bytes_f32"].as_u64().unwrap(), 4 * params);
+}
+
+#[test]
+fn non_finite_weight_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&common::fixtures().join("qwen2"), dir.path());
+    rewrite_weights(dir.path(), |name, shape, mut data| {
+        if name == "model.layers.1.self_attn.o_proj.weight" {
+            data[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
+        }
+        Some((name.to_string(), shape, data))
+    });
+    let out = dms_retrofit(&["inspect", dir.path().to_str().unwrap(), "--load"], &[], true);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("model.layers.1.self_attn.o_proj.weight") && err.contains("NaN"), "{err}");
+}

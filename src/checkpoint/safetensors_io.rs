@@ -219,6 +219,16 @@ fn convert(bytes: &[u8], dtype: Dtype, shape: &[usize], target: FloatFormat) -> 
             _ => chunks2().map(|c| f16::from_le_bytes(c).to_f32()).collect(),
         }
     };
+    let non_finite = match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .any(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
+        Dtype::BF16 => chunks2().any(|c| !bf16::from_le_bytes(c).is_finite()),
+        _ => chunks2().any(|c| !f16::from_le_bytes(c).is_finite()),
+    };
+    if non_finite {
+        bail!("contains NaN or infinite values; the checkpoint is corrupt");
+    }
     let shape = shape.to_vec();
     Ok(match (target, dtype) {
         (FloatFormat::F32, _) => TensorData::new(as_f32(), shape),

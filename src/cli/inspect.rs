@@ -7,6 +7,9 @@ use clap::Args;
 use serde::Serialize;
 
 use super::{human_bytes, human_count};
+use burn::module::Module;
+
+use crate::backend::Cpu;
 use crate::checkpoint::{Checkpoint, safetensors_io::is_dms_name};
 use crate::model::{FloatFormat, ModelConfig};
 
@@ -18,6 +21,10 @@ pub struct InspectArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Also load every weight onto the CPU (f32), checking shapes and that all values are finite,
+    /// and report the time it took.
+    #[arg(long)]
+    pub load: bool,
 }
 
 /// Context lengths the KV-cache table reports.
@@ -50,6 +57,14 @@ struct Report<'a> {
     kv_dtype: FloatFormat,
     kv_bytes_per_token: u64,
     kv_cache: Vec<KvRow>,
+    /// Present with `--load`.
+    load: Option<LoadReport>,
+}
+
+#[derive(Serialize)]
+struct LoadReport {
+    seconds: f64,
+    bytes_f32: u64,
 }
 
 pub fn run(args: InspectArgs) -> Result<()> {
@@ -95,6 +110,17 @@ pub fn run(args: InspectArgs) -> Result<()> {
                 .collect(),
         })
         .collect();
+    let load = if args.load {
+        let start = std::time::Instant::now();
+        let decoder = ckpt.load_decoder::<Cpu>(FloatFormat::F32, &Default::default())?;
+        let bytes_f32 = 4 * decoder.num_params() as u64;
+        Some(LoadReport {
+            seconds: start.elapsed().as_secs_f64(),
+            bytes_f32,
+        })
+    } else {
+        None
+    };
     let report = Report {
         source: args.model.clone(),
         origin: ckpt.files.origin.to_string(),
@@ -110,6 +136,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
         kv_dtype,
         kv_bytes_per_token: per_token,
         kv_cache,
+        load,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -199,4 +226,12 @@ fn print_table(r: &Report) {
         );
     }
     println!("  (DMS rows: dense / CR; every head also keeps its last window+1 tokens.)");
+    if let Some(load) = &r.load {
+        println!();
+        println!(
+            "Loaded all weights ({} as f32) in {:.2} s: shapes match config.json, all values finite.",
+            human_bytes(load.bytes_f32),
+            load.seconds
+        );
+    }
 }
