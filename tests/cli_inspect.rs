@@ -292,7 +292,11 @@ fn nonexistent_folder_is_explained() {
 #[test]
 fn inspect_load_checks_every_weight() {
     let dir = common::fixtures().join("qwen2_bf16");
-    let out = dms_retrofit(&["inspect", dir.to_str().unwrap(), "--load", "--json"], &[], true);
+    let out = dms_retrofit(
+        &["inspect", dir.to_str().unwrap(), "--load", "--json"],
+        &[],
+        true,
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     let params = report["parameters"].as_u64().unwrap();
@@ -309,8 +313,15 @@ fn non_finite_weight_is_named() {
         }
         Some((name.to_string(), shape, data))
     });
-    let out = dms_retrofit(&["inspect", dir.path().to_str().unwrap(), "--load"], &[], true);
+    let out = dms_retrofit(
+        &["inspect", dir.path().to_str().unwrap(), "--load"],
+        &[],
+        true,
+    );
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(err.contains("model.layers.1.self_attn.o_proj.weight") && err.contains("NaN"), "{err}");
+    assert!(
+        err.contains("model.layers.1.self_attn.o_proj.weight") && err.contains("NaN"),
+        "{err}"
+    );
 }
