@@ -7,4 +7,5 @@ pub mod backend;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;
+pub mod dms;
 pub mod model;

@@ -413,3 +413,79 @@ impl<B: Backend> Decoder<B> {
         self.logits(hidden)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Cpu;
+
+    /// Attention with K and V repeated per query head, the textbook way.
+    fn naive_attention(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        h: usize,
+        hkv: usize,
+        t: usize,
+        d: usize,
+    ) -> Vec<f32> {
+        let group = h / hkv;
+        let mut out = vec![0f32; h * t * d];
+        for head in 0..h {
+            let kv = head / group;
+            for i in 0..t {
+                let scores: Vec<f32> = (0..=i)
+                    .map(|j| {
+                        (0..d)
+                            .map(|c| q[(head * t + i) * d + c] * k[(kv * t + j) * d + c])
+                            .sum::<f32>()
+                            / (d as f32).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f32::MIN, f32::max);
+                let exp: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f32 = exp.iter().sum();
+                for c in 0..d {
+                    out[(head * t + i) * d + c] = (0..=i)
+                        .map(|j| exp[j] / sum * v[(kv * t + j) * d + c])
+                        .sum();
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn grouped_attention_matches_repeated_kv_for_group_sizes_1_2_4() {
+        let device = Default::default();
+        let (t, d) = (5, 4);
+        let values = |n: usize, salt: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| (((i * 31 + salt * 17) % 23) as f32 - 11.0) / 7.0)
+                .collect()
+        };
+        for (h, hkv) in [(4, 4), (4, 2), (4, 1)] {
+            let (q, k, v) = (
+                values(h * t * d, 1),
+                values(hkv * t * d, 2),
+                values(hkv * t * d, 3),
+            );
+            let tensor = |x: &Vec<f32>, heads| {
+                Tensor::<Cpu, 4>::from_data(TensorData::new(x.clone(), [1, heads, t, d]), &device)
+            };
+            let got = grouped_attention(
+                tensor(&q, h),
+                tensor(&k, hkv),
+                tensor(&v, hkv),
+                &AttentionMask::Causal { offset: 0 },
+            )
+            .into_data()
+            .into_vec::<f32>()
+            .unwrap();
+            let want = naive_attention(&q, &k, &v, h, hkv, t, d);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-5, "group {}: {g} vs {w}", h / hkv);
+            }
+        }
+    }
+}

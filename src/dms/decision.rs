@@ -1,0 +1,161 @@
+//! Per-token, per-KV-head eviction logits (spec §1.2) and their relaxation (spec §1.3).
+
+use anyhow::Result;
+use burn::module::{Module, Param};
+use burn::tensor::{Tensor, TensorData, activation, backend::Backend};
+
+use super::{DmsConfig, Granularity};
+use crate::model::decoder::{Linear, RmsNorm};
+use crate::model::{LayerNorm, ModelConfig, Projection, WeightKey, WeightSource};
+
+/// The adapter variant's parameters for one layer: its own RMSNorm over the residual stream and a
+/// Linear(hidden -> kv_heads).
+#[derive(Module, Debug)]
+pub struct DmsAdapter<B: Backend> {
+    pub norm: RmsNorm<B>,
+    pub proj: Linear<B>,
+}
+
+impl<B: Backend> DmsAdapter<B> {
+    /// Zero projection (every logit starts at exactly `-offset`), unit norm weight.
+    pub fn zeros(cfg: &ModelConfig, device: &B::Device) -> Self {
+        let (out, inp) = cfg.projection_dims(Projection::DmsAlpha);
+        Self {
+            norm: RmsNorm {
+                weight: Param::from_tensor(Tensor::ones([inp], device)),
+                eps: cfg.rms_norm_eps,
+            },
+            proj: Linear {
+                weight: Param::from_tensor(Tensor::zeros([out, inp], device)),
+                bias: cfg
+                    .has_bias(Projection::DmsAlpha)
+                    .then(|| Param::from_tensor(Tensor::zeros([out], device))),
+            },
+        }
+    }
+
+    /// Loads a trained adapter (an export or a training snapshot).
+    pub fn load(
+        cfg: &ModelConfig,
+        source: &mut dyn WeightSource,
+        layer: usize,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let mut tensor =
+            |key: WeightKey| -> Result<TensorData> { source.load(key, &cfg.weight_shape(key)) };
+        let norm = tensor(WeightKey::Norm {
+            layer,
+            norm: LayerNorm::DmsAlpha,
+        })?;
+        let weight = tensor(WeightKey::Linear {
+            layer,
+            projection: Projection::DmsAlpha,
+            bias: false,
+        })?;
+        let bias = if cfg.has_bias(Projection::DmsAlpha) {
+            Some(tensor(WeightKey::Linear {
+                layer,
+                projection: Projection::DmsAlpha,
+                bias: true,
+            })?)
+        } else {
+            None
+        };
+        Ok(Self {
+            norm: RmsNorm {
+                weight: Param::from_tensor(Tensor::from_data(norm, device)),
+                eps: cfg.rms_norm_eps,
+            },
+            proj: Linear {
+                weight: Param::from_tensor(Tensor::from_data(weight, device)),
+                bias: bias.map(|b| Param::from_tensor(Tensor::from_data(b, device))),
+            },
+        })
+    }
+
+    /// Raw (unscaled) decision values from the layer's input residual, before `input_layernorm`.
+    ///
+    /// # Shapes
+    /// - `residual`: `[batch, seq, hidden]` → `[batch, kv_heads, seq]`
+    pub fn raw(&self, residual: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.proj
+            .forward(self.norm.forward(residual))
+            .swap_dims(1, 2)
+    }
+}
+
+/// The q-neuron variant's raw decision values: the last channel of query head `j * group`.
+///
+/// # Shapes
+/// - `q`: `[batch, heads, seq, head_dim]` (after q-norm, before RoPE) → `[batch, kv_heads, seq]`
+pub fn q_neuron_raw<B: Backend>(q: &Tensor<B, 4>, kv_heads: usize) -> Tensor<B, 3> {
+    let [batch, heads, seq, dim] = q.dims();
+    let group = heads / kv_heads;
+    q.clone()
+        .reshape([batch, kv_heads, group, seq, dim])
+        .narrow(2, 0, 1)
+        .narrow(4, dim - 1, 1)
+        .reshape([batch, kv_heads, seq])
+}
+
+/// A `[1, heads, 1, head_dim]` multiplier that zeroes the decision channel of each group's first
+/// query head and keeps everything else (applied before and after RoPE, spec §1.2a).
+pub fn q_neuron_keep_mask<B: Backend>(
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    device: &B::Device,
+) -> Tensor<B, 4> {
+    let group = heads / kv_heads;
+    let mut keep = vec![1f32; heads * head_dim];
+    for j in 0..kv_heads {
+        keep[(j * group) * head_dim + head_dim - 1] = 0.0;
+    }
+    Tensor::from_data(TensorData::new(keep, [1, heads, 1, head_dim]), device)
+}
+
+/// `alpha_scale * raw - offset`.
+pub fn scale_logits<B: Backend>(raw: Tensor<B, 3>, cfg: &DmsConfig) -> Tensor<B, 3> {
+    raw * cfg.alpha_scale - cfg.offset
+}
+
+/// With per-layer granularity every KV head takes head 0's value.
+///
+/// # Shapes
+/// - `x`: `[batch, kv_heads, seq]` → same
+pub fn apply_granularity<B: Backend>(x: Tensor<B, 3>, granularity: Granularity) -> Tensor<B, 3> {
+    match granularity {
+        Granularity::Head => x,
+        Granularity::Layer => {
+            let [batch, heads, seq] = x.dims();
+            x.narrow(1, 0, 1).expand([batch, heads, seq])
+        }
+    }
+}
+
+/// The Gumbel-sigmoid relaxation of one layer's decisions.
+pub struct Relaxed<B: Backend> {
+    /// `(logit + noise) / tau`: drives the attention mask (soft, no straight-through).
+    pub z: Tensor<B, 3>,
+    /// `sigmoid(z)`, the soft eviction probability.
+    pub probs: Tensor<B, 3>,
+    /// `hard - stopgrad(p) + p`: value 0/1, gradient of `p`; drives the compression loss.
+    pub decisions: Tensor<B, 3>,
+}
+
+/// Relaxes noise-free logits with logistic `noise` (same shape) at temperature `tau`. Per-layer
+/// granularity broadcasts head 0 after the noise is added, as the official code does.
+///
+/// # Shapes
+/// - `logits`, `noise`: `[batch, kv_heads, seq]`
+pub fn relax<B: Backend>(logits: Tensor<B, 3>, noise: Tensor<B, 3>, cfg: &DmsConfig) -> Relaxed<B> {
+    let z = apply_granularity((logits + noise) / cfg.tau, cfg.granularity);
+    let probs = activation::sigmoid(z.clone());
+    let hard = z.clone().greater_elem(0.0).float();
+    let decisions = hard - probs.clone().detach() + probs.clone();
+    Relaxed {
+        z,
+        probs,
+        decisions,
+    }
+}

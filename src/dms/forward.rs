@@ -1,0 +1,279 @@
+//! The decoder forward pass with DMS plugged into every attention layer.
+//!
+//! One set of weights serves three roles: the original model (teacher; eviction off, exactly the
+//! base checkpoint), the student in training (Gumbel-sigmoid decisions, soft delayed-eviction
+//! mask), and the retrofitted model at inference (hard decisions, exact eviction mask).
+
+use anyhow::{Result, bail};
+use burn::module::Module;
+use burn::tensor::{Int, Tensor, backend::Backend};
+
+use super::decision::{
+    DmsAdapter, apply_granularity, q_neuron_keep_mask, q_neuron_raw, relax, scale_logits,
+};
+use super::mask::{inference_bias, inference_key_decisions, training_bias};
+use super::{DmsConfig, Variant};
+use crate::model::decoder::{Attention, AttentionMask, DecoderLayer, Qkv, grouped_attention};
+use crate::model::{Decoder, ModelConfig, RopeTables, WeightSource};
+
+/// What the attention layers do with the eviction decisions.
+pub enum Mode<'a, B: Backend> {
+    /// Eviction disabled and nothing altered: the original checkpoint (the teacher).
+    Original,
+    /// Training: logits relaxed with this logistic noise, `[layers, batch, kv_heads, seq]`.
+    Train { noise: &'a Tensor<B, 4> },
+    /// Inference semantics: hard decisions `logit > 0`, no noise.
+    Inference,
+}
+
+/// A base decoder plus the DMS decision parameters (none for the q-neuron variant).
+#[derive(Module, Debug)]
+pub struct DmsModel<B: Backend> {
+    pub base: Decoder<B>,
+    /// One per layer for the adapter variant, empty for the q-neuron variant.
+    pub adapters: Vec<DmsAdapter<B>>,
+}
+
+/// Per-layer decision tensors, each `[batch, kv_heads, seq]`.
+pub struct LayerDecisions<B: Backend> {
+    /// Noise-free `alpha_scale * raw - offset`, after the granularity broadcast.
+    pub logits: Tensor<B, 3>,
+    /// Soft eviction probabilities (train mode only).
+    pub probs: Option<Tensor<B, 3>>,
+    /// Straight-through decisions (train mode) or hard 0/1 decisions (inference), unshifted.
+    pub decisions: Tensor<B, 3>,
+}
+
+/// Output of a DMS forward pass.
+pub struct DmsOutput<B: Backend> {
+    /// Final hidden states before the final norm, `[batch, seq, hidden]`.
+    pub hidden: Tensor<B, 3>,
+    /// One entry per layer; empty in [`Mode::Original`].
+    pub layers: Vec<LayerDecisions<B>>,
+}
+
+impl<B: Backend> DmsModel<B> {
+    /// Wraps a base decoder; adapter weights come from `source` when it has them (a DMS export or
+    /// snapshot), otherwise they start at zero (every logit `-offset`).
+    pub fn new(
+        base: Decoder<B>,
+        model: &ModelConfig,
+        dms: &DmsConfig,
+        source: Option<&mut dyn WeightSource>,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let adapters = match (dms.variant, source) {
+            (Variant::QNeuron, _) => Vec::new(),
+            (Variant::Adapter, Some(source)) if source.contains(adapter_probe()) => (0..model
+                .num_layers)
+                .map(|layer| DmsAdapter::load(model, source, layer, device))
+                .collect::<Result<_>>()?,
+            (Variant::Adapter, _) => (0..model.num_layers)
+                .map(|_| DmsAdapter::zeros(model, device))
+                .collect(),
+        };
+        if dms.variant == Variant::QNeuron && model.head_dim < 2 {
+            bail!("the q-neuron variant needs head_dim >= 2");
+        }
+        Ok(Self { base, adapters })
+    }
+
+    /// Runs the decoder from position 0 with DMS in the given mode.
+    ///
+    /// # Shapes
+    /// - `input_ids`: `[batch, seq]`
+    pub fn forward(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        model: &ModelConfig,
+        dms: &DmsConfig,
+        mode: &Mode<B>,
+    ) -> DmsOutput<B> {
+        let [_, seq] = input_ids.dims();
+        let device = input_ids.device();
+        let rope = RopeTables::for_model(model, 0, seq, &device);
+        let mut hidden = self.base.embed(input_ids);
+        let mut layers = Vec::new();
+        for (index, layer) in self.base.layers.iter().enumerate() {
+            let (next, decisions) =
+                self.layer_forward(index, layer, hidden, &rope, model, dms, mode);
+            hidden = next;
+            layers.extend(decisions);
+        }
+        DmsOutput { hidden, layers }
+    }
+
+    /// Final norm + LM head.
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.base.logits(hidden)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        index: usize,
+        layer: &DecoderLayer<B>,
+        residual: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        model: &ModelConfig,
+        dms: &DmsConfig,
+        mode: &Mode<B>,
+    ) -> (Tensor<B, 3>, Option<LayerDecisions<B>>) {
+        let attn = &layer.self_attn;
+        let normed = layer.input_layernorm.forward(residual.clone());
+        if let Mode::Original = mode {
+            let out = attn.forward(normed, rope, &AttentionMask::Causal { offset: 0 });
+            return (layer.feed_forward(residual + out), None);
+        }
+
+        // 1. Decision logits: adapter on the pre-norm residual, or the borrowed query channel read
+        //    after q-norm and before RoPE (zeroed before and after RoPE).
+        let q_neuron = dms.variant == Variant::QNeuron;
+        let keep = q_neuron.then(|| {
+            q_neuron_keep_mask::<B>(
+                model.num_heads,
+                model.num_kv_heads,
+                model.head_dim,
+                &residual.device(),
+            )
+        });
+        let (qkv, borrowed) = project_reading_q_neuron(attn, normed, rope, keep.as_ref());
+        let raw = match borrowed {
+            Some(raw) => raw,
+            None => self.adapters[index].raw(residual.clone()),
+        };
+        let logits = scale_logits(raw, dms);
+
+        // 2. Mask from the decisions (one-token shift inside the mask builders).
+        let (bias, decisions) = match mode {
+            Mode::Train { noise } => {
+                let [_, batch, heads, seq] = noise.dims();
+                let noise = (*noise)
+                    .clone()
+                    .narrow(0, index, 1)
+                    .reshape([batch, heads, seq]);
+                let relaxed = relax(logits.clone(), noise, dms);
+                let bias = training_bias(relaxed.z, dms.window);
+                (
+                    bias,
+                    LayerDecisions {
+                        logits: apply_granularity(logits, dms.granularity),
+                        probs: Some(relaxed.probs),
+                        decisions: relaxed.decisions,
+                    },
+                )
+            }
+            Mode::Inference => {
+                let logits = apply_granularity(logits, dms.granularity);
+                let hard = logits.clone().greater_elem(0.0).float();
+                let bias = inference_bias(inference_key_decisions(logits.clone()), dms.window);
+                (
+                    bias,
+                    LayerDecisions {
+                        logits,
+                        probs: None,
+                        decisions: hard,
+                    },
+                )
+            }
+            Mode::Original => unreachable!("handled above"),
+        };
+
+        // 3. Attention with the per-KV-head bias, then the MLP half of the block.
+        let context = grouped_attention(
+            qkv.q,
+            qkv.k,
+            qkv.v,
+            &AttentionMask::CausalWithBias { offset: 0, bias },
+        );
+        let out = attn.output(context);
+        (layer.feed_forward(residual + out), Some(decisions))
+    }
+}
+
+/// Projects q/k/v. With a keep-mask (q-neuron variant) it also returns the borrowed channel,
+/// read after q-norm and before RoPE, and zeroes that channel before and after RoPE: RoPE's
+/// rotate_half mixes channel `d-1` with `d/2-1`, so zeroing only before would leak it back.
+fn project_reading_q_neuron<B: Backend>(
+    attn: &Attention<B>,
+    normed: Tensor<B, 3>,
+    rope: &RopeTables<B>,
+    keep: Option<&Tensor<B, 4>>,
+) -> (Qkv<B>, Option<Tensor<B, 3>>) {
+    let mut borrowed = None;
+    let qkv = attn.project(
+        normed,
+        rope,
+        &mut |q| match keep {
+            Some(keep) => {
+                borrowed = Some(q_neuron_raw(&q, attn.num_kv_heads));
+                q * keep.clone()
+            }
+            None => q,
+        },
+        &mut |q| match keep {
+            Some(keep) => q * keep.clone(),
+            None => q,
+        },
+    );
+    (qkv, borrowed)
+}
+
+/// A tensor every adapter checkpoint has.
+fn adapter_probe() -> crate::model::WeightKey {
+    crate::model::WeightKey::Norm {
+        layer: 0,
+        norm: crate::model::LayerNorm::DmsAlpha,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Cpu;
+    use crate::checkpoint::Checkpoint;
+    use crate::model::FloatFormat;
+
+    #[test]
+    fn q_neuron_channel_is_zero_after_rope_in_the_first_head_of_each_group_only() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/qwen3");
+        let ckpt = Checkpoint::open(dir).unwrap();
+        let cfg = &ckpt.config;
+        let device = Default::default();
+        let decoder = ckpt.load_decoder::<Cpu>(FloatFormat::F32, &device).unwrap();
+        let seq = 6;
+        let x = Tensor::<Cpu, 3>::random(
+            [1, seq, cfg.hidden_size],
+            burn::tensor::Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        let rope = RopeTables::for_model(cfg, 100, seq, &device);
+        let keep =
+            q_neuron_keep_mask::<Cpu>(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, &device);
+        let attn = &decoder.layers[0].self_attn;
+        let (qkv, raw) = project_reading_q_neuron(attn, x, &rope, Some(&keep));
+        assert_eq!(raw.unwrap().dims(), [1, cfg.num_kv_heads, seq]);
+        let d = cfg.head_dim;
+        let q = qkv
+            .q
+            .narrow(3, d - 1, 1)
+            .into_data()
+            .into_vec::<f32>()
+            .unwrap();
+        let group = cfg.group_size();
+        for head in 0..cfg.num_heads {
+            let channel = &q[head * seq..(head + 1) * seq];
+            if head % group == 0 {
+                assert!(
+                    channel.iter().all(|&v| v == 0.0),
+                    "head {head}: {channel:?}"
+                );
+            } else {
+                assert!(
+                    channel.iter().any(|&v| v != 0.0),
+                    "head {head} must be untouched"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! Delayed-eviction attention masks (spec §2). Token `t` decides about token `t-1` (the one-token
+//! shift); a key is never penalised while `q - k <= W` (W+1 queries, itself included).
+//!
+//! Both masks are per KV head and shared by the query heads of its group:
+//! `[batch, kv_heads, q_len, k_len]`, i.e. one layer's mask costs `B * Hkv * T^2` elements and is
+//! dropped before the next layer starts.
+
+use burn::tensor::{Bool, Tensor, TensorData, activation, backend::Backend};
+
+/// Key `k` takes the value produced at token `k+1`; the last key gets 0 (it is always inside the
+/// window, so the value never matters).
+///
+/// # Shapes
+/// - `x`: `[batch, kv_heads, seq]` → same
+pub fn shift_to_keys<B: Backend>(x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [batch, heads, seq] = x.dims();
+    let last = Tensor::zeros([batch, heads, 1], &x.device());
+    if seq == 1 {
+        return last;
+    }
+    Tensor::cat(vec![x.narrow(2, 1, seq - 1), last], 2)
+}
+
+/// `true` where `q - k > window` (keys whose eviction has taken effect for that query), for
+/// queries at absolute positions `offset ..` and keys at `0 ..`.
+pub fn outside_window<B: Backend>(
+    q_len: usize,
+    k_len: usize,
+    offset: usize,
+    window: usize,
+    device: &B::Device,
+) -> Tensor<B, 2, Bool> {
+    let mut mask = Vec::with_capacity(q_len * k_len);
+    for q in offset..offset + q_len {
+        mask.extend((0..k_len).map(|k| q > k + window));
+    }
+    Tensor::from_data(TensorData::new(mask, [q_len, k_len]), device)
+}
+
+/// Training bias: `log(1 - p_key[k]) = logsigmoid(-z_key[k])` outside the window, 0 inside
+/// (causality is applied by the attention itself).
+///
+/// # Shapes
+/// - `z`: `[batch, kv_heads, seq]`, unshifted `(logit + noise) / tau` → `[batch, kv_heads, seq, seq]`
+pub fn training_bias<B: Backend>(z: Tensor<B, 3>, window: usize) -> Tensor<B, 4> {
+    let [_, _, seq] = z.dims();
+    let log_keep = activation::log_sigmoid(shift_to_keys(z).neg());
+    let outside = outside_window::<B>(seq, seq, 0, window, &log_keep.device()).float();
+    log_keep.unsqueeze_dim::<4>(2) * outside.unsqueeze::<4>()
+}
+
+/// Hard decisions for the keys: `logit[k+1] > 0`, last key 0.
+///
+/// # Shapes
+/// - `logits`: `[batch, kv_heads, seq]` (noise-free, unshifted) → same, 0/1
+pub fn inference_key_decisions<B: Backend>(logits: Tensor<B, 3>) -> Tensor<B, 3> {
+    shift_to_keys(logits.greater_elem(0.0).float())
+}
+
+/// Inference bias: `-inf` where a key was evicted and its window has passed, else 0. This is the
+/// exact prefill mask of spec §2.3 (evicted key `k` visible to queries `k ..= k+W`).
+///
+/// # Shapes
+/// - `evicted`: `[batch, kv_heads, seq]` key decisions (0/1) → `[batch, kv_heads, seq, seq]`
+pub fn inference_bias<B: Backend>(evicted: Tensor<B, 3>, window: usize) -> Tensor<B, 4> {
+    let [batch, heads, seq] = evicted.dims();
+    let outside = outside_window::<B>(seq, seq, 0, window, &evicted.device())
+        .unsqueeze::<4>()
+        .expand([batch, heads, seq, seq]);
+    let evicted = evicted
+        .greater_elem(0.5)
+        .unsqueeze_dim::<4>(2)
+        .expand([batch, heads, seq, seq]);
+    Tensor::zeros([batch, heads, seq, seq], &outside.device())
+        .mask_fill(outside.bool_and(evicted), f32::NEG_INFINITY)
+}
+
+/// Fraction of the keys still held for the last query, per (batch, KV head): the retained share
+/// of a DMS cache after `seq` tokens, the window counted as retained (spec §5).
+///
+/// # Shapes
+/// - `evicted`: `[batch, kv_heads, seq]` key decisions (0/1) → `[batch, kv_heads]`
+pub fn retained_fraction<B: Backend>(evicted: Tensor<B, 3>, window: usize) -> Tensor<B, 2> {
+    let [batch, heads, seq] = evicted.dims();
+    let gone = outside_window::<B>(1, seq, seq - 1, window, &evicted.device())
+        .float()
+        .reshape([1, 1, seq]);
+    let dropped = (evicted * gone).sum_dim(2).reshape([batch, heads]);
+    (dropped.neg() + seq as f64) / seq as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Cpu;
+
+    fn z_values(batch: usize, heads: usize, seq: usize) -> Vec<f32> {
+        (0..batch * heads * seq)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.7)
+            .collect()
+    }
+
+    /// The spec's rule, written as loops.
+    fn naive_training_bias(z: &[f32], b: usize, h: usize, t: usize, w: usize) -> Vec<f32> {
+        let mut out = vec![0f32; b * h * t * t];
+        for bi in 0..b {
+            for hi in 0..h {
+                for q in 0..t {
+                    for k in 0..=q {
+                        if q - k > w {
+                            let zk = if k + 1 < t {
+                                z[(bi * h + hi) * t + k + 1]
+                            } else {
+                                0.0
+                            };
+                            // log(1 - sigmoid(zk))
+                            out[((bi * h + hi) * t + q) * t + k] = -(1.0 + zk.exp()).ln();
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn training_bias_matches_the_rule_for_all_window_edges() {
+        let device = Default::default();
+        for (b, h, t) in [(2, 3, 7), (1, 1, 1), (1, 2, 2)] {
+            let z = z_values(b, h, t);
+            let tensor =
+                Tensor::<Cpu, 3>::from_data(TensorData::new(z.clone(), [b, h, t]), &device);
+            for w in [0, 1, 3, t.saturating_sub(1), t, t + 5] {
+                let got = training_bias(tensor.clone(), w)
+                    .into_data()
+                    .into_vec::<f32>()
+                    .unwrap();
+                let want = naive_training_bias(&z, b, h, t, w);
+                for (g, e) in got.iter().zip(&want) {
+                    assert!((g - e).abs() < 1e-5, "b{b} h{h} t{t} w{w}: {g} vs {e}");
+                }
+                if w + 1 >= t {
+                    assert!(got.iter().all(|&v| v == 0.0), "W >= T-1 never penalises");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn inference_mask_and_retained_fraction_follow_the_visibility_rule() {
+        let device = Default::default();
+        let (t, w) = (9, 2);
+        // Decisions as produced per token (unshifted): token t decides about key t-1.
+        let produced = [0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0f32];
+        let logits = Tensor::<Cpu, 3>::from_data(
+            TensorData::new(
+                produced.iter().map(|d| d * 2.0 - 1.0).collect::<Vec<_>>(),
+                [1, 1, t],
+            ),
+            &device,
+        );
+        let evicted = inference_key_decisions(logits);
+        let keys = evicted.clone().into_data().into_vec::<f32>().unwrap();
+        assert_eq!(keys, vec![1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0]);
+        let bias = inference_bias(evicted.clone(), w)
+            .into_data()
+            .into_vec::<f32>()
+            .unwrap();
+        for q in 0..t {
+            for k in 0..=q {
+                let visible = keys[k] == 0.0 || q - k <= w;
+                assert_eq!(bias[q * t + k] == 0.0, visible, "q{q} k{k}");
+            }
+        }
+        // Last query sees: evicted keys 0, 2, 3 are past the window; 6, 7 are inside it.
+        let retained = retained_fraction(evicted, w)
+            .into_data()
+            .into_vec::<f32>()
+            .unwrap();
+        assert!((retained[0] - 6.0 / 9.0).abs() < 1e-6, "{retained:?}");
+    }
+
+    #[test]
+    fn every_key_evicted_keeps_only_the_window() {
+        let device = Default::default();
+        let (t, w) = (20, 4);
+        let evicted = shift_to_keys(Tensor::<Cpu, 3>::ones([2, 3, t], &device));
+        let retained = retained_fraction(evicted, w)
+            .into_data()
+            .into_vec::<f32>()
+            .unwrap();
+        for r in retained {
+            assert!((r - (w + 1) as f32 / t as f32).abs() < 1e-6);
+        }
+    }
+}
