@@ -16,6 +16,25 @@ pub type CpuAutodiff = burn::backend::Autodiff<Cpu>;
 #[cfg(feature = "cuda")]
 pub type Cuda = burn::backend::Cuda<f32, i32>;
 
+/// Prepares a CUDA device: the float format of every tensor created on it.
+#[cfg(feature = "cuda")]
+pub fn init_cuda(device: &burn::backend::cuda::CudaDevice, format: FloatFormat) -> Result<()> {
+    use burn::tensor::DType;
+    let dtype = match format {
+        FloatFormat::F32 => DType::F32,
+        FloatFormat::Bf16 => DType::BF16,
+        FloatFormat::F16 => DType::F16,
+    };
+    match burn::tensor::backend::set_default_dtypes::<Cuda>(device, dtype, DType::I32) {
+        Ok(()) => Ok(()),
+        // Already initialised by an earlier call in this process: keep going.
+        Err(e) => {
+            tracing::debug!("CUDA dtype already set: {e}");
+            Ok(())
+        }
+    }
+}
+
 /// A device named on the command line or in a recipe: `cpu`, `cuda` or `cuda:N`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceSpec {

@@ -9,3 +9,5 @@ pub mod cli;
 pub mod data;
 pub mod dms;
 pub mod model;
+pub mod recipe;
+pub mod train;

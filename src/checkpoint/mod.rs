@@ -1,6 +1,7 @@
 //! Checkpoint I/O: where files are (local or hub cache), what `config.json` says, and the one table
 //! of tensor names. The only module that knows Hugging Face formats.
 
+pub mod export;
 pub mod hf_config;
 pub mod names;
 pub mod resolve;

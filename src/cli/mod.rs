@@ -1,6 +1,8 @@
 //! The command line: argument structs, logging setup, and printing. No tensor math lives here.
 
+mod export;
 mod inspect;
+mod train;
 
 use std::process::ExitCode;
 
@@ -30,6 +32,12 @@ pub struct GlobalArgs {
 pub enum Command {
     /// Show a checkpoint's architecture, size and KV-cache memory (dense and under DMS).
     Inspect(inspect::InspectArgs),
+    /// Retrofit a checkpoint with DMS as a recipe describes (distillation with an annealed CR).
+    Train(train::TrainArgs),
+    /// Write a run (latest, cr-K or step-N) as a Hugging Face folder with the DMS tensors and keys.
+    Export(export::ExportArgs),
+    /// Draw loss / KL / compression ratio against step for a run folder (SVG).
+    Plot(train::PlotArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -42,6 +50,7 @@ fn init_logging(verbose: u8) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
 }
@@ -52,6 +61,9 @@ pub fn main() -> ExitCode {
     init_logging(cli.global.verbose);
     let result = match cli.command {
         Command::Inspect(args) => inspect::run(args),
+        Command::Train(args) => train::run(args),
+        Command::Plot(args) => train::run_plot(args),
+        Command::Export(args) => export::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

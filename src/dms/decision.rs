@@ -1,12 +1,12 @@
 //! Per-token, per-KV-head eviction logits (spec §1.2) and their relaxation (spec §1.3).
 
 use anyhow::Result;
-use burn::module::{Module, Param};
+use burn::module::Module;
 use burn::tensor::{Tensor, TensorData, activation, backend::Backend};
 
 use super::{DmsConfig, Granularity};
-use crate::model::decoder::{Linear, RmsNorm};
-use crate::model::{LayerNorm, ModelConfig, Projection, WeightKey, WeightSource};
+use crate::model::decoder::{Linear, RmsNorm, keyed_param};
+use crate::model::{LayerNorm, ModelConfig, ParamSlot, Projection, WeightKey, WeightSource};
 
 /// The adapter variant's parameters for one layer: its own RMSNorm over the residual stream and a
 /// Linear(hidden -> kv_heads).
@@ -18,20 +18,48 @@ pub struct DmsAdapter<B: Backend> {
 
 impl<B: Backend> DmsAdapter<B> {
     /// Zero projection (every logit starts at exactly `-offset`), unit norm weight.
-    pub fn zeros(cfg: &ModelConfig, device: &B::Device) -> Self {
+    pub fn zeros(cfg: &ModelConfig, layer: usize, device: &B::Device) -> Self {
         let (out, inp) = cfg.projection_dims(Projection::DmsAlpha);
+        let (norm_key, weight_key, bias_key) = Self::keys(layer);
         Self {
             norm: RmsNorm {
-                weight: Param::from_tensor(Tensor::ones([inp], device)),
+                weight: keyed_param(norm_key, Tensor::ones([inp], device)),
                 eps: cfg.rms_norm_eps,
             },
             proj: Linear {
-                weight: Param::from_tensor(Tensor::zeros([out, inp], device)),
+                weight: keyed_param(weight_key, Tensor::zeros([out, inp], device)),
                 bias: cfg
                     .has_bias(Projection::DmsAlpha)
-                    .then(|| Param::from_tensor(Tensor::zeros([out], device))),
+                    .then(|| keyed_param(bias_key, Tensor::zeros([out], device))),
             },
         }
+    }
+
+    /// (norm weight, projection weight, projection bias) keys of `layer`.
+    fn keys(layer: usize) -> (WeightKey, WeightKey, WeightKey) {
+        let linear = |bias| WeightKey::Linear {
+            layer,
+            projection: Projection::DmsAlpha,
+            bias,
+        };
+        (
+            WeightKey::Norm {
+                layer,
+                norm: LayerNorm::DmsAlpha,
+            },
+            linear(false),
+            linear(true),
+        )
+    }
+
+    /// Slots of this adapter's parameters.
+    pub fn params_mut(&mut self, layer: usize) -> Vec<(WeightKey, ParamSlot<'_, B>)> {
+        let mut out = vec![(
+            Self::keys(layer).0,
+            ParamSlot::Vector(&mut self.norm.weight),
+        )];
+        self.proj.slots(layer, Projection::DmsAlpha, &mut out);
+        out
     }
 
     /// Loads a trained adapter (an export or a training snapshot).
@@ -41,34 +69,24 @@ impl<B: Backend> DmsAdapter<B> {
         layer: usize,
         device: &B::Device,
     ) -> Result<Self> {
+        let (norm_key, weight_key, bias_key) = Self::keys(layer);
         let mut tensor =
             |key: WeightKey| -> Result<TensorData> { source.load(key, &cfg.weight_shape(key)) };
-        let norm = tensor(WeightKey::Norm {
-            layer,
-            norm: LayerNorm::DmsAlpha,
-        })?;
-        let weight = tensor(WeightKey::Linear {
-            layer,
-            projection: Projection::DmsAlpha,
-            bias: false,
-        })?;
+        let norm = tensor(norm_key)?;
+        let weight = tensor(weight_key)?;
         let bias = if cfg.has_bias(Projection::DmsAlpha) {
-            Some(tensor(WeightKey::Linear {
-                layer,
-                projection: Projection::DmsAlpha,
-                bias: true,
-            })?)
+            Some(tensor(bias_key)?)
         } else {
             None
         };
         Ok(Self {
             norm: RmsNorm {
-                weight: Param::from_tensor(Tensor::from_data(norm, device)),
+                weight: keyed_param(norm_key, Tensor::from_data(norm, device)),
                 eps: cfg.rms_norm_eps,
             },
             proj: Linear {
-                weight: Param::from_tensor(Tensor::from_data(weight, device)),
-                bias: bias.map(|b| Param::from_tensor(Tensor::from_data(b, device))),
+                weight: keyed_param(weight_key, Tensor::from_data(weight, device)),
+                bias: bias.map(|b| keyed_param(bias_key, Tensor::from_data(b, device))),
             },
         })
     }

@@ -14,7 +14,7 @@ use super::decision::{
 use super::mask::{inference_bias, inference_key_decisions, training_bias};
 use super::{DmsConfig, Variant};
 use crate::model::decoder::{Attention, AttentionMask, DecoderLayer, Qkv, grouped_attention};
-use crate::model::{Decoder, ModelConfig, RopeTables, WeightSource};
+use crate::model::{Decoder, ModelConfig, ParamSlot, RopeTables, WeightKey, WeightSource};
 
 /// What the attention layers do with the eviction decisions.
 pub enum Mode<'a, B: Backend> {
@@ -69,7 +69,7 @@ impl<B: Backend> DmsModel<B> {
                 .map(|layer| DmsAdapter::load(model, source, layer, device))
                 .collect::<Result<_>>()?,
             (Variant::Adapter, _) => (0..model.num_layers)
-                .map(|_| DmsAdapter::zeros(model, device))
+                .map(|layer| DmsAdapter::zeros(model, layer, device))
                 .collect(),
         };
         if dms.variant == Variant::QNeuron && model.head_dim < 2 {
@@ -101,6 +101,15 @@ impl<B: Backend> DmsModel<B> {
             layers.extend(decisions);
         }
         DmsOutput { hidden, layers }
+    }
+
+    /// Every parameter (base and adapters) with its key.
+    pub fn params_mut(&mut self) -> Vec<(WeightKey, ParamSlot<'_, B>)> {
+        let mut out = self.base.params_mut();
+        for (layer, adapter) in self.adapters.iter_mut().enumerate() {
+            out.extend(adapter.params_mut(layer));
+        }
+        out
     }
 
     /// Final norm + LM head.

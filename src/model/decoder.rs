@@ -10,7 +10,7 @@ use burn::tensor::{Bool, FloatDType, Int, Tensor, TensorData, activation, backen
 
 use super::config::ModelConfig;
 use super::rope::RopeTables;
-use super::weights::{LayerNorm, Projection, WeightKey, WeightSource};
+use super::weights::{LayerNorm, ParamSlot, Projection, WeightKey, WeightSource};
 
 /// Builds a parameter from a [`WeightSource`], checking its shape against the config.
 fn load_param<B: Backend, const D: usize>(
@@ -20,7 +20,15 @@ fn load_param<B: Backend, const D: usize>(
     device: &B::Device,
 ) -> Result<Param<Tensor<B, D>>> {
     let data = source.load(key, &cfg.weight_shape(key))?;
-    Ok(Param::from_tensor(Tensor::from_data(data, device)))
+    Ok(keyed_param(key, Tensor::from_data(data, device)))
+}
+
+/// A trainable parameter whose id is derived from its key (see [`WeightKey::param_id`]).
+pub fn keyed_param<B: Backend, const D: usize>(
+    key: WeightKey,
+    value: Tensor<B, D>,
+) -> Param<Tensor<B, D>> {
+    Param::initialized(key.param_id(), value.require_grad())
 }
 
 /// `y = x Wᵀ + b` with `W` kept in the Hugging Face `[out, in]` layout, so export writes it back
@@ -53,6 +61,24 @@ impl<B: Backend> Linear<B> {
             None
         };
         Ok(Self { weight, bias })
+    }
+
+    /// Slots for the weight and (if any) bias of `projection` in `layer`.
+    pub fn slots<'a>(
+        &'a mut self,
+        layer: usize,
+        projection: Projection,
+        out: &mut Vec<(WeightKey, ParamSlot<'a, B>)>,
+    ) {
+        let key = |bias| WeightKey::Linear {
+            layer,
+            projection,
+            bias,
+        };
+        out.push((key(false), ParamSlot::Matrix(&mut self.weight)));
+        if let Some(bias) = &mut self.bias {
+            out.push((key(true), ParamSlot::Vector(bias)));
+        }
     }
 
     /// # Shapes
@@ -381,6 +407,47 @@ impl<B: Backend> Decoder<B> {
             norm,
             lm_head,
         })
+    }
+
+    /// Every parameter with its key, in the order of [`ModelConfig::base_weight_keys`] layers.
+    pub fn params_mut(&mut self) -> Vec<(WeightKey, ParamSlot<'_, B>)> {
+        let mut out = vec![(
+            WeightKey::Embedding,
+            ParamSlot::Matrix(&mut self.embed_tokens),
+        )];
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let norm = |norm| WeightKey::Norm { layer: i, norm };
+            out.push((
+                norm(LayerNorm::Input),
+                ParamSlot::Vector(&mut layer.input_layernorm.weight),
+            ));
+            let attn = &mut layer.self_attn;
+            attn.q_proj.slots(i, Projection::Q, &mut out);
+            attn.k_proj.slots(i, Projection::K, &mut out);
+            attn.v_proj.slots(i, Projection::V, &mut out);
+            attn.o_proj.slots(i, Projection::O, &mut out);
+            if let Some(q_norm) = &mut attn.q_norm {
+                out.push((norm(LayerNorm::Q), ParamSlot::Vector(&mut q_norm.weight)));
+            }
+            if let Some(k_norm) = &mut attn.k_norm {
+                out.push((norm(LayerNorm::K), ParamSlot::Vector(&mut k_norm.weight)));
+            }
+            out.push((
+                norm(LayerNorm::PostAttention),
+                ParamSlot::Vector(&mut layer.post_attention_layernorm.weight),
+            ));
+            layer.mlp.gate_proj.slots(i, Projection::Gate, &mut out);
+            layer.mlp.up_proj.slots(i, Projection::Up, &mut out);
+            layer.mlp.down_proj.slots(i, Projection::Down, &mut out);
+        }
+        out.push((
+            WeightKey::FinalNorm,
+            ParamSlot::Vector(&mut self.norm.weight),
+        ));
+        if let Some(head) = &mut self.lm_head {
+            out.push((WeightKey::LmHead, ParamSlot::Matrix(&mut head.weight)));
+        }
+        out
     }
 
     /// # Shapes

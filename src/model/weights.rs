@@ -52,6 +52,17 @@ pub enum WeightKey {
 }
 
 impl WeightKey {
+    /// A parameter id derived from the key alone, so optimizer state saved by one process maps
+    /// onto the same parameters when another process rebuilds the model (exact resume).
+    pub fn param_id(self) -> burn::module::ParamId {
+        // FNV-1a over the key's debug form: stable across runs and platforms.
+        let text = format!("{self:?}");
+        let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        burn::module::ParamId::from(hash)
+    }
+
     pub fn is_dms(self) -> bool {
         matches!(
             self,
@@ -194,4 +205,10 @@ pub trait WeightSource {
     fn load(&mut self, key: WeightKey, expected: &[usize]) -> anyhow::Result<TensorData>;
     /// Whether the source holds this tensor at all.
     fn contains(&self, key: WeightKey) -> bool;
+}
+
+/// Mutable access to one parameter of either rank, for loading, saving and freezing by key.
+pub enum ParamSlot<'a, B: burn::tensor::backend::Backend> {
+    Vector(&'a mut burn::module::Param<burn::tensor::Tensor<B, 1>>),
+    Matrix(&'a mut burn::module::Param<burn::tensor::Tensor<B, 2>>),
 }

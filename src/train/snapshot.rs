@@ -1,0 +1,189 @@
+//! What a run writes to disk besides metrics: resumable checkpoints (`checkpoints/step-N`) and
+//! per-CR snapshots (`cr-K`). Every folder is written under a temporary name and renamed into
+//! place, so a folder that exists is complete.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use burn::module::Param;
+use burn::tensor::{Tensor, TensorData, backend::Backend};
+use safetensors::Dtype;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::names::hf_name;
+use crate::dms::{DmsConfig, DmsModel};
+use crate::model::{FloatFormat, ParamSlot};
+
+pub const TRAINABLE_FILE: &str = "trainable.safetensors";
+pub const STATE_FILE: &str = "state.json";
+pub const RECIPE_FILE: &str = "recipe.toml";
+pub const OPTIMIZER_FILE: &str = "optimizer";
+
+/// Everything besides tensors that a snapshot records.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotState {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// The scheduled compression ratio after `step` steps.
+    pub scheduled_cr: f64,
+    /// The checkpoint the run started from, as given in the recipe, and its resolved folder.
+    pub base_source: String,
+    pub base_dir: PathBuf,
+    pub dms: DmsConfig,
+    /// Hash of the packed training data; resuming on different data is refused.
+    pub data_fingerprint: u64,
+    pub seed: u64,
+    /// Names of the tensors in `trainable.safetensors`.
+    pub tensors: Vec<String>,
+    /// Metrics of the last step, for model cards.
+    #[serde(default)]
+    pub last_metrics: BTreeMap<String, f64>,
+}
+
+/// Writes a snapshot folder atomically: `files` get the trainable tensors, the state and the recipe;
+/// `extra` may add more (the optimizer state) into the temporary folder before the rename.
+pub fn write_snapshot<B: Backend>(
+    dir: &Path,
+    model: &mut DmsModel<B>,
+    state: &SnapshotState,
+    recipe_toml: &str,
+    extra: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    let parent = dir.parent().context("snapshot folder has no parent")?;
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create '{}'", parent.display()))?;
+    let tmp = parent.join(format!(
+        ".{}.tmp-{}",
+        dir.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp)?;
+    let result = (|| -> Result<()> {
+        let tensors = trainable_tensors(model);
+        let mut state = state.clone();
+        state.tensors = tensors.iter().map(|(n, _)| n.clone()).collect();
+        write_tensors(&tmp.join(TRAINABLE_FILE), &tensors)?;
+        std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
+        std::fs::write(tmp.join(RECIPE_FILE), recipe_toml)?;
+        extra(&tmp)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e.context(format!("writing snapshot '{}'", dir.display())));
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)
+            .with_context(|| format!("cannot replace '{}'", dir.display()))?;
+    }
+    std::fs::rename(&tmp, dir)
+        .with_context(|| format!("cannot move snapshot into '{}'", dir.display()))?;
+    Ok(())
+}
+
+/// The parameters that require gradients, by Hugging Face name, as f32 host data.
+pub fn trainable_tensors<B: Backend>(model: &mut DmsModel<B>) -> Vec<(String, TensorData)> {
+    let mut out = Vec::new();
+    for (key, slot) in model.params_mut() {
+        let (trainable, data) = match slot {
+            ParamSlot::Vector(p) => (p.is_require_grad(), p.val().into_data()),
+            ParamSlot::Matrix(p) => (p.is_require_grad(), p.val().into_data()),
+        };
+        if trainable {
+            out.push((hf_name(key), data.convert::<f32>()));
+        }
+    }
+    out
+}
+
+/// Writes f32 tensors as safetensors (temp file + rename).
+pub fn write_tensors(path: &Path, tensors: &[(String, TensorData)]) -> Result<()> {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, data)| (name.clone(), data.shape.to_vec(), data.as_bytes().to_vec()))
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(name, shape, data)| {
+            safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), data)
+                .map(|view| (name.clone(), view))
+                .map_err(|e| anyhow::anyhow!("tensor '{name}': {e}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let tmp = path.with_extension("safetensors.partial");
+    safetensors::serialize_to_file(views, None, &tmp)
+        .map_err(|e| anyhow::anyhow!("cannot write '{}': {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot move '{}' into place", path.display()))?;
+    Ok(())
+}
+
+/// Overwrites the model's parameters with the tensors of a snapshot (ids and gradient flags kept).
+/// Every tensor in the file must belong to the model.
+pub fn load_trainable<B: Backend>(dir: &Path, model: &mut DmsModel<B>) -> Result<usize> {
+    let path = dir.join(TRAINABLE_FILE);
+    let mut store =
+        crate::checkpoint::SafetensorsStore::open(std::slice::from_ref(&path), FloatFormat::F32)?;
+    let names: Vec<String> = store.names().cloned().collect();
+    let mut loaded = 0;
+    for (key, slot) in model.params_mut() {
+        let name = hf_name(key);
+        if !names.contains(&name) {
+            continue;
+        }
+        match slot {
+            ParamSlot::Vector(p) => replace(p, store.load_named(&name, &p.val().dims())?),
+            ParamSlot::Matrix(p) => replace(p, store.load_named(&name, &p.val().dims())?),
+        }
+        loaded += 1;
+    }
+    if loaded != names.len() {
+        bail!(
+            "'{}' holds {} tensors but only {loaded} belong to this model; it was written for a \
+             different model or DMS variant",
+            path.display(),
+            names.len()
+        );
+    }
+    Ok(loaded)
+}
+
+fn replace<B: Backend, const D: usize>(param: &mut Param<Tensor<B, D>>, data: TensorData) {
+    let device = param.val().device();
+    let require_grad = param.is_require_grad();
+    let value = Tensor::from_data(data, &device).set_require_grad(require_grad);
+    *param = Param::initialized(param.id, value);
+}
+
+pub fn read_state(dir: &Path) -> Result<SnapshotState> {
+    let path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read '{}'", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("'{}' is not a valid state file", path.display()))
+}
+
+/// `RUN/checkpoints/step-N` folders, sorted by step.
+pub fn list_checkpoints(run: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let dir = run.join("checkpoints");
+    let mut found = Vec::new();
+    if !dir.is_dir() {
+        return Ok(found);
+    }
+    for entry in std::fs::read_dir(&dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        if let Some(step) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<u64>().ok())
+            && entry.path().join(STATE_FILE).is_file()
+        {
+            found.push((step, entry.path()));
+        }
+    }
+    found.sort();
+    Ok(found)
+}

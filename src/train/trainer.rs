@@ -1,0 +1,771 @@
+//! The retrofit loop, in the order nanoGPT taught us to read: LR -> micro-steps (teacher, student,
+//! losses, backward) -> clip -> step -> log -> eval / checkpoint / CR snapshots.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::module::{AutodiffModule, Module};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use serde_json::json;
+
+use super::snapshot::{self, SnapshotState};
+use crate::checkpoint::Checkpoint;
+use crate::data::dataset::{Dataset, Sequence, sample_index};
+use crate::data::{ChatTemplate, Tokenizer};
+use crate::dms::losses::{compression_loss, distillation_loss, frac_closed, ids_tensor, loss_mask};
+use crate::dms::mask::{inference_key_decisions, retained_fraction};
+use crate::dms::noise::NoiseKey;
+use crate::dms::{DmsConfig, DmsModel, Mode};
+use crate::model::{
+    Decoder, FloatFormat, LayerNorm, ModelConfig, ParamSlot, Projection, WeightKey,
+};
+use crate::recipe::{Recipe, Trainable};
+
+/// How `train` was invoked beyond the recipe.
+#[derive(Clone, Debug, Default)]
+pub struct TrainOptions {
+    /// Continue from the newest checkpoint in the run folder.
+    pub resume: bool,
+    /// Folder the recipe's relative paths are resolved against.
+    pub recipe_dir: PathBuf,
+    /// Hide the progress bar (tests, CI logs).
+    pub quiet: bool,
+    /// Stop after this many steps of this invocation (tests of interruption), then checkpoint.
+    pub stop_after: Option<u64>,
+}
+
+/// What a finished (or interrupted) run reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainSummary {
+    pub run_dir: PathBuf,
+    pub steps: u64,
+    pub interrupted: bool,
+    pub last: BTreeMap<String, f64>,
+    pub cr_snapshots: Vec<u64>,
+    pub tokens_per_s: f64,
+}
+
+/// Set by the Ctrl-C handler; checked after every step.
+fn interrupt_flag() -> Arc<AtomicBool> {
+    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+    FLAG.get_or_init(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        let handler_flag = flag.clone();
+        if let Err(e) = ctrlc::set_handler(move || handler_flag.store(true, Ordering::SeqCst)) {
+            tracing::warn!("cannot install the Ctrl-C handler ({e}); Ctrl-C will not checkpoint");
+        }
+        flag
+    })
+    .clone()
+}
+
+/// Resolves `source` against the recipe folder when that names an existing path.
+pub fn resolve_source(source: &str, recipe_dir: &Path) -> String {
+    let candidate = recipe_dir.join(source);
+    if Path::new(source).is_relative() && candidate.exists() {
+        candidate.to_string_lossy().into_owned()
+    } else {
+        source.to_string()
+    }
+}
+
+/// Marks which parameters the optimizer updates; everything else is frozen.
+fn apply_trainable<B: AutodiffBackend>(model: DmsModel<B>, trainable: Trainable) -> DmsModel<B> {
+    let mut model = model.no_grad();
+    for (key, slot) in model.params_mut() {
+        let on = match trainable {
+            Trainable::All => true,
+            Trainable::Adapter => key.is_dms(),
+            Trainable::AdapterAndAttention => {
+                key.is_dms()
+                    || matches!(
+                        key,
+                        WeightKey::Linear {
+                            projection: Projection::Q
+                                | Projection::K
+                                | Projection::V
+                                | Projection::O,
+                            ..
+                        } | WeightKey::Norm {
+                            norm: LayerNorm::Q | LayerNorm::K,
+                            ..
+                        }
+                    )
+            }
+        };
+        if on {
+            match slot {
+                ParamSlot::Vector(p) => *p = p.clone().set_require_grad(true),
+                ParamSlot::Matrix(p) => *p = p.clone().set_require_grad(true),
+            }
+        }
+    }
+    model
+}
+
+/// Counts (trainable, frozen) parameter values.
+fn count_params<B: Backend>(model: &mut DmsModel<B>) -> (usize, usize) {
+    let mut counts = (0, 0);
+    for (_, slot) in model.params_mut() {
+        let (trainable, n) = match slot {
+            ParamSlot::Vector(p) => (p.is_require_grad(), p.val().shape().num_elements()),
+            ParamSlot::Matrix(p) => (p.is_require_grad(), p.val().shape().num_elements()),
+        };
+        if trainable {
+            counts.0 += n;
+        } else {
+            counts.1 += n;
+        }
+    }
+    counts
+}
+
+/// Clips the summed gradient to `max_norm` in global L2 norm; returns the norm before clipping.
+fn clip_global_norm<B: AutodiffBackend>(
+    model: &mut DmsModel<B>,
+    grads: &mut GradientsParams,
+    max_norm: f64,
+) -> f64 {
+    let mut slots = Vec::new();
+    for (_, slot) in model.params_mut() {
+        match slot {
+            ParamSlot::Vector(p) if p.is_require_grad() => slots.push((p.id, 1)),
+            ParamSlot::Matrix(p) if p.is_require_grad() => slots.push((p.id, 2)),
+            _ => {}
+        }
+    }
+    let mut total = 0f64;
+    for &(id, rank) in &slots {
+        let sq = match rank {
+            1 => grads
+                .get::<B::InnerBackend, 1>(id)
+                .map(|g| g.powi_scalar(2).sum()),
+            _ => grads
+                .get::<B::InnerBackend, 2>(id)
+                .map(|g| g.powi_scalar(2).sum()),
+        };
+        if let Some(sq) = sq {
+            total += sq.into_scalar().elem::<f64>();
+        }
+    }
+    let norm = total.sqrt();
+    if max_norm > 0.0 && norm > max_norm && norm.is_finite() {
+        let scale = max_norm / (norm + 1e-6);
+        for &(id, rank) in &slots {
+            match rank {
+                1 => {
+                    if let Some(g) = grads.remove::<B::InnerBackend, 1>(id) {
+                        grads.register(id, g * scale);
+                    }
+                }
+                _ => {
+                    if let Some(g) = grads.remove::<B::InnerBackend, 2>(id) {
+                        grads.register(id, g * scale);
+                    }
+                }
+            }
+        }
+    }
+    norm
+}
+
+use burn::tensor::ElementConversion;
+
+/// One micro-batch as tensors plus the host copies the loss mask needs.
+struct Batch<B: Backend> {
+    input: Tensor<B, 2, burn::tensor::Int>,
+    ids: Vec<i64>,
+    mask: Vec<i64>,
+    shape: [usize; 2],
+}
+
+fn make_batch<B: Backend>(sequences: &[&Sequence], device: &B::Device) -> Batch<B> {
+    let shape = [sequences.len(), sequences[0].input_ids.len()];
+    let ids: Vec<i64> = sequences.iter().flat_map(|s| s.input_ids.clone()).collect();
+    let mask: Vec<i64> = sequences
+        .iter()
+        .flat_map(|s| s.attention_mask.clone())
+        .collect();
+    Batch {
+        input: ids_tensor(&ids, shape, device),
+        ids,
+        mask,
+        shape,
+    }
+}
+
+/// Everything one evaluation reports.
+#[derive(Clone, Debug, Default)]
+pub struct EvalReport {
+    pub kl: f64,
+    pub frac_closed: f64,
+    pub compression_ratio: f64,
+}
+
+/// What an evaluation runs with besides the models and data.
+pub struct EvalSettings<'a> {
+    pub cfg: &'a ModelConfig,
+    pub dms: &'a DmsConfig,
+    pub batch_size: usize,
+    pub eos: &'a [u32],
+    pub kl_chunk: usize,
+}
+
+/// Teacher-forced KL against the original model under hard (inference) eviction, the fraction of
+/// closed decisions, and the measured CR (retained keys at the last position, window included).
+pub fn evaluate<B: Backend>(
+    student: &DmsModel<B>,
+    teacher: &Decoder<B>,
+    sequences: &[Sequence],
+    settings: &EvalSettings,
+    device: &B::Device,
+) -> EvalReport {
+    let EvalSettings {
+        cfg,
+        dms,
+        batch_size,
+        eos,
+        kl_chunk,
+    } = *settings;
+    let (mut kl, mut tokens, mut closed, mut decisions, mut retained, mut heads) =
+        (0f64, 0f64, 0f64, 0f64, 0f64, 0f64);
+    for chunk in sequences.chunks(batch_size.max(1)) {
+        let refs: Vec<&Sequence> = chunk.iter().collect();
+        let batch = make_batch::<B>(&refs, device);
+        let rope = crate::model::RopeTables::for_model(cfg, 0, batch.shape[1], device);
+        let teacher_hidden = teacher_hidden(teacher, batch.input.clone(), &rope);
+        let out = student.forward(batch.input.clone(), cfg, dms, &Mode::Inference);
+        let mask = loss_mask::<B>(&batch.ids, &batch.mask, batch.shape, eos, device);
+        let count = mask.clone().sum().into_scalar().elem::<f64>();
+        let mean = distillation_loss(
+            out.hidden,
+            teacher_hidden,
+            &|h| student.logits(h),
+            mask,
+            kl_chunk,
+        )
+        .into_scalar()
+        .elem::<f64>();
+        kl += mean * count;
+        tokens += count;
+        for layer in out.layers {
+            let n = layer.decisions.shape().num_elements() as f64;
+            closed += layer.decisions.clone().sum().into_scalar().elem::<f64>();
+            decisions += n;
+            let kept = retained_fraction(inference_key_decisions(layer.logits), dms.window);
+            heads += kept.shape().num_elements() as f64;
+            retained += kept.sum().into_scalar().elem::<f64>();
+        }
+    }
+    EvalReport {
+        kl: kl / tokens.max(1.0),
+        frac_closed: closed / decisions.max(1.0),
+        compression_ratio: heads / retained.max(f64::MIN_POSITIVE),
+    }
+}
+
+/// Final hidden states of the original model.
+fn teacher_hidden<B: Backend>(
+    teacher: &Decoder<B>,
+    input: Tensor<B, 2, burn::tensor::Int>,
+    rope: &crate::model::RopeTables<B>,
+) -> Tensor<B, 3> {
+    let mask = crate::model::decoder::AttentionMask::Causal { offset: 0 };
+    teacher
+        .layers
+        .iter()
+        .fold(teacher.embed(input), |x, layer| {
+            layer.forward(x, rope, &mask)
+        })
+}
+
+/// Appends one JSON line to `metrics.jsonl`.
+fn append_metrics(path: &Path, line: &serde_json::Value) -> Result<()> {
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open '{}'", path.display()))?;
+    writeln!(file, "{line}").with_context(|| format!("cannot write '{}'", path.display()))
+}
+
+/// Drops metric lines of steps not yet covered by the checkpoint being resumed.
+fn truncate_metrics(path: &Path, completed_steps: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                .is_some_and(|step| step < completed_steps)
+        })
+        .collect();
+    let tmp = path.with_extension("jsonl.tmp");
+    std::fs::write(
+        &tmp,
+        kept.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    )?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Runs (or resumes) a retrofit described by `recipe` on `device`.
+pub fn train<B: AutodiffBackend>(
+    recipe: &Recipe,
+    options: &TrainOptions,
+    format: FloatFormat,
+    device: &B::Device,
+) -> Result<TrainSummary> {
+    let run_dir = recipe.run.output_dir.clone();
+    let recipe_toml = recipe.to_toml();
+    let existing = snapshot::list_checkpoints(&run_dir)?;
+    if options.resume && existing.is_empty() {
+        bail!(
+            "--resume: '{}' has no checkpoints to resume from",
+            run_dir.join("checkpoints").display()
+        );
+    }
+    if !options.resume && (!existing.is_empty() || run_dir.join("metrics.jsonl").exists()) {
+        bail!(
+            "run folder '{}' already holds a run; pass --resume to continue it, or set \
+             run.output_dir to a new folder",
+            run_dir.display()
+        );
+    }
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("cannot create run folder '{}'", run_dir.display()))?;
+
+    // 1. Model, tokenizer, data.
+    let source = resolve_source(&recipe.model.source, &options.recipe_dir);
+    let ckpt = Checkpoint::open(&source)?;
+    let cfg = ckpt.config.clone();
+    let tokenizer_path = ckpt.files.tokenizer.clone().with_context(|| {
+        format!(
+            "'{}' has no tokenizer.json; training data cannot be tokenised",
+            ckpt.files.dir.display()
+        )
+    })?;
+    let tokenizer = Tokenizer::from_file(&tokenizer_path)?;
+    let template = if recipe.data.chat_template {
+        let path = ckpt.files.tokenizer_config.clone().with_context(|| {
+            format!(
+                "data.chat_template = true but '{}' has no tokenizer_config.json",
+                ckpt.files.dir.display()
+            )
+        })?;
+        Some(ChatTemplate::from_tokenizer_config(&path)?)
+    } else {
+        None
+    };
+    let eos = *cfg.eos_token_ids.first().with_context(|| {
+        format!(
+            "config.json of '{}' names no eos_token_id; packing needs one",
+            ckpt.files.dir.display()
+        )
+    })?;
+    let dataset = Dataset::build(
+        &recipe.data,
+        &options.recipe_dir,
+        &tokenizer,
+        template.as_ref(),
+        cfg.bos_token_id,
+        eos,
+        eos,
+    )?;
+    tracing::info!(
+        "data: {} training and {} held-out sequences of {} tokens",
+        dataset.train.len(),
+        dataset.heldout.len(),
+        dataset.seq_len
+    );
+
+    let dms = recipe.dms.config();
+    let schedule = recipe.dms.schedule();
+    let t = &recipe.train;
+    let base = ckpt.load_decoder::<B>(format, device)?;
+    let mut store = ckpt.store(format)?;
+    let model = DmsModel::new(base, &cfg, &dms, Some(&mut store), device)?;
+    let mut model = apply_trainable(model, t.trainable);
+    let (trainable_count, frozen_count) = count_params(&mut model);
+    tracing::info!(
+        "{} parameters trainable ({:?}), {} frozen",
+        trainable_count,
+        t.trainable,
+        frozen_count
+    );
+    if trainable_count == 0 {
+        bail!(
+            "train.trainable = {:?} selects no parameters for this model",
+            t.trainable
+        );
+    }
+    // The teacher is the student with eviction off while the base stays frozen; otherwise a frozen
+    // copy of the original weights (without gradients).
+    let separate_teacher = (t.trainable != Trainable::Adapter)
+        .then(|| ckpt.load_decoder::<B::InnerBackend>(format, device))
+        .transpose()?;
+
+    let mut optimizer = AdamWConfig::new()
+        .with_beta_1(t.betas[0] as f32)
+        .with_beta_2(t.betas[1] as f32)
+        .with_epsilon(t.eps as f32)
+        .with_weight_decay(t.weight_decay as f32)
+        .init::<B, DmsModel<B>>();
+    let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
+
+    // 2. Resume.
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let mut start_step = 0;
+    if options.resume {
+        let (step, dir) = existing.last().cloned().expect("checked above");
+        let state = snapshot::read_state(&dir)?;
+        if state.data_fingerprint != dataset.fingerprint {
+            bail!(
+                "cannot resume from '{}': the training data changed since it was written",
+                dir.display()
+            );
+        }
+        let saved = Recipe::parse(
+            &std::fs::read_to_string(dir.join(snapshot::RECIPE_FILE))?,
+            &[],
+        )?;
+        let comparable = |r: &Recipe| {
+            let mut r = r.clone();
+            r.train.max_steps = 0;
+            r.run = Default::default();
+            r
+        };
+        if comparable(&saved) != comparable(recipe) {
+            bail!(
+                "cannot resume from '{}': the recipe differs from the one it was written with \
+                 (only train.max_steps and [run] may change); compare with {}",
+                dir.display(),
+                dir.join(snapshot::RECIPE_FILE).display()
+            );
+        }
+        snapshot::load_trainable(&dir, &mut model)?;
+        let record = recorder
+            .load(dir.join(snapshot::OPTIMIZER_FILE), device)
+            .with_context(|| format!("cannot read the optimizer state in '{}'", dir.display()))?;
+        optimizer = optimizer.load_record(record);
+        start_step = step;
+        truncate_metrics(&metrics_path, step)?;
+        tracing::info!("resumed from {} (step {step})", dir.display());
+    }
+    std::fs::write(run_dir.join("recipe.toml"), &recipe_toml)?;
+
+    // 3. The loop.
+    let interrupted = interrupt_flag();
+    let total = t.max_steps;
+    let bar = if options.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(total)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} (ETA {eta}) {msg}",
+        )
+        .expect("valid template"),
+    );
+    bar.set_position(start_step);
+    let tokens_per_step = (t.micro_batch * t.grad_accum * dataset.seq_len) as f64;
+    let n_train = dataset.train.len();
+    let mut last = BTreeMap::new();
+    let mut cr_snapshots = Vec::new();
+    let mut throughput = Vec::new();
+    let mut steps_this_run = 0;
+    let mut was_interrupted = false;
+    let run_start = Instant::now();
+    let mut step = start_step;
+    let make_state = |step: u64, last: &BTreeMap<String, f64>| SnapshotState {
+        step,
+        scheduled_cr: schedule.compression_ratio(step.saturating_sub(1)),
+        base_source: recipe.model.source.clone(),
+        base_dir: ckpt.files.dir.clone(),
+        dms: dms.clone(),
+        data_fingerprint: dataset.fingerprint,
+        seed: t.seed,
+        tensors: Vec::new(),
+        last_metrics: last.clone(),
+    };
+    while step < total {
+        let started = Instant::now();
+        let lr = t.lr_at(step);
+        let target = schedule.target_fraction(step);
+        let mut accumulator = GradientsAccumulator::<DmsModel<B>>::new();
+        let (mut loss_sum, mut kl_sum, mut comp_sum, mut frac_sum) = (0f64, 0f64, 0f64, 0f64);
+        for micro in 0..t.grad_accum {
+            let sequences: Vec<&Sequence> = (0..t.micro_batch)
+                .map(|i| {
+                    let global = (step * t.grad_accum as u64 + micro as u64) * t.micro_batch as u64
+                        + i as u64;
+                    &dataset.train[sample_index(t.seed, n_train, global)]
+                })
+                .collect();
+            let batch = make_batch::<B>(&sequences, device);
+            let [b, seq] = batch.shape;
+            let noise = NoiseKey {
+                seed: t.seed,
+                step,
+                micro_batch: micro as u64,
+                rank: 0,
+            }
+            .logistic(cfg.num_layers * b * cfg.num_kv_heads * seq);
+            let noise = Tensor::<B, 4>::from_data(
+                TensorData::new(noise, [cfg.num_layers, b, cfg.num_kv_heads, seq]),
+                device,
+            );
+            // Teacher: no graph either way.
+            let teacher = match &separate_teacher {
+                Some(teacher) => {
+                    let rope = crate::model::RopeTables::for_model(&cfg, 0, seq, device);
+                    Tensor::from_inner(teacher_hidden(teacher, batch.input.clone().inner(), &rope))
+                }
+                None => {
+                    model
+                        .forward(batch.input.clone(), &cfg, &dms, &Mode::Original)
+                        .hidden
+                }
+            }
+            .detach();
+            let student = model.forward(
+                batch.input.clone(),
+                &cfg,
+                &dms,
+                &Mode::Train { noise: &noise },
+            );
+            let mask = loss_mask::<B>(&batch.ids, &batch.mask, batch.shape, &[eos], device);
+            let kl = distillation_loss(
+                student.hidden,
+                teacher,
+                &|h| model.logits(h),
+                mask,
+                t.kl_chunk,
+            );
+            let decisions: Vec<_> = student.layers.into_iter().map(|l| l.decisions).collect();
+            let frac = frac_closed(&decisions);
+            let compression = compression_loss(frac.clone(), target);
+            let loss = kl.clone() + compression.clone() * recipe.dms.compression_weight;
+            let scaled = loss.clone() / t.grad_accum as f64;
+            let grads = GradientsParams::from_grads(scaled.backward(), &model);
+            accumulator.accumulate(&model, grads);
+            loss_sum += loss.into_scalar().elem::<f64>();
+            kl_sum += kl.into_scalar().elem::<f64>();
+            comp_sum += compression.into_scalar().elem::<f64>();
+            frac_sum += frac.mean().into_scalar().elem::<f64>();
+        }
+        let accum = t.grad_accum as f64;
+        let (loss, kl, comp, frac) = (
+            loss_sum / accum,
+            kl_sum / accum,
+            comp_sum / accum,
+            frac_sum / accum,
+        );
+        let mut grads = accumulator.grads();
+        let grad_norm = clip_global_norm(&mut model, &mut grads, t.grad_clip);
+        for (name, value) in [("loss", loss), ("grad_norm", grad_norm)] {
+            if !value.is_finite() {
+                let latest = snapshot::list_checkpoints(&run_dir)?
+                    .last()
+                    .map(|(s, _)| format!("step-{s}"))
+                    .unwrap_or_else(|| "none".into());
+                bar.abandon();
+                bail!(
+                    "non-finite {name} ({value}) at step {step}; stopped without updating the \
+                     weights. The last checkpoint ({latest}) is intact: lower train.lr or \
+                     check the data, then --resume"
+                );
+            }
+        }
+        model = optimizer.step(lr, model, grads);
+        step += 1;
+        steps_this_run += 1;
+
+        // Log.
+        let seconds = started.elapsed().as_secs_f64();
+        let tokens_per_s = tokens_per_step / seconds;
+        throughput.push(tokens_per_s);
+        let scheduled_cr = schedule.compression_ratio(step - 1);
+        let train_cr = 1.0 / (1.0 - frac).max(1e-9);
+        last = BTreeMap::from([
+            ("loss".to_string(), loss),
+            ("kl".to_string(), kl),
+            ("compression_loss".to_string(), comp),
+            ("frac_closed".to_string(), frac),
+            ("train_cr".to_string(), train_cr),
+            ("target_cr".to_string(), scheduled_cr),
+        ]);
+        append_metrics(
+            &metrics_path,
+            &json!({
+                "kind": "train", "step": step - 1, "loss": loss, "kl": kl,
+                "compression_loss": comp, "frac_closed": frac, "train_cr": train_cr,
+                "target_cr": scheduled_cr, "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_s": tokens_per_s, "elapsed_s": run_start.elapsed().as_secs_f64(),
+            }),
+        )?;
+        bar.set_position(step);
+        bar.set_message(format!(
+            "loss {loss:.4} kl {kl:.4} CR {train_cr:.2}/{scheduled_cr:.2} closed {frac:.3} {:.0} tok/s",
+            tokens_per_s
+        ));
+        tracing::debug!(
+            step = step - 1,
+            loss,
+            kl,
+            comp,
+            frac,
+            train_cr,
+            scheduled_cr,
+            lr,
+            grad_norm,
+            tokens_per_s
+        );
+
+        // Evaluate.
+        let finished = step == total;
+        let stop_now = interrupted.load(Ordering::SeqCst)
+            || options.stop_after.is_some_and(|n| steps_this_run >= n);
+        if (recipe.run.eval_every > 0 && step % recipe.run.eval_every == 0 || finished)
+            && !dataset.heldout.is_empty()
+        {
+            let inner = model.valid();
+            let teacher_inner = match &separate_teacher {
+                Some(t) => t.clone(),
+                None => inner.base.clone(),
+            };
+            let count = recipe.run.eval_sequences.min(dataset.heldout.len()).max(1);
+            let settings = EvalSettings {
+                cfg: &cfg,
+                dms: &dms,
+                batch_size: t.micro_batch,
+                eos: &[eos],
+                kl_chunk: t.kl_chunk,
+            };
+            let report = evaluate(
+                &inner,
+                &teacher_inner,
+                &dataset.heldout[..count],
+                &settings,
+                device,
+            );
+            append_metrics(
+                &metrics_path,
+                &json!({"kind": "eval", "step": step - 1, "eval_kl": report.kl,
+                    "eval_frac_closed": report.frac_closed, "eval_cr": report.compression_ratio}),
+            )?;
+            last.insert("eval_kl".into(), report.kl);
+            last.insert("eval_cr".into(), report.compression_ratio);
+            bar.suspend(|| {
+                tracing::info!(
+                    "step {}: eval KL {:.4}, closed {:.3}, measured CR {:.2} (scheduled {:.2})",
+                    step - 1,
+                    report.kl,
+                    report.frac_closed,
+                    report.compression_ratio,
+                    scheduled_cr
+                )
+            });
+        }
+
+        // A model per integer CR the schedule has just reached.
+        let previous_cr = if step == 1 {
+            f64::NEG_INFINITY
+        } else {
+            schedule.compression_ratio(step - 2)
+        };
+        let reached: Vec<u64> = (2..=scheduled_cr.floor() as u64)
+            .filter(|&k| (k as f64) > previous_cr)
+            .collect();
+        for k in reached {
+            let dir = run_dir.join(format!("cr-{k}"));
+            snapshot::write_snapshot(
+                &dir,
+                &mut model,
+                &make_state(step, &last),
+                &recipe_toml,
+                |_| Ok(()),
+            )?;
+            cr_snapshots.push(k);
+            bar.suspend(|| tracing::info!("scheduled CR reached {k}: saved {}", dir.display()));
+        }
+
+        // Checkpoint.
+        let every = recipe.run.checkpoint_every;
+        if finished || stop_now || (every > 0 && step % every == 0) {
+            let dir = run_dir.join("checkpoints").join(format!("step-{step}"));
+            let record = optimizer.to_record();
+            snapshot::write_snapshot(
+                &dir,
+                &mut model,
+                &make_state(step, &last),
+                &recipe_toml,
+                |tmp| {
+                    recorder
+                        .record(record, tmp.join(snapshot::OPTIMIZER_FILE))
+                        .map_err(|e| anyhow::anyhow!("cannot save the optimizer state: {e}"))
+                },
+            )?;
+            let all = snapshot::list_checkpoints(&run_dir)?;
+            for (_, old) in all
+                .iter()
+                .take(all.len().saturating_sub(recipe.run.keep_last))
+            {
+                std::fs::remove_dir_all(old)
+                    .with_context(|| format!("cannot delete old checkpoint '{}'", old.display()))?;
+            }
+            bar.suspend(|| tracing::info!("checkpoint {}", dir.display()));
+        }
+        if stop_now && !finished {
+            was_interrupted = true;
+            bar.abandon_with_message(format!("stopped at step {step}; resume with --resume"));
+            break;
+        }
+    }
+    bar.finish();
+
+    let summary = TrainSummary {
+        run_dir: run_dir.clone(),
+        steps: step,
+        interrupted: was_interrupted,
+        last,
+        cr_snapshots,
+        tokens_per_s: median(&mut throughput),
+    };
+    std::fs::write(
+        run_dir.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?,
+    )?;
+    match super::plot::plot_metrics(
+        &metrics_path,
+        &run_dir.join("metrics.svg"),
+        &format!("dms-retrofit: {}", run_dir.display()),
+    ) {
+        Ok(_) => {}
+        Err(e) => tracing::warn!("could not draw the metrics plot: {e:#}"),
+    }
+    Ok(summary)
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
