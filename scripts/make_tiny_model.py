@@ -216,7 +216,6 @@ def main():
         "eos_token_id": [EOT_ID, 258],
         "pad_token_id": EOT_ID,
         "do_sample": False,
-        "max_length": 512,
     }
     with open(os.path.join(args.out, "generation_config.json"), "w") as f:
         json.dump(gen_cfg, f, indent=2)

@@ -9,10 +9,11 @@ pub mod safetensors_io;
 
 use std::collections::BTreeSet;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use burn::tensor::backend::Backend;
 use serde_json::Value;
 
+use crate::dms::{DmsConfig, DmsModel};
 use crate::model::{Decoder, FloatFormat, ModelConfig};
 pub use resolve::{CheckpointFiles, Origin};
 pub use safetensors_io::SafetensorsStore;
@@ -23,6 +24,8 @@ pub struct Checkpoint {
     pub config: ModelConfig,
     /// `config.json` as written, kept so export can extend rather than rewrite it.
     pub raw_config: Value,
+    /// DMS settings, when this is a DMS export (`dms_*` keys in config.json).
+    pub dms: Option<export::ExportedDms>,
 }
 
 impl Checkpoint {
@@ -30,10 +33,13 @@ impl Checkpoint {
     pub fn open(spec: &str) -> Result<Self> {
         let files = resolve::resolve(spec)?;
         let (config, raw_config) = hf_config::read_model_config(&files.config)?;
+        let dms = export::read_dms_keys(&raw_config)
+            .with_context(|| format!("in '{}'", files.config.display()))?;
         Ok(Self {
             files,
             config,
             raw_config,
+            dms,
         })
     }
 
@@ -84,6 +90,31 @@ impl Checkpoint {
             self.config.architecture.hf_class(),
             problems.join("; ")
         )
+    }
+
+    /// Loads the model with its DMS parameters: `dms` overrides the settings in config.json (needed
+    /// for base checkpoints, which have none). Adapter weights come from the files when present,
+    /// else start at zero.
+    pub fn load_dms_model<B: Backend>(
+        &self,
+        dms: Option<&DmsConfig>,
+        format: FloatFormat,
+        device: &B::Device,
+    ) -> Result<(DmsModel<B>, DmsConfig)> {
+        let config = match (dms, &self.dms) {
+            (Some(given), _) => given.clone(),
+            (None, Some(exported)) => exported.config.clone(),
+            (None, None) => bail!(
+                "'{}' is not a DMS checkpoint (its config.json has no dms_* keys); export a run \
+                 with `dms-retrofit export` or give the DMS settings",
+                self.files.dir.display()
+            ),
+        };
+        let mut store = self.store(format)?;
+        self.verify_tensor_names(&store)?;
+        let base = Decoder::load(&self.config, &mut store, device)?;
+        let model = DmsModel::new(base, &self.config, &config, Some(&mut store), device)?;
+        Ok((model, config))
     }
 
     /// Loads the base decoder onto `device`, its weights converted to `format`.

@@ -52,6 +52,8 @@ struct Report<'a> {
     /// Tensor count per stored dtype.
     stored_dtypes: BTreeMap<String, usize>,
     dms_tensors: usize,
+    /// DMS settings from config.json (`dms_*` keys), for DMS exports.
+    dms: Option<DmsReport>,
     tokenizer: bool,
     chat_template: bool,
     kv_dtype: FloatFormat,
@@ -59,6 +61,17 @@ struct Report<'a> {
     kv_cache: Vec<KvRow>,
     /// Present with `--load`.
     load: Option<LoadReport>,
+}
+
+#[derive(Serialize)]
+struct DmsReport {
+    variant: String,
+    granularity: String,
+    window: usize,
+    alpha_scale: f64,
+    offset: f64,
+    tau: f64,
+    cr: f64,
 }
 
 #[derive(Serialize)]
@@ -131,6 +144,15 @@ pub fn run(args: InspectArgs) -> Result<()> {
         weight_bytes,
         stored_dtypes,
         dms_tensors,
+        dms: ckpt.dms.as_ref().map(|d| DmsReport {
+            variant: format!("{:?}", d.config.variant),
+            granularity: format!("{:?}", d.config.granularity),
+            window: d.config.window,
+            alpha_scale: d.config.alpha_scale,
+            offset: d.config.offset,
+            tau: d.config.tau,
+            cr: d.cr,
+        }),
         tokenizer: ckpt.files.tokenizer.is_some(),
         chat_template,
         kv_dtype,
@@ -202,6 +224,15 @@ fn print_table(r: &Report) {
     );
     row("q/k norm", c.qk_norm.to_string());
     row("DMS tensors", r.dms_tensors.to_string());
+    if let Some(d) = &r.dms {
+        row(
+            "DMS",
+            format!(
+                "{} per {}, window {}, CR {:.2} (scale {}, offset {}, tau {})",
+                d.variant, d.granularity, d.window, d.cr, d.alpha_scale, d.offset, d.tau
+            ),
+        );
+    }
     row(
         "tokenizer / chat",
         format!("{} / {}", r.tokenizer, r.chat_template),

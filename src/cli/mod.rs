@@ -2,6 +2,7 @@
 
 mod export;
 mod inspect;
+mod logits;
 mod train;
 
 use std::process::ExitCode;
@@ -36,6 +37,8 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Write a run (latest, cr-K or step-N) as a Hugging Face folder with the DMS tensors and keys.
     Export(export::ExportArgs),
+    /// Print the logits of one forward pass as JSON (eviction on or off), for cross-checks.
+    Logits(logits::LogitsArgs),
     /// Draw loss / KL / compression ratio against step for a run folder (SVG).
     Plot(train::PlotArgs),
 }
@@ -64,6 +67,7 @@ pub fn main() -> ExitCode {
         Command::Train(args) => train::run(args),
         Command::Plot(args) => train::run_plot(args),
         Command::Export(args) => export::run(args),
+        Command::Logits(args) => logits::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

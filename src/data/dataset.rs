@@ -714,9 +714,12 @@ pub fn epoch_permutation(seed: u64, n: usize, epoch: u64) -> Vec<usize> {
     permutation(stream_state(seed, DOMAIN_EPOCH, epoch), n)
 }
 
+/// An epoch's permutation with its key: (seed, n, epoch, permutation).
+type CachedEpoch = (u64, usize, u64, Vec<usize>);
+
 thread_local! {
-    /// The last epoch permutation computed on this thread: (seed, n, epoch, permutation).
-    static LAST_EPOCH: RefCell<Option<(u64, usize, u64, Vec<usize>)>> = const { RefCell::new(None) };
+    /// The last epoch permutation computed on this thread.
+    static LAST_EPOCH: RefCell<Option<CachedEpoch>> = const { RefCell::new(None) };
 }
 
 /// The training sequence of global sample `global_index`: epoch `e = global_index / n` uses
