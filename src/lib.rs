@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod data;
 pub mod dms;
+pub mod eval;
 pub mod model;
 pub mod recipe;
 pub mod train;

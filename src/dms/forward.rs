@@ -42,6 +42,10 @@ pub struct LayerDecisions<B: Backend> {
     pub probs: Option<Tensor<B, 3>>,
     /// Straight-through decisions (train mode) or hard 0/1 decisions (inference), unshifted.
     pub decisions: Tensor<B, 3>,
+    /// This layer's keys (after RoPE) and values, `[batch, kv_heads, seq, head_dim]`, for
+    /// building an inference cache after a prefill.
+    pub keys: Tensor<B, 4>,
+    pub values: Tensor<B, 4>,
 }
 
 /// Output of a DMS forward pass.
@@ -117,6 +121,40 @@ impl<B: Backend> DmsModel<B> {
         self.base.logits(hidden)
     }
 
+    /// Projects one layer's (normed) input and computes its noise-free decision logits
+    /// `alpha_scale * raw - offset` (before the granularity broadcast): from the adapter on the
+    /// pre-norm residual, or from the borrowed query channel (zeroed before and after RoPE).
+    ///
+    /// # Shapes
+    /// - `residual`, `normed`: `[batch, seq, hidden]` → logits `[batch, kv_heads, seq]`
+    #[allow(clippy::too_many_arguments)]
+    pub fn project_with_decisions(
+        &self,
+        index: usize,
+        layer: &DecoderLayer<B>,
+        residual: Tensor<B, 3>,
+        normed: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        model: &ModelConfig,
+        dms: &DmsConfig,
+    ) -> (Qkv<B>, Tensor<B, 3>) {
+        let attn = &layer.self_attn;
+        let keep = (dms.variant == Variant::QNeuron).then(|| {
+            q_neuron_keep_mask::<B>(
+                model.num_heads,
+                model.num_kv_heads,
+                model.head_dim,
+                &residual.device(),
+            )
+        });
+        let (qkv, borrowed) = project_reading_q_neuron(attn, normed, rope, keep.as_ref());
+        let raw = match borrowed {
+            Some(raw) => raw,
+            None => self.adapters[index].raw(residual),
+        };
+        (qkv, scale_logits(raw, dms))
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
@@ -135,23 +173,9 @@ impl<B: Backend> DmsModel<B> {
             return (layer.feed_forward(residual + out), None);
         }
 
-        // 1. Decision logits: adapter on the pre-norm residual, or the borrowed query channel read
-        //    after q-norm and before RoPE (zeroed before and after RoPE).
-        let q_neuron = dms.variant == Variant::QNeuron;
-        let keep = q_neuron.then(|| {
-            q_neuron_keep_mask::<B>(
-                model.num_heads,
-                model.num_kv_heads,
-                model.head_dim,
-                &residual.device(),
-            )
-        });
-        let (qkv, borrowed) = project_reading_q_neuron(attn, normed, rope, keep.as_ref());
-        let raw = match borrowed {
-            Some(raw) => raw,
-            None => self.adapters[index].raw(residual.clone()),
-        };
-        let logits = scale_logits(raw, dms);
+        // 1. Projections and noise-free decision logits.
+        let (qkv, logits) =
+            self.project_with_decisions(index, layer, residual.clone(), normed, rope, model, dms);
 
         // 2. Mask from the decisions (one-token shift inside the mask builders).
         let (bias, decisions) = match mode {
@@ -169,6 +193,8 @@ impl<B: Backend> DmsModel<B> {
                         logits: apply_granularity(logits, dms.granularity),
                         probs: Some(relaxed.probs),
                         decisions: relaxed.decisions,
+                        keys: qkv.k.clone(),
+                        values: qkv.v.clone(),
                     },
                 )
             }
@@ -182,6 +208,8 @@ impl<B: Backend> DmsModel<B> {
                         logits,
                         probs: None,
                         decisions: hard,
+                        keys: qkv.k.clone(),
+                        values: qkv.v.clone(),
                     },
                 )
             }

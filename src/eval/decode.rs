@@ -1,0 +1,146 @@
+//! Incremental decoding with a [`KvCache`]: an exact sparse prefill for DMS models, then one token
+//! at a time. Logits equal the teacher-forced forward under the inference mask (tested).
+
+use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
+
+use super::cache::{KvCache, Policy};
+use crate::dms::decision::apply_granularity;
+use crate::dms::mask::inference_key_decisions;
+use crate::dms::{DmsConfig, DmsModel, Mode};
+use crate::model::rope::inverse_frequencies;
+use crate::model::{ModelConfig, RopeTables};
+
+/// A model ready to decode: DMS eviction when `dms` is set, else the original model.
+pub struct Decoding<'a, B: Backend> {
+    pub model: &'a DmsModel<B>,
+    pub cfg: &'a ModelConfig,
+    pub dms: Option<&'a DmsConfig>,
+    inv_freq: Vec<f64>,
+}
+
+fn to_bools<B: Backend>(t: Tensor<B, 3>) -> Vec<Vec<bool>> {
+    let [_, heads, seq] = t.dims();
+    let values = t
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .expect("f32");
+    (0..heads)
+        .map(|j| (0..seq).map(|i| values[j * seq + i] > 0.5).collect())
+        .collect()
+}
+
+impl<'a, B: Backend> Decoding<'a, B> {
+    pub fn new(model: &'a DmsModel<B>, cfg: &'a ModelConfig, dms: Option<&'a DmsConfig>) -> Self {
+        Self {
+            model,
+            cfg,
+            dms,
+            inv_freq: inverse_frequencies(&cfg.rope, cfg.head_dim),
+        }
+    }
+
+    /// A fresh cache whose policy matches this model (DMS window or dense), or a baseline.
+    pub fn cache(
+        &self,
+        policy: Option<Policy>,
+        budget: Option<super::cache::Budget>,
+    ) -> KvCache<B> {
+        let policy = policy.unwrap_or(match self.dms {
+            Some(dms) => Policy::Dms { window: dms.window },
+            None => Policy::Dense,
+        });
+        KvCache::new(
+            self.cfg.num_layers,
+            self.cfg.num_kv_heads,
+            self.cfg.head_dim,
+            policy,
+            budget,
+            &self.model.base.embed_tokens.val().device(),
+        )
+    }
+
+    /// Runs a prompt into an empty cache and returns the logits of its last token, `[vocab]`.
+    /// DMS models prefill in one pass with the exact inference mask, then keep only what the next
+    /// query may still see; other policies step token by token.
+    pub fn prefill(&self, ids: &[u32], cache: &mut KvCache<B>) -> Tensor<B, 1> {
+        assert!(!ids.is_empty(), "prefill needs at least one token");
+        let (Some(dms), Policy::Dms { .. }) = (self.dms, cache.policy) else {
+            let mut last = None;
+            for &id in ids {
+                last = Some(self.step(id, cache));
+            }
+            return last.expect("non-empty");
+        };
+        let device = self.model.base.embed_tokens.val().device();
+        let seq = ids.len();
+        let input = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, seq]),
+            &device,
+        );
+        let out = self.model.forward(input, self.cfg, dms, &Mode::Inference);
+        for (index, layer) in out.layers.into_iter().enumerate() {
+            let evicted = to_bools(inference_key_decisions(layer.logits));
+            let [_, heads, _, dim] = layer.keys.dims();
+            cache.prefill_layer(
+                index,
+                layer.keys.reshape([heads, seq, dim]),
+                layer.values.reshape([heads, seq, dim]),
+                &evicted,
+            );
+        }
+        cache.set_seen(seq);
+        let logits = self.model.logits(out.hidden.narrow(1, seq - 1, 1));
+        logits.reshape([self.cfg.vocab_size])
+    }
+
+    /// Appends one token and returns its logits, `[vocab]`.
+    pub fn step(&self, id: u32, cache: &mut KvCache<B>) -> Tensor<B, 1> {
+        let device = self.model.base.embed_tokens.val().device();
+        let position = cache.seen();
+        let input =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(vec![id as i64], [1, 1]), &device);
+        let rope = RopeTables::new(&self.inv_freq, position, 1, &device);
+        let (heads, kv_heads, dim) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let group = heads / kv_heads;
+        let mut x = self.model.base.embed(input);
+        for (index, layer) in self.model.base.layers.iter().enumerate() {
+            let normed = layer.input_layernorm.forward(x.clone());
+            let (qkv, flags) = match self.dms {
+                Some(dms) => {
+                    let (qkv, logits) = self.model.project_with_decisions(
+                        index,
+                        layer,
+                        x.clone(),
+                        normed,
+                        &rope,
+                        self.cfg,
+                        dms,
+                    );
+                    let hard = apply_granularity(logits, dms.granularity)
+                        .greater_elem(0.0)
+                        .float();
+                    let flags: Vec<bool> = to_bools(hard).into_iter().map(|h| h[0]).collect();
+                    (qkv, (position > 0).then_some(flags))
+                }
+                None => (
+                    layer
+                        .self_attn
+                        .project(normed, &rope, &mut |q| q, &mut |q| q),
+                    None,
+                ),
+            };
+            let context = cache.step_layer(
+                index,
+                qkv.q.reshape([kv_heads, group, dim]),
+                qkv.k.reshape([kv_heads, 1, dim]),
+                qkv.v.reshape([kv_heads, 1, dim]),
+                flags.as_deref(),
+            );
+            let out = layer.self_attn.output(context.reshape([1, heads, 1, dim]));
+            x = layer.feed_forward(x + out);
+        }
+        cache.advance();
+        self.model.logits(x).reshape([self.cfg.vocab_size])
+    }
+}

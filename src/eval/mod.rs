@@ -1,0 +1,9 @@
+//! Evaluation and inference: the physically evicting KV cache, incremental decoding, sampling,
+//! and the quality / memory measurements (with training-free baselines).
+
+pub mod cache;
+pub mod decode;
+pub mod sampling;
+
+pub use cache::{Budget, KvCache, Policy};
+pub use decode::Decoding;
