@@ -1,7 +1,10 @@
 //! The command line: argument structs, logging setup, and printing. No tensor math lives here.
 
+mod eval;
 mod export;
+mod generate;
 mod inspect;
+mod loading;
 mod logits;
 mod train;
 
@@ -37,6 +40,11 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Write a run (latest, cr-K or step-N) as a Hugging Face folder with the DMS tensors and keys.
     Export(export::ExportArgs),
+    /// Perplexity, KL to the original and measured CR (per layer/head), with StreamingLLM / TOVA /
+    /// H2O baselines at the same budget.
+    Eval(eval::EvalArgs),
+    /// Generate text through the evicting KV cache; reports tokens/s, KV bytes and measured CR.
+    Generate(generate::GenerateArgs),
     /// Print the logits of one forward pass as JSON (eviction on or off), for cross-checks.
     Logits(logits::LogitsArgs),
     /// Draw loss / KL / compression ratio against step for a run folder (SVG).
@@ -68,6 +76,8 @@ pub fn main() -> ExitCode {
         Command::Plot(args) => train::run_plot(args),
         Command::Export(args) => export::run(args),
         Command::Logits(args) => logits::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Eval(args) => eval::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

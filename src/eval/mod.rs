@@ -3,6 +3,8 @@
 
 pub mod cache;
 pub mod decode;
+pub mod heatmap;
+pub mod quality;
 pub mod sampling;
 
 pub use cache::{Budget, KvCache, Policy};
