@@ -249,8 +249,7 @@ impl<B: Backend> KvCache<B> {
             let k = keys.clone().narrow(0, j, 1).reshape([seq, dim]);
             let v = values.clone().narrow(0, j, 1).reshape([seq, dim]);
             let last = seq - 1;
-            for pos in 0..seq {
-                let evict = evicted[j][pos];
+            for (pos, &evict) in evicted[j].iter().enumerate().take(seq) {
                 let in_window = last - pos <= window;
                 if evict && !in_window {
                     continue;
