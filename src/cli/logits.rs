@@ -2,11 +2,11 @@
 //! comparing with other implementations (e.g. `scripts/check_export_transformers.py`).
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
-use crate::backend::Cpu;
+use crate::backend::{Cpu, DeviceSpec};
 use crate::checkpoint::Checkpoint;
 use crate::data::Tokenizer;
 use crate::dms::Mode;
@@ -32,6 +32,46 @@ pub struct LogitsArgs {
     pub ids: Vec<u32>,
     #[arg(long, value_enum, default_value = "off")]
     pub eviction: Eviction,
+    /// `cpu` (f32) or `cuda[:N]` (bf16 unless --dtype says otherwise).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype: f32, bf16 or f16 (default: f32 on the CPU, bf16 on CUDA).
+    #[arg(long)]
+    pub dtype: Option<String>,
+}
+
+/// Logits of one forward pass on backend `B`, as f32 host values.
+fn forward<B: Backend>(
+    ckpt: &Checkpoint,
+    ids: &[u32],
+    eviction: Eviction,
+    format: FloatFormat,
+    device: &B::Device,
+) -> Result<Vec<f32>> {
+    let seq = ids.len();
+    let input = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, seq]),
+        device,
+    );
+    let logits = match eviction {
+        Eviction::Off => {
+            let decoder = ckpt.load_decoder::<B>(format, device)?;
+            decoder.forward(input, &RopeTables::for_model(&ckpt.config, 0, seq, device))
+        }
+        Eviction::On => {
+            let (model, dms) = ckpt.load_dms_model::<B>(None, format, device)?;
+            model.logits(
+                model
+                    .forward(input, &ckpt.config, &dms, &Mode::Inference)
+                    .hidden,
+            )
+        }
+    };
+    Ok(logits
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .expect("converted to f32"))
 }
 
 #[derive(Serialize)]
@@ -61,30 +101,33 @@ pub fn run(args: LogitsArgs) -> Result<()> {
     if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
         bail!("token id {bad} is outside the vocabulary (size {vocab})");
     }
-    let device = Default::default();
-    let seq = ids.len();
-    let input = Tensor::<Cpu, 2, Int>::from_data(
-        TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, seq]),
-        &device,
-    );
-    let logits = match args.eviction {
-        Eviction::Off => {
-            let decoder = ckpt.load_decoder::<Cpu>(FloatFormat::F32, &device)?;
-            decoder.forward(input, &RopeTables::for_model(&ckpt.config, 0, seq, &device))
+    let spec: DeviceSpec = args.device.parse()?;
+    spec.ensure_available()?;
+    let format = match &args.dtype {
+        Some(d) => FloatFormat::parse(d)
+            .with_context(|| format!("--dtype '{d}' must be f32, bf16 or f16"))?,
+        None => spec.default_format(),
+    };
+    let values = match spec {
+        DeviceSpec::Cpu => forward::<Cpu>(
+            &ckpt,
+            &ids,
+            args.eviction,
+            FloatFormat::F32,
+            &Default::default(),
+        )?,
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(index) => {
+            let device = burn::backend::cuda::CudaDevice::new(index);
+            crate::backend::init_cuda(&device, format)?;
+            forward::<crate::backend::Cuda>(&ckpt, &ids, args.eviction, format, &device)?
         }
-        Eviction::On => {
-            let (model, dms) = ckpt.load_dms_model::<Cpu>(None, FloatFormat::F32, &device)?;
-            model.logits(
-                model
-                    .forward(input, &ckpt.config, &dms, &Mode::Inference)
-                    .hidden,
-            )
+        #[cfg(not(feature = "cuda"))]
+        DeviceSpec::Cuda(_) => {
+            let _ = format;
+            unreachable!("ensure_available fails without the cuda feature")
         }
     };
-    let values = logits
-        .into_data()
-        .into_vec::<f32>()
-        .expect("f32 on the CPU");
     let out = Output {
         input_ids: ids,
         eviction: format!("{:?}", args.eviction).to_lowercase(),

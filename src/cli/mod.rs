@@ -1,5 +1,6 @@
 //! The command line: argument structs, logging setup, and printing. No tensor math lives here.
 
+mod bench;
 mod eval;
 mod export;
 mod generate;
@@ -45,6 +46,9 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Generate text through the evicting KV cache; reports tokens/s, KV bytes and measured CR.
     Generate(generate::GenerateArgs),
+    /// Benchmarks (print JSON lines).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Print the logits of one forward pass as JSON (eviction on or off), for cross-checks.
     Logits(logits::LogitsArgs),
     /// Draw loss / KL / compression ratio against step for a run folder (SVG).
@@ -78,6 +82,7 @@ pub fn main() -> ExitCode {
         Command::Logits(args) => logits::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Bench(command) => bench::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,5 +5,7 @@ pub mod snapshot;
 mod trainer;
 
 pub use trainer::{
-    EvalReport, EvalSettings, TrainOptions, TrainSummary, evaluate, resolve_source, train,
+    Batch, EvalReport, EvalSettings, StepSetup, StepStats, TrainOptions, TrainSummary,
+    apply_trainable, clip_global_norm, distillation_micro_step, evaluate, make_batch,
+    resolve_source, train,
 };

@@ -81,7 +81,10 @@ pub fn resolve_source(source: &str, recipe_dir: &Path) -> String {
 }
 
 /// Marks which parameters the optimizer updates; everything else is frozen.
-fn apply_trainable<B: AutodiffBackend>(model: DmsModel<B>, trainable: Trainable) -> DmsModel<B> {
+pub fn apply_trainable<B: AutodiffBackend>(
+    model: DmsModel<B>,
+    trainable: Trainable,
+) -> DmsModel<B> {
     let mut model = model.no_grad();
     for (key, slot) in model.params_mut() {
         let on = match trainable {
@@ -132,7 +135,7 @@ fn count_params<B: Backend>(model: &mut DmsModel<B>) -> (usize, usize) {
 }
 
 /// Clips the summed gradient to `max_norm` in global L2 norm; returns the norm before clipping.
-fn clip_global_norm<B: AutodiffBackend>(
+pub fn clip_global_norm<B: AutodiffBackend>(
     model: &mut DmsModel<B>,
     grads: &mut GradientsParams,
     max_norm: f64,
@@ -183,14 +186,14 @@ fn clip_global_norm<B: AutodiffBackend>(
 use burn::tensor::ElementConversion;
 
 /// One micro-batch as tensors plus the host copies the loss mask needs.
-struct Batch<B: Backend> {
+pub struct Batch<B: Backend> {
     input: Tensor<B, 2, burn::tensor::Int>,
     ids: Vec<i64>,
     mask: Vec<i64>,
     shape: [usize; 2],
 }
 
-fn make_batch<B: Backend>(sequences: &[&Sequence], device: &B::Device) -> Batch<B> {
+pub fn make_batch<B: Backend>(sequences: &[&Sequence], device: &B::Device) -> Batch<B> {
     let shape = [sequences.len(), sequences[0].input_ids.len()];
     let ids: Vec<i64> = sequences.iter().flat_map(|s| s.input_ids.clone()).collect();
     let mask: Vec<i64> = sequences
@@ -203,6 +206,86 @@ fn make_batch<B: Backend>(sequences: &[&Sequence], device: &B::Device) -> Batch<
         mask,
         shape,
     }
+}
+
+/// Fixed inputs of a distillation micro-step.
+pub struct StepSetup<'a> {
+    pub cfg: &'a ModelConfig,
+    pub dms: &'a DmsConfig,
+    /// Target fraction of closed decisions (`1 - 1/CR`).
+    pub target: f64,
+    pub compression_weight: f64,
+    pub eos: u32,
+    pub kl_chunk: usize,
+    /// Multiplies the loss before backward (1 / gradient-accumulation steps).
+    pub loss_scale: f64,
+}
+
+/// Scalars of one micro-step.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StepStats {
+    pub loss: f64,
+    pub kl: f64,
+    pub compression: f64,
+    pub frac_closed: f64,
+}
+
+/// One distillation micro-step: teacher pass (no graph), student pass with relaxed DMS, chunked
+/// KL + compression hinge, backward. Returns the gradients of the trainable parameters.
+pub fn distillation_micro_step<B: AutodiffBackend>(
+    model: &DmsModel<B>,
+    separate_teacher: Option<&Decoder<B::InnerBackend>>,
+    batch: &Batch<B>,
+    noise: NoiseKey,
+    setup: &StepSetup,
+) -> (GradientsParams, StepStats) {
+    let StepSetup { cfg, dms, .. } = *setup;
+    let device = batch.input.device();
+    let [b, seq] = batch.shape;
+    let noise = noise.logistic(cfg.num_layers * b * cfg.num_kv_heads * seq);
+    let noise = Tensor::<B, 4>::from_data(
+        TensorData::new(noise, [cfg.num_layers, b, cfg.num_kv_heads, seq]),
+        &device,
+    );
+    // Teacher: no graph either way.
+    let teacher = match separate_teacher {
+        Some(teacher) => {
+            let rope = crate::model::RopeTables::for_model(cfg, 0, seq, &device);
+            Tensor::from_inner(teacher_hidden(teacher, batch.input.clone().inner(), &rope))
+        }
+        None => {
+            model
+                .forward(batch.input.clone(), cfg, dms, &Mode::Original)
+                .hidden
+        }
+    }
+    .detach();
+    let student = model.forward(
+        batch.input.clone(),
+        cfg,
+        dms,
+        &Mode::Train { noise: &noise },
+    );
+    let mask = loss_mask::<B>(&batch.ids, &batch.mask, batch.shape, &[setup.eos], &device);
+    let kl = distillation_loss(
+        student.hidden,
+        teacher,
+        &|h| model.logits(h),
+        mask,
+        setup.kl_chunk,
+    );
+    let decisions: Vec<_> = student.layers.into_iter().map(|l| l.decisions).collect();
+    let frac = frac_closed(&decisions);
+    let compression = compression_loss(frac.clone(), setup.target);
+    let loss = kl.clone() + compression.clone() * setup.compression_weight;
+    let grads = GradientsParams::from_grads((loss.clone() * setup.loss_scale).backward(), model);
+    let stats = StepStats {
+        loss: loss.into_scalar().elem::<f64>(),
+        kl: kl.into_scalar().elem::<f64>(),
+        compression: compression.into_scalar().elem::<f64>(),
+        frac_closed: frac.mean().into_scalar().elem::<f64>(),
+    };
+    (grads, stats)
 }
 
 /// Everything one evaluation reports.
@@ -518,56 +601,28 @@ pub fn train<B: AutodiffBackend>(
                 })
                 .collect();
             let batch = make_batch::<B>(&sequences, device);
-            let [b, seq] = batch.shape;
             let noise = NoiseKey {
                 seed: t.seed,
                 step,
                 micro_batch: micro as u64,
                 rank: 0,
-            }
-            .logistic(cfg.num_layers * b * cfg.num_kv_heads * seq);
-            let noise = Tensor::<B, 4>::from_data(
-                TensorData::new(noise, [cfg.num_layers, b, cfg.num_kv_heads, seq]),
-                device,
-            );
-            // Teacher: no graph either way.
-            let teacher = match &separate_teacher {
-                Some(teacher) => {
-                    let rope = crate::model::RopeTables::for_model(&cfg, 0, seq, device);
-                    Tensor::from_inner(teacher_hidden(teacher, batch.input.clone().inner(), &rope))
-                }
-                None => {
-                    model
-                        .forward(batch.input.clone(), &cfg, &dms, &Mode::Original)
-                        .hidden
-                }
-            }
-            .detach();
-            let student = model.forward(
-                batch.input.clone(),
-                &cfg,
-                &dms,
-                &Mode::Train { noise: &noise },
-            );
-            let mask = loss_mask::<B>(&batch.ids, &batch.mask, batch.shape, &[eos], device);
-            let kl = distillation_loss(
-                student.hidden,
-                teacher,
-                &|h| model.logits(h),
-                mask,
-                t.kl_chunk,
-            );
-            let decisions: Vec<_> = student.layers.into_iter().map(|l| l.decisions).collect();
-            let frac = frac_closed(&decisions);
-            let compression = compression_loss(frac.clone(), target);
-            let loss = kl.clone() + compression.clone() * recipe.dms.compression_weight;
-            let scaled = loss.clone() / t.grad_accum as f64;
-            let grads = GradientsParams::from_grads(scaled.backward(), &model);
+            };
+            let setup = StepSetup {
+                cfg: &cfg,
+                dms: &dms,
+                target,
+                compression_weight: recipe.dms.compression_weight,
+                eos,
+                kl_chunk: t.kl_chunk,
+                loss_scale: 1.0 / t.grad_accum as f64,
+            };
+            let (grads, stats) =
+                distillation_micro_step(&model, separate_teacher.as_ref(), &batch, noise, &setup);
             accumulator.accumulate(&model, grads);
-            loss_sum += loss.into_scalar().elem::<f64>();
-            kl_sum += kl.into_scalar().elem::<f64>();
-            comp_sum += compression.into_scalar().elem::<f64>();
-            frac_sum += frac.mean().into_scalar().elem::<f64>();
+            loss_sum += stats.loss;
+            kl_sum += stats.kl;
+            comp_sum += stats.compression;
+            frac_sum += stats.frac_closed;
         }
         let accum = t.grad_accum as f64;
         let (loss, kl, comp, frac) = (

@@ -1,0 +1,275 @@
+//! `dms-retrofit bench step`: time one DMS distillation step (adapter-only, as the official
+//! recipe) on random weights of a named model shape, batch 1. Prints tokens/s; peak GPU memory is
+//! read by `scripts/bench-gpu.sh` from the driver while this runs.
+
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use burn::optim::{AdamWConfig, Optimizer};
+use burn::tensor::TensorData;
+use burn::tensor::backend::AutodiffBackend;
+use clap::{Args, Subcommand};
+use half::{bf16, f16};
+use serde::Serialize;
+
+use crate::backend::{CpuAutodiff, DeviceSpec};
+use crate::data::Sequence;
+use crate::dms::noise::NoiseKey;
+use crate::dms::{DmsConfig, DmsModel};
+use crate::model::{
+    Architecture, Decoder, FloatFormat, ModelConfig, RopeConfig, RopeScaling, WeightKey,
+    WeightSource,
+};
+use crate::recipe::Trainable;
+use crate::train::{
+    StepSetup, apply_trainable, clip_global_norm, distillation_micro_step, make_batch,
+};
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// One DMS distillation step on random weights: teacher + student forward, chunked KL,
+    /// backward, clip, AdamW.
+    Step(StepArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct StepArgs {
+    /// qwen3-0.6b, qwen3-1.7b, qwen3-8b, llama3-8b, smollm2-135m
+    #[arg(long, default_value = "qwen3-1.7b")]
+    pub shape: String,
+    #[arg(long, default_value_t = 4096)]
+    pub seq: usize,
+    /// Timed steps (after one warm-up step).
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long, default_value_t = 512)]
+    pub window: usize,
+    #[arg(long, default_value_t = 4096)]
+    pub kl_chunk: usize,
+}
+
+#[derive(Serialize)]
+struct StepReport {
+    shape: String,
+    seq: usize,
+    device: String,
+    dtype: String,
+    parameters: u64,
+    first_step_s: f64,
+    step_s: f64,
+    tokens_per_s: f64,
+}
+
+/// Model shapes for benchmarks (architecture sizes of the public checkpoints).
+pub fn shape(name: &str) -> Result<ModelConfig> {
+    let (arch, vocab, hidden, inter, layers, heads, kv, head_dim, tied) = match name {
+        "qwen3-0.6b" => (
+            Architecture::Qwen3,
+            151936,
+            1024,
+            3072,
+            28,
+            16,
+            8,
+            128,
+            true,
+        ),
+        "qwen3-1.7b" => (
+            Architecture::Qwen3,
+            151936,
+            2048,
+            6144,
+            28,
+            16,
+            8,
+            128,
+            false,
+        ),
+        "qwen3-8b" => (
+            Architecture::Qwen3,
+            151936,
+            4096,
+            12288,
+            36,
+            32,
+            8,
+            128,
+            false,
+        ),
+        "llama3-8b" => (
+            Architecture::Llama,
+            128256,
+            4096,
+            14336,
+            32,
+            32,
+            8,
+            128,
+            false,
+        ),
+        "smollm2-135m" => (Architecture::Llama, 49152, 576, 1536, 30, 9, 3, 64, true),
+        other => bail!(
+            "unknown shape '{other}'; choose qwen3-0.6b, qwen3-1.7b, qwen3-8b, llama3-8b, smollm2-135m"
+        ),
+    };
+    Ok(ModelConfig {
+        architecture: arch,
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: inter,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: kv,
+        head_dim,
+        rms_norm_eps: 1e-6,
+        rope: RopeConfig {
+            theta: 1_000_000.0,
+            scaling: RopeScaling::Default,
+        },
+        max_position_embeddings: 40960,
+        tie_word_embeddings: tied,
+        qkv_bias: false,
+        o_bias: false,
+        mlp_bias: false,
+        qk_norm: arch == Architecture::Qwen3,
+        declared_dtype: Some(FloatFormat::Bf16),
+        bos_token_id: None,
+        eos_token_ids: vec![151645],
+    })
+}
+
+/// Random weights: uniform in [-0.03, 0.03] (norm weights 1), from a fast counter-based generator.
+struct RandomWeights {
+    format: FloatFormat,
+    counter: u64,
+}
+
+impl WeightSource for RandomWeights {
+    fn load(&mut self, key: WeightKey, expected: &[usize]) -> Result<TensorData> {
+        let count: usize = expected.iter().product();
+        let is_norm = matches!(key, WeightKey::FinalNorm | WeightKey::Norm { .. });
+        self.counter += 1;
+        let mut state = self.counter.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.06
+        };
+        let values = (0..count).map(|_| if is_norm { 1.0 } else { next() });
+        Ok(match self.format {
+            FloatFormat::F32 => TensorData::new(values.collect::<Vec<f32>>(), expected.to_vec()),
+            FloatFormat::Bf16 => TensorData::new(
+                values.map(bf16::from_f32).collect::<Vec<_>>(),
+                expected.to_vec(),
+            ),
+            FloatFormat::F16 => TensorData::new(
+                values.map(f16::from_f32).collect::<Vec<_>>(),
+                expected.to_vec(),
+            ),
+        })
+    }
+
+    fn contains(&self, _: WeightKey) -> bool {
+        false
+    }
+}
+
+fn step_bench<B: AutodiffBackend>(
+    args: &StepArgs,
+    format: FloatFormat,
+    device: &B::Device,
+) -> Result<StepReport> {
+    let cfg = shape(&args.shape)?;
+    let dms = DmsConfig {
+        window: args.window,
+        ..DmsConfig::default()
+    };
+    let mut source = RandomWeights { format, counter: 0 };
+    let base = Decoder::<B>::load(&cfg, &mut source, device)?;
+    let model = DmsModel::new(base, &cfg, &dms, None, device)?;
+    let mut model = apply_trainable(model, Trainable::Adapter);
+    let mut optimizer = AdamWConfig::new()
+        .with_beta_1(0.9)
+        .with_beta_2(0.95)
+        .with_weight_decay(0.0)
+        .init::<B, DmsModel<B>>();
+    let vocab = cfg.vocab_size as i64;
+    let ids: Vec<i64> = (0..args.seq as i64)
+        .map(|i| (i * 7919 + 11) % vocab)
+        .collect();
+    let sequence = Sequence {
+        input_ids: ids,
+        attention_mask: vec![1; args.seq],
+    };
+    let setup = StepSetup {
+        cfg: &cfg,
+        dms: &dms,
+        target: 1.0 - 1.0 / 8.0,
+        compression_weight: 1.0,
+        eos: 151645,
+        kl_chunk: args.kl_chunk,
+        loss_scale: 1.0,
+    };
+    let mut times = Vec::new();
+    for step in 0..=args.steps {
+        let start = Instant::now();
+        let batch = make_batch::<B>(&[&sequence], device);
+        let noise = NoiseKey {
+            seed: 0,
+            step: step as u64,
+            micro_batch: 0,
+            rank: 0,
+        };
+        let (mut grads, stats) = distillation_micro_step(&model, None, &batch, noise, &setup);
+        clip_global_norm(&mut model, &mut grads, 1.0);
+        model = optimizer.step(3e-5, model, grads);
+        B::sync(device)?;
+        let seconds = start.elapsed().as_secs_f64();
+        tracing::info!("step {step}: {seconds:.3} s, loss {:.4}", stats.loss);
+        times.push(seconds);
+    }
+    let first = times[0];
+    let mut timed = times[1..].to_vec();
+    timed.sort_by(f64::total_cmp);
+    let step_s = if timed.is_empty() {
+        first
+    } else {
+        timed[timed.len() / 2]
+    };
+    Ok(StepReport {
+        shape: args.shape.clone(),
+        seq: args.seq,
+        device: args.device.clone(),
+        dtype: format.torch_name().into(),
+        parameters: cfg.parameter_count(),
+        first_step_s: first,
+        step_s,
+        tokens_per_s: args.seq as f64 / step_s,
+    })
+}
+
+pub fn run(command: BenchCommand) -> Result<()> {
+    let BenchCommand::Step(args) = command;
+    let spec: DeviceSpec = args.device.parse()?;
+    spec.ensure_available()?;
+    let report = match spec {
+        DeviceSpec::Cpu => step_bench::<CpuAutodiff>(&args, FloatFormat::F32, &Default::default())?,
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(index) => {
+            let device = burn::backend::cuda::CudaDevice::new(index);
+            crate::backend::init_cuda(&device, FloatFormat::Bf16)?;
+            step_bench::<burn::backend::Autodiff<crate::backend::Cuda>>(
+                &args,
+                FloatFormat::Bf16,
+                &device,
+            )?
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceSpec::Cuda(_) => unreachable!("ensure_available fails without the cuda feature"),
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
