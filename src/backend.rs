@@ -16,9 +16,78 @@ pub type CpuAutodiff = burn::backend::Autodiff<Cpu>;
 #[cfg(feature = "cuda")]
 pub type Cuda = burn::backend::Cuda<f32, i32>;
 
-/// Prepares a CUDA device: the float format of every tensor created on it.
+/// Where compiled kernels and autotune results are kept between runs: `DMS_RETROFIT_CACHE`, else
+/// `$XDG_CACHE_HOME/dms-retrofit`, else `~/.cache/dms-retrofit`; one folder per GPU model (an H100's
+/// tuning is not reused on an H200).
+pub fn kernel_cache_dir(gpu_model: &str) -> std::path::PathBuf {
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from)
+    };
+    let root = env("DMS_RETROFIT_CACHE")
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("dms-retrofit")))
+        .or_else(|| env("HOME").map(|h| h.join(".cache").join("dms-retrofit")))
+        .unwrap_or_else(|| std::path::PathBuf::from(".dms-retrofit-cache"));
+    let model: String = gpu_model
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    root.join(format!("cubecl-{}", model.trim_matches('-')))
+}
+
+/// The GPU model name the NVIDIA driver reports (for the cache folder), if readable.
+#[cfg(feature = "cuda")]
+fn gpu_model_name(index: usize) -> String {
+    let mut dirs: Vec<_> = std::fs::read_dir("/proc/driver/nvidia/gpus")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    dirs.sort();
+    dirs.get(index)
+        .and_then(|d| std::fs::read_to_string(d.join("information")).ok())
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("Model:").map(|m| m.trim().to_string()))
+        })
+        .unwrap_or_else(|| format!("cuda{index}"))
+}
+
+/// Points cubecl's autotune and compiled-kernel caches at [`kernel_cache_dir`] (once per process,
+/// before any device is touched), so a second run at the same shapes starts without re-tuning.
+#[cfg(feature = "cuda")]
+fn configure_kernel_cache(index: usize) {
+    use burn::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig, cache::CacheConfig};
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let dir = kernel_cache_dir(&gpu_model_name(index));
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            tracing::warn!(
+                "cannot create kernel cache '{}': {e}; kernels will be re-tuned",
+                dir.display()
+            );
+            return;
+        }
+        tracing::info!("kernel cache: {}", dir.display());
+        let mut config = CubeClRuntimeConfig::default().override_from_env();
+        config.autotune.cache = CacheConfig::File(dir.clone());
+        config.compilation.cache = Some(CacheConfig::File(dir));
+        CubeClRuntimeConfig::set(config);
+    });
+}
+
+/// Prepares a CUDA device: kernel cache, and the float format of every tensor created on it.
 #[cfg(feature = "cuda")]
 pub fn init_cuda(device: &burn::backend::cuda::CudaDevice, format: FloatFormat) -> Result<()> {
+    configure_kernel_cache(device.index);
     use burn::tensor::DType;
     let dtype = match format {
         FloatFormat::F32 => DType::F32,

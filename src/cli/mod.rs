@@ -61,7 +61,14 @@ fn init_logging(verbose: u8) {
         1 => "debug",
         _ => "trace",
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // cubecl / burn log every autotune decision at info; keep them for -vv.
+    let quiet_deps = if verbose >= 2 {
+        ""
+    } else {
+        ",cubecl_runtime=warn,cubecl_cuda=warn,cubecl_core=warn,burn_cubecl=warn,burn_fusion=warn,cubecl=warn"
+    };
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{default}{quiet_deps}")));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

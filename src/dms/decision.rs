@@ -169,7 +169,7 @@ pub struct Relaxed<B: Backend> {
 pub fn relax<B: Backend>(logits: Tensor<B, 3>, noise: Tensor<B, 3>, cfg: &DmsConfig) -> Relaxed<B> {
     let z = apply_granularity((logits + noise) / cfg.tau, cfg.granularity);
     let probs = activation::sigmoid(z.clone());
-    let hard = z.clone().greater_elem(0.0).float();
+    let hard = z.clone().greater_elem(0.0).float().cast(z.dtype());
     let decisions = hard - probs.clone().detach() + probs.clone();
     Relaxed {
         z,

@@ -200,7 +200,11 @@ impl<B: Backend> DmsModel<B> {
             }
             Mode::Inference => {
                 let logits = apply_granularity(logits, dms.granularity);
-                let hard = logits.clone().greater_elem(0.0).float();
+                let hard = logits
+                    .clone()
+                    .greater_elem(0.0)
+                    .float()
+                    .cast(logits.dtype());
                 let bias = inference_bias(inference_key_decisions(logits.clone()), dms.window);
                 (
                     bias,

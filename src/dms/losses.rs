@@ -54,6 +54,7 @@ pub fn distillation_loss<B: Backend>(
 ) -> Tensor<B, 1> {
     let [_, seq, _] = student_hidden.dims();
     let chunk = chunk.max(1);
+    let mask = mask.cast(FloatDType::F32);
     let count = mask.clone().sum().clamp_min(1.0);
     let mut total: Option<Tensor<B, 1>> = None;
     for start in (0..seq).step_by(chunk) {
@@ -87,7 +88,7 @@ pub fn frac_closed<B: Backend>(decisions: &[Tensor<B, 3>]) -> Tensor<B, 1> {
 /// One-sided hinge towards the target fraction: `mean_b max(0, target - frac_closed[b])`.
 /// Over-compression is not penalised.
 pub fn compression_loss<B: Backend>(frac_closed: Tensor<B, 1>, target: f64) -> Tensor<B, 1> {
-    activation::relu(frac_closed.neg() + target).mean()
+    activation::relu(frac_closed.cast(FloatDType::F32).neg() + target).mean()
 }
 
 /// Token ids as an Int tensor.

@@ -14,7 +14,8 @@ use burn::tensor::{Bool, Tensor, TensorData, activation, backend::Backend};
 /// - `x`: `[batch, kv_heads, seq]` → same
 pub fn shift_to_keys<B: Backend>(x: Tensor<B, 3>) -> Tensor<B, 3> {
     let [batch, heads, seq] = x.dims();
-    let last = Tensor::zeros([batch, heads, 1], &x.device());
+    let last = x.clone().narrow(2, 0, 1).zeros_like();
+    let _ = (batch, heads);
     if seq == 1 {
         return last;
     }
@@ -45,7 +46,9 @@ pub fn outside_window<B: Backend>(
 pub fn training_bias<B: Backend>(z: Tensor<B, 3>, window: usize) -> Tensor<B, 4> {
     let [_, _, seq] = z.dims();
     let log_keep = activation::log_sigmoid(shift_to_keys(z).neg());
-    let outside = outside_window::<B>(seq, seq, 0, window, &log_keep.device()).float();
+    let outside = outside_window::<B>(seq, seq, 0, window, &log_keep.device())
+        .float()
+        .cast(log_keep.dtype());
     log_keep.unsqueeze_dim::<4>(2) * outside.unsqueeze::<4>()
 }
 
@@ -54,7 +57,8 @@ pub fn training_bias<B: Backend>(z: Tensor<B, 3>, window: usize) -> Tensor<B, 4>
 /// # Shapes
 /// - `logits`: `[batch, kv_heads, seq]` (noise-free, unshifted) → same, 0/1
 pub fn inference_key_decisions<B: Backend>(logits: Tensor<B, 3>) -> Tensor<B, 3> {
-    shift_to_keys(logits.greater_elem(0.0).float())
+    let dtype = logits.dtype();
+    shift_to_keys(logits.greater_elem(0.0).float().cast(dtype))
 }
 
 /// Inference bias: `-inf` where a key was evicted and its window has passed, else 0. This is the
@@ -84,6 +88,7 @@ pub fn retained_fraction<B: Backend>(evicted: Tensor<B, 3>, window: usize) -> Te
     let [batch, heads, seq] = evicted.dims();
     let gone = outside_window::<B>(1, seq, seq - 1, window, &evicted.device())
         .float()
+        .cast(evicted.dtype())
         .reshape([1, 1, seq]);
     let dropped = (evicted * gone).sum_dim(2).reshape([batch, heads]);
     (dropped.neg() + seq as f64) / seq as f64

@@ -71,7 +71,8 @@ pub fn score<B: Backend>(
         totals.nll = -(picked * weights.clone()).sum().into_scalar().elem::<f64>();
         totals.predicted = weights.sum().into_scalar().elem::<f64>();
     }
-    let mask = loss_mask::<B>(&seq.input_ids, &seq.attention_mask, [1, len], eos, &device);
+    let mask = loss_mask::<B>(&seq.input_ids, &seq.attention_mask, [1, len], eos, &device)
+        .cast(burn::tensor::FloatDType::F32);
     totals.kl = (token_kl(logits, teacher) * mask.clone())
         .sum()
         .into_scalar()
