@@ -65,19 +65,24 @@ impl<'a, B: Backend> Decoding<'a, B> {
     /// query may still see; other policies step token by token.
     pub fn prefill(&self, ids: &[u32], cache: &mut KvCache<B>) -> Tensor<B, 1> {
         assert!(!ids.is_empty(), "prefill needs at least one token");
-        let (Some(dms), Policy::Dms { .. }) = (self.dms, cache.policy) else {
-            let mut last = None;
-            for &id in ids {
-                last = Some(self.step(id, cache));
-            }
-            return last.expect("non-empty");
-        };
         let device = self.model.base.embed_tokens.val().device();
         let seq = ids.len();
         let input = Tensor::<B, 2, Int>::from_data(
             TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, seq]),
             &device,
         );
+        let dms = match (self.dms, cache.policy) {
+            (Some(dms), Policy::Dms { .. }) => dms,
+            (_, Policy::Dense) => return self.prefill_dense(input, cache),
+            // Budgeted baselines decide step by step from attention scores.
+            _ => {
+                let mut last = None;
+                for &id in ids {
+                    last = Some(self.step(id, cache));
+                }
+                return last.expect("non-empty");
+            }
+        };
         let out = self.model.forward(input, self.cfg, dms, &Mode::Inference);
         for (index, layer) in out.layers.into_iter().enumerate() {
             let evicted = to_bools(inference_key_decisions(layer.logits));
@@ -92,6 +97,38 @@ impl<'a, B: Backend> Decoding<'a, B> {
         cache.set_seen(seq);
         let logits = self.model.logits(out.hidden.narrow(1, seq - 1, 1));
         logits.reshape([self.cfg.vocab_size])
+    }
+
+    /// Dense prefill: one causal pass, every key and value kept.
+    fn prefill_dense(&self, input: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 1> {
+        let [_, seq] = input.dims();
+        let device = input.device();
+        let rope = RopeTables::new(&self.inv_freq, 0, seq, &device);
+        let mask = crate::model::decoder::AttentionMask::Causal { offset: 0 };
+        let keep = vec![vec![false; seq]; self.cfg.num_kv_heads];
+        let mut x = self.model.base.embed(input);
+        for (index, layer) in self.model.base.layers.iter().enumerate() {
+            let attn = &layer.self_attn;
+            let qkv = attn.project(
+                layer.input_layernorm.forward(x.clone()),
+                &rope,
+                &mut |q| q,
+                &mut |q| q,
+            );
+            let [_, heads, _, dim] = qkv.k.dims();
+            cache.prefill_layer(
+                index,
+                qkv.k.clone().reshape([heads, seq, dim]),
+                qkv.v.clone().reshape([heads, seq, dim]),
+                &keep,
+            );
+            let context = crate::model::decoder::grouped_attention(qkv.q, qkv.k, qkv.v, &mask);
+            x = layer.feed_forward(x + attn.output(context));
+        }
+        cache.set_seen(seq);
+        self.model
+            .logits(x.narrow(1, seq - 1, 1))
+            .reshape([self.cfg.vocab_size])
     }
 
     /// Appends one token and returns its logits, `[vocab]`.
