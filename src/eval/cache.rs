@@ -96,12 +96,14 @@ impl<B: Backend> HeadCache<B> {
             None => {
                 let [capacity, dim] = self.keys.dims();
                 if self.slots == capacity {
+                    // Double the storage (amortised O(1) per token).
                     let device = self.keys.device();
-                    let grow = |t: Tensor<B, 2>| {
-                        Tensor::cat(vec![t, Tensor::zeros([capacity, dim], &device)], 0)
+                    let grow = |t: &mut Tensor<B, 2>| {
+                        let old = std::mem::replace(t, Tensor::empty([0, dim], &device));
+                        *t = Tensor::cat(vec![old, Tensor::zeros([capacity, dim], &device)], 0);
                     };
-                    self.keys = grow(self.keys.clone());
-                    self.values = grow(self.values.clone());
+                    grow(&mut self.keys);
+                    grow(&mut self.values);
                 }
                 self.position.push(None);
                 self.score.push(0.0);
@@ -110,11 +112,13 @@ impl<B: Backend> HeadCache<B> {
             }
         };
         let dim = key.dims()[1];
-        self.keys = self.keys.clone().slice_assign([row..row + 1, 0..dim], key);
-        self.values = self
-            .values
-            .clone()
-            .slice_assign([row..row + 1, 0..dim], value);
+        // Move the storage out so it is uniquely owned and the row is written in place, instead
+        // of copying the whole cache on every token.
+        let device = key.device();
+        let keys = std::mem::replace(&mut self.keys, Tensor::empty([0, dim], &device));
+        self.keys = keys.slice_assign([row..row + 1, 0..dim], key);
+        let values = std::mem::replace(&mut self.values, Tensor::empty([0, dim], &device));
+        self.values = values.slice_assign([row..row + 1, 0..dim], value);
         self.position[row] = Some(position);
         row
     }
