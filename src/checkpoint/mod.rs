@@ -43,6 +43,17 @@ impl Checkpoint {
         })
     }
 
+    /// The checkpoint's tokenizer; an error names the folder when it has none.
+    pub fn tokenizer(&self) -> Result<crate::data::Tokenizer> {
+        let path = self.files.tokenizer.as_ref().with_context(|| {
+            format!(
+                "'{}' has no tokenizer.json; text cannot be tokenised for this model",
+                self.files.dir.display()
+            )
+        })?;
+        crate::data::Tokenizer::from_file(path)
+    }
+
     /// Maps the weight files, converting to `format` on load.
     pub fn store(&self, format: FloatFormat) -> Result<SafetensorsStore> {
         SafetensorsStore::open(&self.files.weights, format)

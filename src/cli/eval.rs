@@ -9,7 +9,7 @@ use clap::Args;
 use serde::Serialize;
 
 use super::loading::load_model;
-use crate::data::{DataConfig, Dataset, Tokenizer};
+use crate::data::{DataConfig, Dataset};
 use crate::dms::DmsConfig;
 use crate::eval::quality::{Totals, score, score_baseline, score_dms, teacher_logits};
 use crate::eval::{Budget, Decoding, Policy};
@@ -81,13 +81,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     }
     let loaded = load_model(&args.model)?;
     let cfg = &loaded.ckpt.config;
-    let files = &loaded.ckpt.files;
-    let tokenizer = Tokenizer::from_file(
-        files
-            .tokenizer
-            .as_ref()
-            .with_context(|| format!("'{}' has no tokenizer.json", files.dir.display()))?,
-    )?;
+    let tokenizer = loaded.ckpt.tokenizer()?;
     let eos = *cfg
         .eos_token_ids
         .first()

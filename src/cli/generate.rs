@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::human_bytes;
 use super::loading::load_model;
-use crate::data::{ChatTemplate, Message, Tokenizer};
+use crate::data::{ChatTemplate, Message};
 use crate::eval::Decoding;
 use crate::eval::sampling::{Rng, sample};
 
@@ -77,12 +77,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     let loaded = load_model(&args.model)?;
     let files = &loaded.ckpt.files;
-    let tokenizer = Tokenizer::from_file(
-        files
-            .tokenizer
-            .as_ref()
-            .with_context(|| format!("'{}' has no tokenizer.json", files.dir.display()))?,
-    )?;
+    let tokenizer = loaded.ckpt.tokenizer()?;
     let text = if args.chat {
         let config = files.tokenizer_config.as_ref().with_context(|| {
             format!(

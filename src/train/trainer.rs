@@ -21,8 +21,8 @@ use serde_json::json;
 
 use super::snapshot::{self, SnapshotState};
 use crate::checkpoint::Checkpoint;
+use crate::data::ChatTemplate;
 use crate::data::dataset::{Dataset, Sequence, sample_index};
-use crate::data::{ChatTemplate, Tokenizer};
 use crate::dms::losses::{compression_loss, distillation_loss, frac_closed, ids_tensor, loss_mask};
 use crate::dms::mask::{inference_key_decisions, retained_fraction};
 use crate::dms::noise::NoiseKey;
@@ -436,13 +436,7 @@ pub fn train<B: AutodiffBackend>(
     let source = resolve_source(&recipe.model.source, &options.recipe_dir);
     let ckpt = Checkpoint::open(&source)?;
     let cfg = ckpt.config.clone();
-    let tokenizer_path = ckpt.files.tokenizer.clone().with_context(|| {
-        format!(
-            "'{}' has no tokenizer.json; training data cannot be tokenised",
-            ckpt.files.dir.display()
-        )
-    })?;
-    let tokenizer = Tokenizer::from_file(&tokenizer_path)?;
+    let tokenizer = ckpt.tokenizer()?;
     let template = if recipe.data.chat_template {
         let path = ckpt.files.tokenizer_config.clone().with_context(|| {
             format!(
