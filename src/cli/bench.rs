@@ -2,12 +2,12 @@
 //! recipe) on random weights of a named model shape, batch 1. Prints tokens/s; peak GPU memory is
 //! read by `scripts/bench-gpu.sh` from the driver while this runs.
 
+use crate::model::attention::TrainBackend;
 use std::time::Instant;
 
 use anyhow::{Result, bail};
 use burn::optim::{AdamWConfig, Optimizer};
 use burn::tensor::TensorData;
-use burn::tensor::backend::AutodiffBackend;
 use clap::{Args, Subcommand};
 use half::{bf16, f16};
 use serde::Serialize;
@@ -22,7 +22,7 @@ use crate::model::{
 };
 use crate::recipe::Trainable;
 use crate::train::{
-    StepSetup, apply_trainable, clip_global_norm, distillation_micro_step, make_batch,
+    StepPhase, StepSetup, apply_trainable, clip_global_norm, distillation_micro_step, make_batch,
 };
 
 #[derive(Subcommand, Debug)]
@@ -48,6 +48,14 @@ pub struct StepArgs {
     pub window: usize,
     #[arg(long, default_value_t = 4096)]
     pub kl_chunk: usize,
+    /// After the timed steps, run 2 more with a device sync after each phase and report where
+    /// the time goes (teacher, student, loss, backward, optimizer).
+    #[arg(long)]
+    pub profile: bool,
+    /// Autodiff checkpointing: `none` keeps every activation the backward needs; `balanced`
+    /// recomputes memory-bound ops (elementwise, norms) in the backward and keeps matmul outputs.
+    #[arg(long, default_value = "none", value_parser = ["none", "balanced"])]
+    pub checkpointing: String,
 }
 
 #[derive(Serialize)]
@@ -57,9 +65,13 @@ struct StepReport {
     device: String,
     dtype: String,
     parameters: u64,
+    checkpointing: String,
     first_step_s: f64,
     step_s: f64,
     tokens_per_s: f64,
+    /// Median seconds per phase of the profiled steps (with `--profile`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    phases_s: Option<std::collections::BTreeMap<&'static str, f64>>,
 }
 
 /// Model shapes for benchmarks (architecture sizes of the public checkpoints).
@@ -177,7 +189,7 @@ impl WeightSource for RandomWeights {
     }
 }
 
-fn step_bench<B: AutodiffBackend>(
+fn step_bench<B: TrainBackend>(
     args: &StepArgs,
     format: FloatFormat,
     device: &B::Device,
@@ -214,8 +226,23 @@ fn step_bench<B: AutodiffBackend>(
         loss_scale: 1.0,
     };
     let mut times = Vec::new();
-    for step in 0..=args.steps {
+    let mut phase_times: std::collections::BTreeMap<&'static str, Vec<f64>> = Default::default();
+    let profiled = if args.profile { 2 } else { 0 };
+    for step in 0..=args.steps + profiled {
+        let profiling = step > args.steps;
         let start = Instant::now();
+        let mut mark = start;
+        let mut lap = |name: &'static str| {
+            if profiling {
+                let _ = B::sync(device);
+                let now = Instant::now();
+                phase_times
+                    .entry(name)
+                    .or_default()
+                    .push((now - mark).as_secs_f64());
+                mark = now;
+            }
+        };
         let batch = make_batch::<B>(&[&sequence], device);
         let noise = NoiseKey {
             seed: 0,
@@ -223,13 +250,24 @@ fn step_bench<B: AutodiffBackend>(
             micro_batch: 0,
             rank: 0,
         };
-        let (mut grads, stats) = distillation_micro_step(&model, None, &batch, noise, &setup);
+        let (mut grads, stats) =
+            distillation_micro_step(&model, None, &batch, noise, &setup, &mut |phase| {
+                lap(match phase {
+                    StepPhase::Teacher => "1 teacher forward",
+                    StepPhase::Student => "2 student forward",
+                    StepPhase::Loss => "3 KL + hinge",
+                    StepPhase::Backward => "4 backward",
+                })
+            });
         clip_global_norm(&mut model, &mut grads, 1.0);
         model = optimizer.step(3e-5, model, grads);
+        lap("5 clip + AdamW");
         B::sync(device)?;
         let seconds = start.elapsed().as_secs_f64();
         tracing::info!("step {step}: {seconds:.3} s, loss {:.4}", stats.loss);
-        times.push(seconds);
+        if !profiling {
+            times.push(seconds);
+        }
     }
     let first = times[0];
     let mut timed = times[1..].to_vec();
@@ -239,15 +277,26 @@ fn step_bench<B: AutodiffBackend>(
     } else {
         timed[timed.len() / 2]
     };
+    let phases_s = args.profile.then(|| {
+        phase_times
+            .into_iter()
+            .map(|(name, mut t)| {
+                t.sort_by(f64::total_cmp);
+                (name, t[t.len() / 2])
+            })
+            .collect()
+    });
     Ok(StepReport {
         shape: args.shape.clone(),
         seq: args.seq,
         device: args.device.clone(),
         dtype: format.torch_name().into(),
         parameters: cfg.parameter_count(),
+        checkpointing: args.checkpointing.clone(),
         first_step_s: first,
         step_s,
         tokens_per_s: args.seq as f64 / step_s,
+        phases_s,
     })
 }
 
@@ -261,11 +310,17 @@ pub fn run(command: BenchCommand) -> Result<()> {
         DeviceSpec::Cuda(index) => {
             let device = burn::backend::cuda::CudaDevice::new(index);
             crate::backend::init_cuda(&device, FloatFormat::Bf16)?;
-            step_bench::<burn::backend::Autodiff<crate::backend::Cuda>>(
-                &args,
-                FloatFormat::Bf16,
-                &device,
-            )?
+            use burn::backend::Autodiff;
+            use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+            type Cuda = crate::backend::Cuda;
+            match args.checkpointing.as_str() {
+                "balanced" => step_bench::<Autodiff<Cuda, BalancedCheckpointing>>(
+                    &args,
+                    FloatFormat::Bf16,
+                    &device,
+                )?,
+                _ => step_bench::<Autodiff<Cuda>>(&args, FloatFormat::Bf16, &device)?,
+            }
         }
         #[cfg(not(feature = "cuda"))]
         DeviceSpec::Cuda(_) => unreachable!("ensure_available fails without the cuda feature"),

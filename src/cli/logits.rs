@@ -1,8 +1,9 @@
 //! `dms-retrofit logits MODEL --text ... | --ids ...`: the logits of one forward pass as JSON, for
 //! comparing with other implementations (e.g. `scripts/check_export_transformers.py`).
 
+use crate::model::attention::AttentionBackend;
 use anyhow::{Context, Result, bail};
-use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
+use burn::tensor::{Int, Tensor, TensorData};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
@@ -41,7 +42,7 @@ pub struct LogitsArgs {
 }
 
 /// Logits of one forward pass on backend `B`, as f32 host values.
-fn forward<B: Backend>(
+fn forward<B: AttentionBackend>(
     ckpt: &Checkpoint,
     ids: &[u32],
     eviction: Eviction,

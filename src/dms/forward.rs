@@ -4,6 +4,7 @@
 //! base checkpoint), the student in training (Gumbel-sigmoid decisions, soft delayed-eviction
 //! mask), and the retrofitted model at inference (hard decisions, exact eviction mask).
 
+use crate::model::attention::AttentionBackend;
 use anyhow::{Result, bail};
 use burn::module::Module;
 use burn::tensor::{Int, Tensor, backend::Backend};
@@ -11,7 +12,7 @@ use burn::tensor::{Int, Tensor, backend::Backend};
 use super::decision::{
     DmsAdapter, apply_granularity, q_neuron_keep_mask, q_neuron_raw, relax, scale_logits,
 };
-use super::mask::{inference_bias, inference_key_decisions, training_bias};
+use super::mask::{inference_key_bias, inference_key_decisions, training_key_bias};
 use super::{DmsConfig, Variant};
 use crate::model::decoder::{Attention, AttentionMask, DecoderLayer, Qkv, grouped_attention};
 use crate::model::{Decoder, ModelConfig, ParamSlot, RopeTables, WeightKey, WeightSource};
@@ -56,7 +57,7 @@ pub struct DmsOutput<B: Backend> {
     pub layers: Vec<LayerDecisions<B>>,
 }
 
-impl<B: Backend> DmsModel<B> {
+impl<B: AttentionBackend> DmsModel<B> {
     /// Wraps a base decoder; adapter weights come from `source` when it has them (a DMS export or
     /// snapshot), otherwise they start at zero (every logit `-offset`).
     pub fn new(
@@ -186,7 +187,7 @@ impl<B: Backend> DmsModel<B> {
                     .narrow(0, index, 1)
                     .reshape([batch, heads, seq]);
                 let relaxed = relax(logits.clone(), noise, dms);
-                let bias = training_bias(relaxed.z, dms.window);
+                let bias = training_key_bias(relaxed.z);
                 (
                     bias,
                     LayerDecisions {
@@ -205,7 +206,7 @@ impl<B: Backend> DmsModel<B> {
                     .greater_elem(0.0)
                     .float()
                     .cast(logits.dtype());
-                let bias = inference_bias(inference_key_decisions(logits.clone()), dms.window);
+                let bias = inference_key_bias(inference_key_decisions(logits.clone()));
                 (
                     bias,
                     LayerDecisions {
@@ -225,7 +226,11 @@ impl<B: Backend> DmsModel<B> {
             qkv.q,
             qkv.k,
             qkv.v,
-            &AttentionMask::CausalWithBias { offset: 0, bias },
+            &AttentionMask::Delayed {
+                offset: 0,
+                key_bias: bias,
+                window: dms.window,
+            },
         );
         let out = attn.output(context);
         (layer.feed_forward(residual + out), Some(decisions))
@@ -235,7 +240,7 @@ impl<B: Backend> DmsModel<B> {
 /// Projects q/k/v. With a keep-mask (q-neuron variant) it also returns the borrowed channel,
 /// read after q-norm and before RoPE, and zeroes that channel before and after RoPE: RoPE's
 /// rotate_half mixes channel `d-1` with `d/2-1`, so zeroing only before would leak it back.
-fn project_reading_q_neuron<B: Backend>(
+fn project_reading_q_neuron<B: AttentionBackend>(
     attn: &Attention<B>,
     normed: Tensor<B, 3>,
     rope: &RopeTables<B>,

@@ -38,18 +38,39 @@ pub fn outside_window<B: Backend>(
     Tensor::from_data(TensorData::new(mask, [q_len, k_len]), device)
 }
 
-/// Training bias: `log(1 - p_key[k]) = logsigmoid(-z_key[k])` outside the window, 0 inside
-/// (causality is applied by the attention itself).
+/// Training key bias: `log(1 - p_key[k]) = logsigmoid(-z_key[k])`, the value the attention adds
+/// for queries outside key `k`'s window (see [`crate::model::decoder::AttentionMask::Delayed`]).
+///
+/// # Shapes
+/// - `z`: `[batch, kv_heads, seq]`, unshifted `(logit + noise) / tau` → same
+pub fn training_key_bias<B: Backend>(z: Tensor<B, 3>) -> Tensor<B, 3> {
+    activation::log_sigmoid(shift_to_keys(z).neg())
+}
+
+/// The training bias written out as a `[q, k]` matrix per KV head: the key bias outside the
+/// window, 0 inside (causality is applied by the attention itself). For tests and plots; the
+/// attention itself never builds it.
 ///
 /// # Shapes
 /// - `z`: `[batch, kv_heads, seq]`, unshifted `(logit + noise) / tau` → `[batch, kv_heads, seq, seq]`
 pub fn training_bias<B: Backend>(z: Tensor<B, 3>, window: usize) -> Tensor<B, 4> {
     let [_, _, seq] = z.dims();
-    let log_keep = activation::log_sigmoid(shift_to_keys(z).neg());
+    let log_keep = training_key_bias(z);
     let outside = outside_window::<B>(seq, seq, 0, window, &log_keep.device())
         .float()
         .cast(log_keep.dtype());
     log_keep.unsqueeze_dim::<4>(2) * outside.unsqueeze::<4>()
+}
+
+/// Inference key bias: `-inf` for evicted keys (applied once their window has passed), else 0.
+///
+/// # Shapes
+/// - `evicted`: `[batch, kv_heads, seq]` key decisions (0/1) → same
+pub fn inference_key_bias<B: Backend>(evicted: Tensor<B, 3>) -> Tensor<B, 3> {
+    evicted
+        .clone()
+        .zeros_like()
+        .mask_fill(evicted.greater_elem(0.5), f32::NEG_INFINITY)
 }
 
 /// Hard decisions for the keys: `logit[k+1] > 0`, last key 0.

@@ -5,6 +5,7 @@
 //! The same structure serves the training-free baselines (StreamingLLM, TOVA, H2O): only the rule
 //! that picks which slot to free differs ([`Policy`]).
 
+use crate::model::attention::AttentionBackend;
 use std::collections::VecDeque;
 
 use burn::tensor::{Tensor, TensorData, activation, backend::Backend};
@@ -52,7 +53,7 @@ pub struct HeadCache<B: Backend> {
     recent: VecDeque<(usize, usize, bool)>,
 }
 
-impl<B: Backend> HeadCache<B> {
+impl<B: AttentionBackend> HeadCache<B> {
     fn new(head_dim: usize, device: &B::Device) -> Self {
         let capacity = 16;
         Self {
@@ -173,7 +174,7 @@ pub struct KvCache<B: Backend> {
     head_dim: usize,
 }
 
-impl<B: Backend> KvCache<B> {
+impl<B: AttentionBackend> KvCache<B> {
     pub fn new(
         layers: usize,
         kv_heads: usize,

@@ -1,6 +1,7 @@
 //! Incremental decoding with a [`KvCache`]: an exact sparse prefill for DMS models, then one token
 //! at a time. Logits equal the teacher-forced forward under the inference mask (tested).
 
+use crate::model::attention::AttentionBackend;
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 
 use super::cache::{KvCache, Policy};
@@ -18,7 +19,7 @@ pub struct Decoding<'a, B: Backend> {
     inv_freq: Vec<f64>,
 }
 
-fn to_bools<B: Backend>(t: Tensor<B, 3>) -> Vec<Vec<bool>> {
+fn to_bools<B: AttentionBackend>(t: Tensor<B, 3>) -> Vec<Vec<bool>> {
     let [_, heads, seq] = t.dims();
     let values = t
         .into_data()
@@ -30,7 +31,7 @@ fn to_bools<B: Backend>(t: Tensor<B, 3>) -> Vec<Vec<bool>> {
         .collect()
 }
 
-impl<'a, B: Backend> Decoding<'a, B> {
+impl<'a, B: AttentionBackend> Decoding<'a, B> {
     pub fn new(model: &'a DmsModel<B>, cfg: &'a ModelConfig, dms: Option<&'a DmsConfig>) -> Self {
         Self {
             model,

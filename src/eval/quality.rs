@@ -2,7 +2,8 @@
 //! layer and KV head, for the DMS model (teacher-forced, exact inference mask) and for
 //! training-free baselines evicting to the same budget (decoded token by token).
 
-use burn::tensor::{Int, Tensor, TensorData, activation, backend::Backend};
+use crate::model::attention::AttentionBackend;
+use burn::tensor::{Int, Tensor, TensorData, activation};
 use serde::Serialize;
 
 use super::cache::{Budget, Policy};
@@ -39,7 +40,7 @@ impl Totals {
     }
 }
 
-fn input<B: Backend>(seq: &Sequence, device: &B::Device) -> Tensor<B, 2, Int> {
+fn input<B: AttentionBackend>(seq: &Sequence, device: &B::Device) -> Tensor<B, 2, Int> {
     Tensor::from_data(
         TensorData::new(seq.input_ids.clone(), [1, seq.input_ids.len()]),
         device,
@@ -51,7 +52,7 @@ fn input<B: Backend>(seq: &Sequence, device: &B::Device) -> Tensor<B, 2, Int> {
 ///
 /// # Shapes
 /// - `logits`, `teacher`: `[1, seq, vocab]`
-pub fn score<B: Backend>(
+pub fn score<B: AttentionBackend>(
     logits: Tensor<B, 3>,
     teacher: Tensor<B, 3>,
     seq: &Sequence,
@@ -85,7 +86,7 @@ pub fn score<B: Backend>(
 use burn::tensor::ElementConversion;
 
 /// The original model's logits `[1, seq, vocab]`.
-pub fn teacher_logits<B: Backend>(
+pub fn teacher_logits<B: AttentionBackend>(
     model: &DmsModel<B>,
     cfg: &ModelConfig,
     dms: &DmsConfig,
@@ -101,7 +102,7 @@ pub fn teacher_logits<B: Backend>(
 
 /// The DMS model under the exact inference mask: scores and the retained fraction per
 /// (layer, KV head) at the last position.
-pub fn score_dms<B: Backend>(
+pub fn score_dms<B: AttentionBackend>(
     model: &DmsModel<B>,
     cfg: &ModelConfig,
     dms: &DmsConfig,
@@ -127,7 +128,7 @@ pub fn score_dms<B: Backend>(
 }
 
 /// The original model decoding token by token with a budgeted eviction policy.
-pub fn score_baseline<B: Backend>(
+pub fn score_baseline<B: AttentionBackend>(
     decoding: &Decoding<B>,
     policy: Policy,
     budget: Budget,

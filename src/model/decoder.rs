@@ -6,8 +6,9 @@
 
 use anyhow::Result;
 use burn::module::{Module, Param};
-use burn::tensor::{Bool, FloatDType, Int, Tensor, TensorData, activation, backend::Backend};
+use burn::tensor::{FloatDType, Int, Tensor, activation, backend::Backend};
 
+use super::attention::{AttentionBackend, AttentionOptions, delayed_attention};
 use super::config::ModelConfig;
 use super::rope::RopeTables;
 use super::weights::{LayerNorm, ParamSlot, Projection, WeightKey, WeightSource};
@@ -145,9 +146,14 @@ impl<B: Backend> Mlp<B> {
 pub enum AttentionMask<B: Backend> {
     /// Plain causal attention; the queries sit at absolute positions `offset ..`, the keys at `0 ..`.
     Causal { offset: usize },
-    /// Causal attention plus an additive bias on the scores, shared by the query heads of a GQA
-    /// group: `[batch, kv_heads, q_len, k_len]` (dims of size 1 broadcast).
-    CausalWithBias { offset: usize, bias: Tensor<B, 4> },
+    /// Causal attention plus DMS's delayed per-key bias, shared by the query heads of a GQA group:
+    /// `key_bias[b, kv_head, k]` is added to the scores of key `k` for queries more than `window`
+    /// positions after it (`[batch, kv_heads, k_len]`; `-inf` evicts).
+    Delayed {
+        offset: usize,
+        key_bias: Tensor<B, 3>,
+        window: usize,
+    },
 }
 
 /// Multi-head attention with grouped KV heads, optional q/k RMSNorm and RoPE.
@@ -174,7 +180,7 @@ pub struct Qkv<B: Backend> {
     pub v: Tensor<B, 4>,
 }
 
-impl<B: Backend> Attention<B> {
+impl<B: AttentionBackend> Attention<B> {
     /// Projects `x` and applies q/k norm and RoPE.
     ///
     /// `pre_rope` sees the queries `[batch, heads, seq, head_dim]` after q-norm and before RoPE and
@@ -246,59 +252,38 @@ impl<B: Backend> Attention<B> {
     }
 }
 
-/// A boolean `[q_len, k_len]` mask, `true` where key `k` lies in the future of query `q`.
-pub fn future_mask<B: Backend>(
-    q_len: usize,
-    k_len: usize,
-    offset: usize,
-    device: &B::Device,
-) -> Tensor<B, 2, Bool> {
-    let mut mask = Vec::with_capacity(q_len * k_len);
-    for q in 0..q_len {
-        mask.extend((0..k_len).map(|k| k > q + offset));
-    }
-    Tensor::from_data(TensorData::new(mask, [q_len, k_len]), device)
-}
-
 /// Scaled dot-product attention where the `heads / kv_heads` query heads of a group share one KV
-/// head. Queries are folded into their group instead of repeating K and V, so nothing of size
-/// `heads x seq x head_dim` is copied.
+/// head, computed in query chunks (see [`super::attention`]).
 ///
 /// # Shapes
 /// - `q`: `[batch, heads, q_len, head_dim]`
 /// - `k`, `v`: `[batch, kv_heads, k_len, head_dim]`
 /// - output: `[batch, heads, q_len, head_dim]`
-pub fn grouped_attention<B: Backend>(
+pub fn grouped_attention<B: AttentionBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     mask: &AttentionMask<B>,
 ) -> Tensor<B, 4> {
-    let [batch, heads, q_len, dim] = q.dims();
-    let [_, kv_heads, k_len, _] = k.dims();
-    let group = heads / kv_heads;
-    let dtype = q.dtype();
-    // Head h = j * group + g belongs to KV head j, so this reshape keeps groups contiguous.
-    let q = q.reshape([batch, kv_heads, group * q_len, dim]);
-    let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (dim as f64).sqrt());
-    let scores = scores
-        .reshape([batch, kv_heads, group, q_len, k_len])
-        .cast(FloatDType::F32);
-    let (offset, bias) = match mask {
-        AttentionMask::Causal { offset } => (*offset, None),
-        AttentionMask::CausalWithBias { offset, bias } => (*offset, Some(bias)),
-    };
-    let scores = match bias {
-        Some(bias) => scores + bias.clone().cast(FloatDType::F32).unsqueeze_dim::<5>(2),
-        None => scores,
-    };
-    let future = future_mask::<B>(q_len, k_len, offset, &scores.device());
-    let scores = scores.mask_fill(future.unsqueeze::<5>(), f32::NEG_INFINITY);
-    let probs = activation::softmax(scores, 4).cast(dtype);
-    probs
-        .reshape([batch, kv_heads, group * q_len, k_len])
-        .matmul(v)
-        .reshape([batch, heads, q_len, dim])
+    match mask {
+        AttentionMask::Causal { offset } => {
+            delayed_attention(q, k, v, None, AttentionOptions::causal(*offset))
+        }
+        AttentionMask::Delayed {
+            offset,
+            key_bias,
+            window,
+        } => delayed_attention(
+            q,
+            k,
+            v,
+            Some(key_bias.clone()),
+            AttentionOptions {
+                window: *window,
+                ..AttentionOptions::causal(*offset)
+            },
+        ),
+    }
 }
 
 /// Pre-norm transformer block.
@@ -310,7 +295,7 @@ pub struct DecoderLayer<B: Backend> {
     pub mlp: Mlp<B>,
 }
 
-impl<B: Backend> DecoderLayer<B> {
+impl<B: AttentionBackend> DecoderLayer<B> {
     fn load(
         cfg: &ModelConfig,
         source: &mut dyn WeightSource,
@@ -381,7 +366,7 @@ pub struct Decoder<B: Backend> {
     pub lm_head: Option<Linear<B>>,
 }
 
-impl<B: Backend> Decoder<B> {
+impl<B: AttentionBackend> Decoder<B> {
     /// Builds the decoder from a weight source, checking every tensor's shape against `cfg`.
     pub fn load(
         cfg: &ModelConfig,
@@ -485,6 +470,7 @@ impl<B: Backend> Decoder<B> {
 mod tests {
     use super::*;
     use crate::backend::Cpu;
+    use burn::tensor::TensorData;
 
     /// Attention with K and V repeated per query head, the textbook way.
     fn naive_attention(

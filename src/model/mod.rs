@@ -1,5 +1,6 @@
 //! The architectures: one config-driven decoder for Llama, Qwen2 and Qwen3.
 
+pub mod attention;
 pub mod config;
 pub mod decoder;
 pub mod rope;

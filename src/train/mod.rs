@@ -5,7 +5,7 @@ pub mod snapshot;
 mod trainer;
 
 pub use trainer::{
-    Batch, EvalReport, EvalSettings, StepSetup, StepStats, TrainOptions, TrainSummary,
+    Batch, EvalReport, EvalSettings, StepPhase, StepSetup, StepStats, TrainOptions, TrainSummary,
     apply_trainable, clip_global_norm, distillation_micro_step, evaluate, make_batch,
     resolve_source, train,
 };

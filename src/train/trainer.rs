@@ -1,6 +1,7 @@
 //! The retrofit loop, in the order nanoGPT taught us to read: LR -> micro-steps (teacher, student,
 //! losses, backward) -> clip -> step -> log -> eval / checkpoint / CR snapshots.
 
+use crate::model::attention::{AttentionBackend, TrainBackend};
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -13,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use burn::module::{AutodiffModule, Module};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -81,10 +82,7 @@ pub fn resolve_source(source: &str, recipe_dir: &Path) -> String {
 }
 
 /// Marks which parameters the optimizer updates; everything else is frozen.
-pub fn apply_trainable<B: AutodiffBackend>(
-    model: DmsModel<B>,
-    trainable: Trainable,
-) -> DmsModel<B> {
+pub fn apply_trainable<B: TrainBackend>(model: DmsModel<B>, trainable: Trainable) -> DmsModel<B> {
     let mut model = model.no_grad();
     for (key, slot) in model.params_mut() {
         let on = match trainable {
@@ -118,7 +116,7 @@ pub fn apply_trainable<B: AutodiffBackend>(
 }
 
 /// Counts (trainable, frozen) parameter values.
-fn count_params<B: Backend>(model: &mut DmsModel<B>) -> (usize, usize) {
+fn count_params<B: AttentionBackend>(model: &mut DmsModel<B>) -> (usize, usize) {
     let mut counts = (0, 0);
     for (_, slot) in model.params_mut() {
         let (trainable, n) = match slot {
@@ -135,7 +133,7 @@ fn count_params<B: Backend>(model: &mut DmsModel<B>) -> (usize, usize) {
 }
 
 /// Clips the summed gradient to `max_norm` in global L2 norm; returns the norm before clipping.
-pub fn clip_global_norm<B: AutodiffBackend>(
+pub fn clip_global_norm<B: TrainBackend>(
     model: &mut DmsModel<B>,
     grads: &mut GradientsParams,
     max_norm: f64,
@@ -193,7 +191,7 @@ pub struct Batch<B: Backend> {
     shape: [usize; 2],
 }
 
-pub fn make_batch<B: Backend>(sequences: &[&Sequence], device: &B::Device) -> Batch<B> {
+pub fn make_batch<B: AttentionBackend>(sequences: &[&Sequence], device: &B::Device) -> Batch<B> {
     let shape = [sequences.len(), sequences[0].input_ids.len()];
     let ids: Vec<i64> = sequences.iter().flat_map(|s| s.input_ids.clone()).collect();
     let mask: Vec<i64> = sequences
@@ -230,14 +228,25 @@ pub struct StepStats {
     pub frac_closed: f64,
 }
 
+/// The parts of a micro-step, in order, for profiling (`bench step --profile`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepPhase {
+    Teacher,
+    Student,
+    Loss,
+    Backward,
+}
+
 /// One distillation micro-step: teacher pass (no graph), student pass with relaxed DMS, chunked
 /// KL + compression hinge, backward. Returns the gradients of the trainable parameters.
-pub fn distillation_micro_step<B: AutodiffBackend>(
+/// `phase_done` is called after each phase has been queued (a profiler syncs the device there).
+pub fn distillation_micro_step<B: TrainBackend>(
     model: &DmsModel<B>,
     separate_teacher: Option<&Decoder<B::InnerBackend>>,
     batch: &Batch<B>,
     noise: NoiseKey,
     setup: &StepSetup,
+    phase_done: &mut dyn FnMut(StepPhase),
 ) -> (GradientsParams, StepStats) {
     let StepSetup { cfg, dms, .. } = *setup;
     let device = batch.input.device();
@@ -260,12 +269,14 @@ pub fn distillation_micro_step<B: AutodiffBackend>(
         }
     }
     .detach();
+    phase_done(StepPhase::Teacher);
     let student = model.forward(
         batch.input.clone(),
         cfg,
         dms,
         &Mode::Train { noise: &noise },
     );
+    phase_done(StepPhase::Student);
     let mask = loss_mask::<B>(&batch.ids, &batch.mask, batch.shape, &[setup.eos], &device);
     let kl = distillation_loss(
         student.hidden,
@@ -278,7 +289,9 @@ pub fn distillation_micro_step<B: AutodiffBackend>(
     let frac = frac_closed(&decisions);
     let compression = compression_loss(frac.clone(), setup.target);
     let loss = kl.clone() + compression.clone() * setup.compression_weight;
+    phase_done(StepPhase::Loss);
     let grads = GradientsParams::from_grads((loss.clone() * setup.loss_scale).backward(), model);
+    phase_done(StepPhase::Backward);
     let stats = StepStats {
         loss: loss.into_scalar().elem::<f64>(),
         kl: kl.into_scalar().elem::<f64>(),
@@ -307,7 +320,7 @@ pub struct EvalSettings<'a> {
 
 /// Teacher-forced KL against the original model under hard (inference) eviction, the fraction of
 /// closed decisions, and the measured CR (retained keys at the last position, window included).
-pub fn evaluate<B: Backend>(
+pub fn evaluate<B: AttentionBackend>(
     student: &DmsModel<B>,
     teacher: &Decoder<B>,
     sequences: &[Sequence],
@@ -359,7 +372,7 @@ pub fn evaluate<B: Backend>(
 }
 
 /// Final hidden states of the original model.
-fn teacher_hidden<B: Backend>(
+fn teacher_hidden<B: AttentionBackend>(
     teacher: &Decoder<B>,
     input: Tensor<B, 2, burn::tensor::Int>,
     rope: &crate::model::RopeTables<B>,
@@ -407,7 +420,7 @@ fn truncate_metrics(path: &Path, completed_steps: u64) -> Result<()> {
 }
 
 /// Runs (or resumes) a retrofit described by `recipe` on `device`.
-pub fn train<B: AutodiffBackend>(
+pub fn train<B: TrainBackend>(
     recipe: &Recipe,
     options: &TrainOptions,
     format: FloatFormat,
@@ -610,8 +623,14 @@ pub fn train<B: AutodiffBackend>(
                 kl_chunk: t.kl_chunk,
                 loss_scale: 1.0 / t.grad_accum as f64,
             };
-            let (grads, stats) =
-                distillation_micro_step(&model, separate_teacher.as_ref(), &batch, noise, &setup);
+            let (grads, stats) = distillation_micro_step(
+                &model,
+                separate_teacher.as_ref(),
+                &batch,
+                noise,
+                &setup,
+                &mut |_| {},
+            );
             accumulator.accumulate(&model, grads);
             loss_sum += stats.loss;
             kl_sum += stats.kl;
