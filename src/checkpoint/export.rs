@@ -16,7 +16,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::names::hf_name;
-use super::{Checkpoint, SafetensorsStore};
+use super::{Checkpoint, SafetensorsStore, write_dir_atomically};
 use crate::dms::{DmsConfig, Granularity, Variant};
 use crate::model::FloatFormat;
 
@@ -169,45 +169,9 @@ pub fn write_export(
             out.display()
         );
     }
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)
-        .with_context(|| format!("cannot create '{}'", parent.display()))?;
-    let tmp = parent.join(format!(
-        ".{}.partial-{}",
-        out.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp)?;
-    let result = write_into(base, trained, dms, card, options, &tmp);
-    let report = match result {
-        Ok(report) => report,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-    };
-    // Swap into place: the old folder (with --force) is removed only after the new one is complete.
-    if out.exists() {
-        let old = parent.join(format!(
-            ".{}.old-{}",
-            out.file_name().unwrap_or_default().to_string_lossy(),
-            std::process::id()
-        ));
-        std::fs::rename(out, &old)
-            .with_context(|| format!("cannot move the old '{}' aside", out.display()))?;
-        std::fs::rename(&tmp, out)?;
-        std::fs::remove_dir_all(&old)
-            .with_context(|| format!("cannot delete the old export '{}'", old.display()))?;
-    } else {
-        std::fs::rename(&tmp, out)
-            .with_context(|| format!("cannot move the export into '{}'", out.display()))?;
-    }
+    let report = write_dir_atomically(out, |tmp| {
+        write_into(base, trained, dms, card, options, tmp)
+    })?;
     Ok(ExportReport {
         out: out.clone(),
         ..report

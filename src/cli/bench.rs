@@ -12,7 +12,7 @@ use clap::{Args, Subcommand};
 use half::{bf16, f16};
 use serde::Serialize;
 
-use crate::backend::{CpuAutodiff, DeviceSpec};
+use crate::backend::{Cpu, CpuAutodiff, DeviceSpec};
 use crate::data::Sequence;
 use crate::dms::noise::NoiseKey;
 use crate::dms::{DmsConfig, DmsModel};
@@ -305,7 +305,18 @@ pub fn run(command: BenchCommand) -> Result<()> {
     let spec: DeviceSpec = args.device.parse()?;
     spec.ensure_available()?;
     let report = match spec {
-        DeviceSpec::Cpu => step_bench::<CpuAutodiff>(&args, FloatFormat::F32, &Default::default())?,
+        DeviceSpec::Cpu => {
+            use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+            let device = Default::default();
+            match args.checkpointing.as_str() {
+                "balanced" => step_bench::<burn::backend::Autodiff<Cpu, BalancedCheckpointing>>(
+                    &args,
+                    FloatFormat::F32,
+                    &device,
+                )?,
+                _ => step_bench::<CpuAutodiff>(&args, FloatFormat::F32, &device)?,
+            }
+        }
         #[cfg(feature = "cuda")]
         DeviceSpec::Cuda(index) => {
             let device = burn::backend::cuda::CudaDevice::new(index);

@@ -24,6 +24,20 @@ fn load_param<B: Backend, const D: usize>(
     Ok(keyed_param(key, Tensor::from_data(data, device)))
 }
 
+/// `weight` in the activations' dtype. Trained DMS parameters are f32 master weights beside bf16
+/// activations on the GPU (autocast semantics): the forward computes in bf16 and the gradient flows
+/// back through the cast in f32, so small AdamW updates are not rounded away.
+pub fn in_dtype<B: Backend, const D: usize>(
+    weight: Tensor<B, D>,
+    dtype: burn::tensor::DType,
+) -> Tensor<B, D> {
+    if weight.dtype() == dtype {
+        weight
+    } else {
+        weight.cast(dtype)
+    }
+}
+
 /// A trainable parameter whose id is derived from its key (see [`WeightKey::param_id`]).
 pub fn keyed_param<B: Backend, const D: usize>(
     key: WeightKey,
@@ -85,10 +99,11 @@ impl<B: Backend> Linear<B> {
     /// # Shapes
     /// - `x`: `[..., d_input]` → `[..., d_output]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = x.dtype();
         burn::tensor::module::linear(
             x,
-            self.weight.val().transpose(),
-            self.bias.as_ref().map(|b| b.val()),
+            in_dtype(self.weight.val(), dtype).transpose(),
+            self.bias.as_ref().map(|b| in_dtype(b.val(), dtype)),
         )
     }
 }
@@ -121,7 +136,7 @@ impl<B: Backend> RmsNorm<B> {
         let x = x.cast(FloatDType::F32);
         let mean_square = x.clone().powi_scalar(2).mean_dim(D - 1);
         let normed = x * (mean_square + self.eps).sqrt().recip();
-        normed.cast(dtype) * self.weight.val().unsqueeze::<D>()
+        normed.cast(dtype) * in_dtype(self.weight.val(), dtype).unsqueeze::<D>()
     }
 }
 

@@ -13,6 +13,7 @@ use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::names::hf_name;
+use crate::checkpoint::write_dir_atomically;
 use crate::dms::{DmsConfig, DmsModel};
 use crate::model::{FloatFormat, ParamSlot};
 
@@ -51,38 +52,16 @@ pub fn write_snapshot<B: AttentionBackend>(
     recipe_toml: &str,
     extra: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
-    let parent = dir.parent().context("snapshot folder has no parent")?;
-    std::fs::create_dir_all(parent)
-        .with_context(|| format!("cannot create '{}'", parent.display()))?;
-    let tmp = parent.join(format!(
-        ".{}.tmp-{}",
-        dir.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp)?;
-    let result = (|| -> Result<()> {
+    write_dir_atomically(dir, |tmp| {
         let tensors = trainable_tensors(model);
         let mut state = state.clone();
         state.tensors = tensors.iter().map(|(n, _)| n.clone()).collect();
         write_tensors(&tmp.join(TRAINABLE_FILE), &tensors)?;
         std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
         std::fs::write(tmp.join(RECIPE_FILE), recipe_toml)?;
-        extra(&tmp)
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e.context(format!("writing snapshot '{}'", dir.display())));
-    }
-    if dir.exists() {
-        std::fs::remove_dir_all(dir)
-            .with_context(|| format!("cannot replace '{}'", dir.display()))?;
-    }
-    std::fs::rename(&tmp, dir)
-        .with_context(|| format!("cannot move snapshot into '{}'", dir.display()))?;
-    Ok(())
+        extra(tmp)
+    })
+    .with_context(|| format!("writing snapshot '{}'", dir.display()))
 }
 
 /// The parameters that require gradients, by Hugging Face name, as f32 host data.
@@ -157,7 +136,10 @@ pub fn load_trainable<B: AttentionBackend>(dir: &Path, model: &mut DmsModel<B>) 
 fn replace<B: Backend, const D: usize>(param: &mut Param<Tensor<B, D>>, data: TensorData) {
     let device = param.val().device();
     let require_grad = param.is_require_grad();
-    let value = Tensor::from_data(data, &device).set_require_grad(require_grad);
+    // Keep the parameter's dtype (f32 master weights stay f32 on a bf16 device).
+    let dtype = param.val().dtype();
+    let value = crate::model::decoder::in_dtype(Tensor::from_data(data, &device), dtype)
+        .set_require_grad(require_grad);
     *param = Param::initialized(param.id, value);
 }
 

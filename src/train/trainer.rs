@@ -2,7 +2,8 @@
 //! losses, backward) -> clip -> step -> log -> eval / checkpoint / CR snapshots.
 
 use crate::model::attention::{AttentionBackend, TrainBackend};
-use std::collections::BTreeMap;
+use crate::model::decoder::in_dtype;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -11,8 +12,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use burn::module::ParamId;
 use burn::module::{AutodiffModule, Module};
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::record::{AdaptorRecord, AdaptorRecordV1};
+use burn::optim::{
+    AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, GradientsAccumulator, GradientsParams,
+    Optimizer,
+};
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
@@ -105,14 +112,94 @@ pub fn apply_trainable<B: TrainBackend>(model: DmsModel<B>, trainable: Trainable
                     )
             }
         };
+        // DMS parameters train as f32 master weights whatever the model dtype (see
+        // `decoder::in_dtype`); the base weights keep the checkpoint's dtype.
+        let master = |dms: bool, dtype: burn::tensor::DType| {
+            if dms { burn::tensor::DType::F32 } else { dtype }
+        };
         if on {
+            let dms = key.is_dms();
             match slot {
-                ParamSlot::Vector(p) => *p = p.clone().set_require_grad(true),
-                ParamSlot::Matrix(p) => *p = p.clone().set_require_grad(true),
+                ParamSlot::Vector(p) => {
+                    *p = p
+                        .clone()
+                        .map(|t| {
+                            let dtype = master(dms, t.dtype());
+                            in_dtype(t, dtype)
+                        })
+                        .set_require_grad(true)
+                }
+                ParamSlot::Matrix(p) => {
+                    *p = p
+                        .clone()
+                        .map(|t| {
+                            let dtype = master(dms, t.dtype());
+                            in_dtype(t, dtype)
+                        })
+                        .set_require_grad(true)
+                }
             }
         }
     }
     model
+}
+
+/// Each parameter's dtype, by id.
+fn param_dtypes<B: AttentionBackend>(
+    model: &mut DmsModel<B>,
+) -> HashMap<ParamId, burn::tensor::DType> {
+    model
+        .params_mut()
+        .into_iter()
+        .map(|(_, slot)| match slot {
+            ParamSlot::Vector(p) => (p.id, p.val().dtype()),
+            ParamSlot::Matrix(p) => (p.id, p.val().dtype()),
+        })
+        .collect()
+}
+
+type AdamWRecord<B> =
+    <OptimizerAdaptor<AdamW, DmsModel<B>, B> as Optimizer<DmsModel<B>, B>>::Record;
+
+/// Optimizer moments are read back in the device's default dtype (bf16 on the GPU); AdamW must see
+/// them in their parameter's dtype (f32 master weights), as a fresh run creates them, because the
+/// GPU kernels do not promote mixed dtypes.
+fn moments_in_param_dtypes<B: TrainBackend>(
+    record: AdamWRecord<B>,
+    dtypes: &HashMap<ParamId, burn::tensor::DType>,
+) -> AdamWRecord<B> {
+    fn cast<B: Backend, const D: usize>(
+        state: AdamWState<B, D>,
+        dtype: burn::tensor::DType,
+    ) -> AdamWState<B, D> {
+        let m = state.momentum;
+        AdamWState {
+            momentum: AdaptiveMomentumState {
+                time: m.time,
+                moment_1: in_dtype(m.moment_1, dtype),
+                moment_2: in_dtype(m.moment_2, dtype),
+                max_moment_2: m.max_moment_2.map(|t| in_dtype(t, dtype)),
+            },
+        }
+    }
+    record
+        .into_iter()
+        .map(|(id, entry)| {
+            let Some(&dtype) = dtypes.get(&id) else {
+                return (id, entry);
+            };
+            let entry = match entry {
+                AdaptorRecord::V1(AdaptorRecordV1::Rank1(s)) => {
+                    AdaptorRecord::V1(AdaptorRecordV1::Rank1(cast(s, dtype)))
+                }
+                AdaptorRecord::V1(AdaptorRecordV1::Rank2(s)) => {
+                    AdaptorRecord::V1(AdaptorRecordV1::Rank2(cast(s, dtype)))
+                }
+                other => other,
+            };
+            (id, entry)
+        })
+        .collect()
 }
 
 /// Counts (trainable, frozen) parameter values.
@@ -551,7 +638,8 @@ pub fn train<B: TrainBackend>(
         let record = recorder
             .load(dir.join(snapshot::OPTIMIZER_FILE), device)
             .with_context(|| format!("cannot read the optimizer state in '{}'", dir.display()))?;
-        optimizer = optimizer.load_record(record);
+        let dtypes = param_dtypes(&mut model);
+        optimizer = optimizer.load_record(moments_in_param_dtypes::<B>(record, &dtypes));
         start_step = step;
         truncate_metrics(&metrics_path, step)?;
         tracing::info!("resumed from {} (step {step})", dir.display());
