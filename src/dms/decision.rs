@@ -5,7 +5,7 @@ use burn::module::Module;
 use burn::tensor::{Tensor, TensorData, activation, backend::Backend};
 
 use super::{DmsConfig, Granularity};
-use crate::model::decoder::{Linear, RmsNorm, keyed_param};
+use crate::model::decoder::{Linear, RmsNorm, in_dtype, keyed_param};
 use crate::model::{LayerNorm, ModelConfig, ParamSlot, Projection, WeightKey, WeightSource};
 
 /// The adapter variant's parameters for one layer: its own RMSNorm over the residual stream and a
@@ -167,6 +167,7 @@ pub struct Relaxed<B: Backend> {
 /// # Shapes
 /// - `logits`, `noise`: `[batch, kv_heads, seq]`
 pub fn relax<B: Backend>(logits: Tensor<B, 3>, noise: Tensor<B, 3>, cfg: &DmsConfig) -> Relaxed<B> {
+    let noise = in_dtype(noise, logits.dtype());
     let z = apply_granularity((logits + noise) / cfg.tau, cfg.granularity);
     let probs = activation::sigmoid(z.clone());
     let hard = z.clone().greater_elem(0.0).float().cast(z.dtype());

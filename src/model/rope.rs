@@ -1,5 +1,6 @@
 //! Rotary position embeddings (`rotate_half` convention, as in transformers' Llama/Qwen code).
 
+use super::decoder::in_dtype;
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 
 use super::config::{ModelConfig, RopeConfig, RopeScaling};
@@ -97,8 +98,10 @@ impl<B: Backend> RopeTables<B> {
         let x1 = x.clone().narrow(3, 0, half);
         let x2 = x.clone().narrow(3, half, half);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        let cos = self.cos.clone().unsqueeze::<4>();
-        let sin = self.sin.clone().unsqueeze::<4>();
+        // The tables are built in the device's default dtype; the activations may differ.
+        let dtype = x.dtype();
+        let cos = in_dtype(self.cos.clone(), dtype).unsqueeze::<4>();
+        let sin = in_dtype(self.sin.clone(), dtype).unsqueeze::<4>();
         x * cos + rotated * sin
     }
 }

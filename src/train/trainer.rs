@@ -925,3 +925,77 @@ fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::CpuAutodiff;
+    use burn::tensor::DType;
+
+    type B = CpuAutodiff;
+
+    fn moment_dtypes(record: &AdamWRecord<B>) -> Vec<DType> {
+        record
+            .values()
+            .flat_map(|entry| match entry.clone() {
+                AdaptorRecord::V1(AdaptorRecordV1::Rank1(s)) => {
+                    vec![s.momentum.moment_1.dtype(), s.momentum.moment_2.dtype()]
+                }
+                AdaptorRecord::V1(AdaptorRecordV1::Rank2(s)) => {
+                    vec![s.momentum.moment_1.dtype(), s.momentum.moment_2.dtype()]
+                }
+                _ => vec![],
+            })
+            .collect()
+    }
+
+    /// A record read back in another dtype (as the GPU's bf16 default does) is cast to each
+    /// parameter's own dtype before AdamW sees it.
+    #[test]
+    fn resumed_moments_take_their_parameters_dtype() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llama");
+        let ckpt = Checkpoint::open(dir).unwrap();
+        let cfg = &ckpt.config;
+        let device = Default::default();
+        let dms = DmsConfig::default();
+        let decoder = ckpt.load_decoder::<B>(FloatFormat::F32, &device).unwrap();
+        let model = DmsModel::new(decoder, cfg, &dms, None, &device).unwrap();
+        let mut model = apply_trainable(model, Trainable::Adapter);
+        let mut optimizer = AdamWConfig::new().init::<B, DmsModel<B>>();
+        let batch = make_batch::<B>(
+            &[&Sequence {
+                input_ids: vec![1, 2, 3, 4, 5, 6],
+                attention_mask: vec![1; 6],
+            }],
+            &device,
+        );
+        let setup = StepSetup {
+            cfg,
+            dms: &dms,
+            target: 0.5,
+            compression_weight: 1.0,
+            eos: u32::MAX,
+            kl_chunk: 6,
+            loss_scale: 1.0,
+        };
+        let noise = NoiseKey {
+            seed: 0,
+            step: 0,
+            micro_batch: 0,
+            rank: 0,
+        };
+        let (grads, _) = distillation_micro_step(&model, None, &batch, noise, &setup, &mut |_| {});
+        model = optimizer.step(1e-3, model, grads);
+        let record = optimizer.to_record();
+        assert!(!record.is_empty());
+        let f64s: HashMap<ParamId, DType> = param_dtypes(&mut model)
+            .into_keys()
+            .map(|id| (id, DType::F64))
+            .collect();
+        let wrong = moments_in_param_dtypes::<B>(record, &f64s);
+        assert!(moment_dtypes(&wrong).iter().all(|d| *d == DType::F64));
+        let fixed = moments_in_param_dtypes::<B>(wrong, &param_dtypes(&mut model));
+        let dtypes = moment_dtypes(&fixed);
+        assert!(!dtypes.is_empty() && dtypes.iter().all(|d| *d == DType::F32));
+    }
+}
