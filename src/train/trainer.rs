@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use burn::module::ParamId;
 use burn::module::{AutodiffModule, Module};
+use burn::module::{Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::record::{AdaptorRecord, AdaptorRecordV1};
 use burn::optim::{
@@ -22,7 +22,7 @@ use burn::optim::{
 };
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::json;
@@ -112,42 +112,28 @@ pub fn apply_trainable<B: TrainBackend>(model: DmsModel<B>, trainable: Trainable
                     )
             }
         };
-        // DMS parameters train as f32 master weights whatever the model dtype (see
-        // `decoder::in_dtype`); the base weights keep the checkpoint's dtype.
-        let master = |dms: bool, dtype: burn::tensor::DType| {
-            if dms { burn::tensor::DType::F32 } else { dtype }
-        };
         if on {
             let dms = key.is_dms();
             match slot {
-                ParamSlot::Vector(p) => {
-                    *p = p
-                        .clone()
-                        .map(|t| {
-                            let dtype = master(dms, t.dtype());
-                            in_dtype(t, dtype)
-                        })
-                        .set_require_grad(true)
-                }
-                ParamSlot::Matrix(p) => {
-                    *p = p
-                        .clone()
-                        .map(|t| {
-                            let dtype = master(dms, t.dtype());
-                            in_dtype(t, dtype)
-                        })
-                        .set_require_grad(true)
-                }
+                ParamSlot::Vector(p) => make_trainable(p, dms),
+                ParamSlot::Matrix(p) => make_trainable(p, dms),
             }
         }
     }
     model
 }
 
+/// Turns on gradients for `param`. DMS parameters train as f32 master weights whatever the model
+/// dtype (see `decoder::in_dtype`); base weights keep the checkpoint's dtype.
+fn make_trainable<B: Backend, const D: usize>(param: &mut Param<Tensor<B, D>>, dms: bool) {
+    *param = param
+        .clone()
+        .map(|t| if dms { in_dtype(t, DType::F32) } else { t })
+        .set_require_grad(true);
+}
+
 /// Each parameter's dtype, by id.
-fn param_dtypes<B: AttentionBackend>(
-    model: &mut DmsModel<B>,
-) -> HashMap<ParamId, burn::tensor::DType> {
+fn param_dtypes<B: AttentionBackend>(model: &mut DmsModel<B>) -> HashMap<ParamId, DType> {
     model
         .params_mut()
         .into_iter()
@@ -166,12 +152,9 @@ type AdamWRecord<B> =
 /// GPU kernels do not promote mixed dtypes.
 fn moments_in_param_dtypes<B: TrainBackend>(
     record: AdamWRecord<B>,
-    dtypes: &HashMap<ParamId, burn::tensor::DType>,
+    dtypes: &HashMap<ParamId, DType>,
 ) -> AdamWRecord<B> {
-    fn cast<B: Backend, const D: usize>(
-        state: AdamWState<B, D>,
-        dtype: burn::tensor::DType,
-    ) -> AdamWState<B, D> {
+    fn cast<B: Backend, const D: usize>(state: AdamWState<B, D>, dtype: DType) -> AdamWState<B, D> {
         let m = state.momentum;
         AdamWState {
             momentum: AdaptiveMomentumState {
@@ -930,7 +913,6 @@ fn median(values: &mut [f64]) -> f64 {
 mod tests {
     use super::*;
     use crate::backend::CpuAutodiff;
-    use burn::tensor::DType;
 
     type B = CpuAutodiff;
 
