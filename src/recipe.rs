@@ -148,6 +148,10 @@ pub struct TrainSection {
     pub seed: u64,
     /// Positions per chunk of the KL computation (bounds the logits held at once).
     pub kl_chunk: usize,
+    /// Keep only each layer's input between the student's forward and backward, re-running one
+    /// layer at a time in the backward (activation checkpointing): same gradients, one more
+    /// student forward, a fraction of the memory.
+    pub recompute_layers: bool,
 }
 
 impl Default for TrainSection {
@@ -168,6 +172,7 @@ impl Default for TrainSection {
             max_steps: 1000,
             seed: 0,
             kl_chunk: 1024,
+            recompute_layers: false,
         }
     }
 }

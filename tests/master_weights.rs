@@ -75,6 +75,7 @@ fn adapters_train_in_f32_beside_f64_activations() {
         eos: u32::MAX,
         kl_chunk: 5,
         loss_scale: 1.0,
+        recompute_layers: false,
     };
     let before = model.adapters[0].proj.weight.val().into_data();
     for step in 0..2 {

@@ -56,6 +56,9 @@ pub struct StepArgs {
     /// recomputes memory-bound ops (elementwise, norms) in the backward and keeps matmul outputs.
     #[arg(long, default_value = "none", value_parser = ["none", "balanced"])]
     pub checkpointing: String,
+    /// Per-layer recomputation (`train.recompute_layers`): keep only each layer's input.
+    #[arg(long)]
+    pub recompute_layers: bool,
 }
 
 #[derive(Serialize)]
@@ -66,6 +69,7 @@ struct StepReport {
     dtype: String,
     parameters: u64,
     checkpointing: String,
+    recompute_layers: bool,
     first_step_s: f64,
     step_s: f64,
     tokens_per_s: f64,
@@ -224,6 +228,7 @@ fn step_bench<B: TrainBackend>(
         eos: 151645,
         kl_chunk: args.kl_chunk,
         loss_scale: 1.0,
+        recompute_layers: args.recompute_layers,
     };
     let mut times = Vec::new();
     let mut phase_times: std::collections::BTreeMap<&'static str, Vec<f64>> = Default::default();
@@ -293,6 +298,7 @@ fn step_bench<B: TrainBackend>(
         dtype: format.torch_name().into(),
         parameters: cfg.parameter_count(),
         checkpointing: args.checkpointing.clone(),
+        recompute_layers: args.recompute_layers,
         first_step_s: first,
         step_s,
         tokens_per_s: args.seq as f64 / step_s,

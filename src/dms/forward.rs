@@ -108,6 +108,21 @@ impl<B: AttentionBackend> DmsModel<B> {
         DmsOutput { hidden, layers }
     }
 
+    /// Runs decoder layer `index` alone (for per-layer recomputation); `rope` must cover the
+    /// sequence from position 0.
+    pub fn forward_layer(
+        &self,
+        index: usize,
+        hidden: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        model: &ModelConfig,
+        dms: &DmsConfig,
+        mode: &Mode<B>,
+    ) -> (Tensor<B, 3>, Option<LayerDecisions<B>>) {
+        let layer = &self.base.layers[index];
+        self.layer_forward(index, layer, hidden, rope, model, dms, mode)
+    }
+
     /// Every parameter (base and adapters) with its key.
     pub fn params_mut(&mut self) -> Vec<(WeightKey, ParamSlot<'_, B>)> {
         let mut out = self.base.params_mut();

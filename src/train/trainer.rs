@@ -287,6 +287,9 @@ pub struct StepSetup<'a> {
     pub kl_chunk: usize,
     /// Multiplies the loss before backward (1 / gradient-accumulation steps).
     pub loss_scale: f64,
+    /// Per-layer recomputation: keep only each layer's input between the forward and the
+    /// backward (see [`recomputing_student_pass`]).
+    pub recompute_layers: bool,
 }
 
 /// Scalars of one micro-step.
@@ -340,6 +343,9 @@ pub fn distillation_micro_step<B: TrainBackend>(
     }
     .detach();
     phase_done(StepPhase::Teacher);
+    if setup.recompute_layers {
+        return recomputing_student_pass(model, batch, teacher, &noise, setup, phase_done);
+    }
     let student = model.forward(
         batch.input.clone(),
         cfg,
@@ -369,6 +375,102 @@ pub fn distillation_micro_step<B: TrainBackend>(
         frac_closed: frac.mean().into_scalar().elem::<f64>(),
     };
     (grads, stats)
+}
+
+/// The student half of a micro-step with per-layer recomputation (activation checkpointing, as
+/// the official recipe uses): the student runs once without a graph, keeping each layer's input;
+/// the loss is differentiated with respect to the final hidden states and the decisions; then each
+/// layer is re-run with a graph, last to first, and back-propagated on its own with the gradient
+/// arriving from above. Same gradients as the one-graph step, one more student forward, and the
+/// activation memory of one layer instead of all of them.
+fn recomputing_student_pass<B: TrainBackend>(
+    model: &DmsModel<B>,
+    batch: &Batch<B>,
+    teacher: Tensor<B, 3>,
+    noise: &Tensor<B, 4>,
+    setup: &StepSetup,
+    phase_done: &mut dyn FnMut(StepPhase),
+) -> (GradientsParams, StepStats) {
+    let StepSetup { cfg, dms, .. } = *setup;
+    let device = batch.input.device();
+    let [_, seq] = batch.shape;
+    let rope = crate::model::RopeTables::<B>::for_model(cfg, 0, seq, &device);
+
+    // 1. Forward without a graph, keeping each layer's input and decisions.
+    let frozen = model.valid();
+    let inner_noise = noise.clone().inner();
+    let inner_mode = Mode::Train {
+        noise: &inner_noise,
+    };
+    let inner_rope = crate::model::RopeTables::for_model(cfg, 0, seq, &inner_noise.device());
+    let mut inputs = Vec::with_capacity(cfg.num_layers);
+    let mut hidden = frozen.base.embed(batch.input.clone().inner());
+    let mut decisions = Vec::with_capacity(cfg.num_layers);
+    for index in 0..cfg.num_layers {
+        inputs.push(hidden.clone());
+        let (next, layer) = frozen.forward_layer(index, hidden, &inner_rope, cfg, dms, &inner_mode);
+        hidden = next;
+        decisions.extend(layer.map(|l| l.decisions));
+    }
+    phase_done(StepPhase::Student);
+
+    // 2. The loss, differentiated with respect to the final hidden states and the decisions.
+    let last = Tensor::<B, 3>::from_inner(hidden).require_grad();
+    let decisions: Vec<Tensor<B, 3>> = decisions
+        .into_iter()
+        .map(|d| Tensor::from_inner(d).require_grad())
+        .collect();
+    let mask = loss_mask::<B>(&batch.ids, &batch.mask, batch.shape, &[setup.eos], &device);
+    let kl = distillation_loss(
+        last.clone(),
+        teacher,
+        &|h| model.logits(h),
+        mask,
+        setup.kl_chunk,
+    );
+    let frac = frac_closed(&decisions);
+    let compression = compression_loss(frac.clone(), setup.target);
+    let loss = kl.clone() + compression.clone() * setup.compression_weight;
+    phase_done(StepPhase::Loss);
+    let grads = (loss.clone() * setup.loss_scale).backward();
+    let mut upstream = last.grad(&grads).map(Tensor::<B, 3>::from_inner);
+    let decision_grads: Vec<_> = decisions
+        .iter()
+        .map(|d| d.grad(&grads).map(Tensor::<B, 3>::from_inner))
+        .collect();
+    let mut accumulator = GradientsAccumulator::<DmsModel<B>>::new();
+    accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
+
+    // 3. Each layer again, with a graph, last to first.
+    let mode = Mode::Train { noise };
+    for index in (0..cfg.num_layers).rev() {
+        let input =
+            Tensor::<B, 3>::from_inner(inputs.pop().expect("one input per layer")).require_grad();
+        let (out, layer) = model.forward_layer(index, input.clone(), &rope, cfg, dms, &mode);
+        let mut surrogate = match upstream.take() {
+            Some(g) => (out * g).sum(),
+            None => out.sum() * 0.0,
+        };
+        if let (Some(layer), Some(Some(g))) = (layer, decision_grads.get(index)) {
+            surrogate = surrogate + (layer.decisions * g.clone()).sum();
+        }
+        let grads = surrogate.backward();
+        upstream = input.grad(&grads).map(Tensor::<B, 3>::from_inner);
+        accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
+    }
+    // The embedding, when it trains (`trainable = "all"`).
+    if let (Some(g), true) = (upstream, model.base.embed_tokens.is_require_grad()) {
+        let grads = (model.base.embed(batch.input.clone()) * g).sum().backward();
+        accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
+    }
+    phase_done(StepPhase::Backward);
+    let stats = StepStats {
+        loss: loss.into_scalar().elem::<f64>(),
+        kl: kl.into_scalar().elem::<f64>(),
+        compression: compression.into_scalar().elem::<f64>(),
+        frac_closed: frac.mean().into_scalar().elem::<f64>(),
+    };
+    (accumulator.grads(), stats)
 }
 
 /// Everything one evaluation reports.
@@ -693,6 +795,7 @@ pub fn train<B: TrainBackend>(
                 eos,
                 kl_chunk: t.kl_chunk,
                 loss_scale: 1.0 / t.grad_accum as f64,
+                recompute_layers: t.recompute_layers,
             };
             let (grads, stats) = distillation_micro_step(
                 &model,
@@ -959,6 +1062,7 @@ mod tests {
             eos: u32::MAX,
             kl_chunk: 6,
             loss_scale: 1.0,
+            recompute_layers: false,
         };
         let noise = NoiseKey {
             seed: 0,
@@ -979,5 +1083,130 @@ mod tests {
         let fixed = moments_in_param_dtypes::<B>(wrong, &param_dtypes(&mut model));
         let dtypes = moment_dtypes(&fixed);
         assert!(!dtypes.is_empty() && dtypes.iter().all(|d| *d == DType::F32));
+    }
+
+    /// Per-layer recomputation gives the one-graph step's gradients and statistics, for both
+    /// variants and with every parameter trainable (embedding and head included).
+    #[test]
+    fn recomputed_layers_give_the_same_gradients() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/qwen3");
+        let ckpt = Checkpoint::open(dir).unwrap();
+        let cfg = &ckpt.config;
+        let device = Default::default();
+        for (variant, trainable) in [
+            (crate::dms::Variant::Adapter, Trainable::Adapter),
+            (crate::dms::Variant::QNeuron, Trainable::All),
+        ] {
+            // No offset and a warm temperature keep decisions in sigmoid's sensitive range.
+            let dms = DmsConfig {
+                variant,
+                window: 2,
+                tau: 1.0,
+                offset: 0.0,
+                ..DmsConfig::default()
+            };
+            let decoder = ckpt.load_decoder::<B>(FloatFormat::F32, &device).unwrap();
+            let mut model = DmsModel::new(decoder, cfg, &dms, None, &device).unwrap();
+            // Random adapters, so that decisions sit where their gradients are not ~0.
+            for (key, slot) in model.params_mut() {
+                if let (true, ParamSlot::Matrix(p)) = (key.is_dms(), slot) {
+                    let dims = p.val().dims();
+                    *p = Param::initialized(
+                        p.id,
+                        Tensor::random(
+                            dims,
+                            burn::tensor::Distribution::Normal(0.0, 0.002),
+                            &device,
+                        ),
+                    );
+                }
+            }
+            let mut model = apply_trainable(model, trainable);
+            let batch = make_batch::<B>(
+                &[
+                    &Sequence {
+                        input_ids: vec![3, 1, 4, 1, 5, 9, 2, 6, 5, 3],
+                        attention_mask: vec![1; 10],
+                    },
+                    &Sequence {
+                        input_ids: vec![2, 7, 1, 8, 2, 8, 0, 0, 0, 0],
+                        attention_mask: vec![1, 1, 1, 1, 1, 1, 0, 0, 0, 0],
+                    },
+                ],
+                &device,
+            );
+            let step = |recompute_layers: bool| {
+                let setup = StepSetup {
+                    cfg,
+                    dms: &dms,
+                    target: 0.6,
+                    compression_weight: 1.0,
+                    eos: u32::MAX,
+                    kl_chunk: 4,
+                    loss_scale: 0.5,
+                    recompute_layers,
+                };
+                let noise = NoiseKey {
+                    seed: 7,
+                    step: 3,
+                    micro_batch: 0,
+                    rank: 0,
+                };
+                distillation_micro_step(&model, None, &batch, noise, &setup, &mut |_| {})
+            };
+            let (want, want_stats) = step(false);
+            let frac = want_stats.frac_closed;
+            assert!(
+                frac > 0.05 && frac < 0.95,
+                "{variant:?}: frac_closed {frac}"
+            );
+            let (got, got_stats) = step(true);
+            assert!((want_stats.loss - got_stats.loss).abs() < 1e-6);
+            assert_eq!(want_stats.frac_closed, got_stats.frac_closed);
+            let mut compared = 0;
+            for (key, slot) in model.params_mut() {
+                let (w, g) = match slot {
+                    ParamSlot::Vector(p) if p.is_require_grad() => (
+                        want.get::<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend, 1>(
+                            p.id,
+                        )
+                        .map(|t| t.into_data()),
+                        got.get::<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend, 1>(
+                            p.id,
+                        )
+                        .map(|t| t.into_data()),
+                    ),
+                    ParamSlot::Matrix(p) if p.is_require_grad() => (
+                        want.get::<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend, 2>(
+                            p.id,
+                        )
+                        .map(|t| t.into_data()),
+                        got.get::<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend, 2>(
+                            p.id,
+                        )
+                        .map(|t| t.into_data()),
+                    ),
+                    _ => continue,
+                };
+                let (w, g) = (
+                    w.expect("one-graph gradient"),
+                    g.unwrap_or_else(|| panic!("{key:?}: no recomputed gradient")),
+                );
+                let (w, g) = (w.to_vec::<f32>().unwrap(), g.to_vec::<f32>().unwrap());
+                let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+                assert!(
+                    scale > 1e-6,
+                    "{variant:?} {key:?}: gradient ~0, nothing compared"
+                );
+                for (a, b) in w.iter().zip(&g) {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * scale,
+                        "{variant:?} {key:?}: {a} vs {b}"
+                    );
+                }
+                compared += 1;
+            }
+            assert!(compared > 0, "{variant:?}: some gradients compared");
+        }
     }
 }
