@@ -1085,6 +1085,28 @@ mod tests {
         assert!(!dtypes.is_empty() && dtypes.iter().all(|d| *d == DType::F32));
     }
 
+    fn trained_id(slot: &ParamSlot<'_, B>) -> Option<ParamId> {
+        match slot {
+            ParamSlot::Vector(p) if p.is_require_grad() => Some(p.id),
+            ParamSlot::Matrix(p) if p.is_require_grad() => Some(p.id),
+            _ => None,
+        }
+    }
+
+    /// The gradient of the parameter in `slot`, as f32 values.
+    fn grad_values(
+        grads: &GradientsParams,
+        id: ParamId,
+        slot: &ParamSlot<'_, B>,
+    ) -> Option<Vec<f32>> {
+        type Inner = <B as burn::tensor::backend::AutodiffBackend>::InnerBackend;
+        let data = match slot {
+            ParamSlot::Vector(_) => grads.get::<Inner, 1>(id)?.into_data(),
+            ParamSlot::Matrix(_) => grads.get::<Inner, 2>(id)?.into_data(),
+        };
+        Some(data.to_vec::<f32>().unwrap())
+    }
+
     /// Per-layer recomputation gives the one-graph step's gradients and statistics, for both
     /// variants and with every parameter trainable (embedding and head included).
     #[test]
@@ -1165,34 +1187,12 @@ mod tests {
             assert_eq!(want_stats.frac_closed, got_stats.frac_closed);
             let mut compared = 0;
             for (key, slot) in model.params_mut() {
-                let (w, g) = match slot {
-                    ParamSlot::Vector(p) if p.is_require_grad() => (
-                        want.get::<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend, 1>(
-                            p.id,
-                        )
-                        .map(|t| t.into_data()),
-                        got.get::<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend, 1>(
-                            p.id,
-                        )
-                        .map(|t| t.into_data()),
-                    ),
-                    ParamSlot::Matrix(p) if p.is_require_grad() => (
-                        want.get::<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend, 2>(
-                            p.id,
-                        )
-                        .map(|t| t.into_data()),
-                        got.get::<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend, 2>(
-                            p.id,
-                        )
-                        .map(|t| t.into_data()),
-                    ),
-                    _ => continue,
+                let Some(id) = trained_id(&slot) else {
+                    continue;
                 };
-                let (w, g) = (
-                    w.expect("one-graph gradient"),
-                    g.unwrap_or_else(|| panic!("{key:?}: no recomputed gradient")),
-                );
-                let (w, g) = (w.to_vec::<f32>().unwrap(), g.to_vec::<f32>().unwrap());
+                let w = grad_values(&want, id, &slot).expect("one-graph gradient");
+                let g = grad_values(&got, id, &slot)
+                    .unwrap_or_else(|| panic!("{key:?}: no recomputed gradient"));
                 let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
                 assert!(
                     scale > 1e-6,
