@@ -32,6 +32,12 @@ fn tiny_run(out: &Path) {
     train::<CpuAutodiff>(&recipe, &options, FloatFormat::F32, &Default::default()).unwrap();
 }
 
+/// The JSON object a command prints after its human-readable lines.
+fn json_after_text(stdout: &str) -> Value {
+    let json: Vec<&str> = stdout.lines().skip_while(|l| !l.starts_with('{')).collect();
+    serde_json::from_str(&json.join("\n")).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
 fn cli(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_dms-retrofit"))
         .args(args)
@@ -103,15 +109,7 @@ fn eval_and_generate_show_the_cache_shrinking() {
         "--json",
     ]);
     assert!(ok, "{stderr}");
-    let stats: Value = serde_json::from_str(
-        stdout
-            .lines()
-            .skip_while(|l| !l.starts_with('{'))
-            .collect::<Vec<_>>()
-            .join("\n")
-            .as_str(),
-    )
-    .unwrap();
+    let stats = json_after_text(&stdout);
     assert!(stats["kv_bytes"].as_u64().unwrap() < stats["kv_bytes_dense"].as_u64().unwrap());
     assert!(stats["measured_cr"].as_f64().unwrap() > 1.0);
     let base = root().join("data/tiny-llama");
@@ -131,15 +129,7 @@ fn eval_and_generate_show_the_cache_shrinking() {
         "3",
     ]);
     assert!(ok, "{stderr}");
-    let stats: Value = serde_json::from_str(
-        stdout
-            .lines()
-            .skip_while(|l| !l.starts_with('{'))
-            .collect::<Vec<_>>()
-            .join("\n")
-            .as_str(),
-    )
-    .unwrap();
+    let stats = json_after_text(&stdout);
     assert_eq!(stats["kv_bytes"], stats["kv_bytes_dense"]);
 
     // A base model without --cr is one clear error.
