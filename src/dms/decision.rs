@@ -90,7 +90,9 @@ impl<B: Backend> DmsAdapter<B> {
             },
         })
     }
+}
 
+impl<B: crate::model::linear::LinearBackend> DmsAdapter<B> {
     /// Raw (unscaled) decision values from the layer's input residual, before `input_layernorm`.
     ///
     /// # Shapes

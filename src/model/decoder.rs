@@ -10,6 +10,7 @@ use burn::tensor::{FloatDType, Int, Tensor, activation, backend::Backend};
 
 use super::attention::{AttentionBackend, AttentionOptions, delayed_attention};
 use super::config::ModelConfig;
+use super::linear::{LinearBackend, linear};
 use super::rope::RopeTables;
 use super::weights::{LayerNorm, ParamSlot, Projection, WeightKey, WeightSource};
 
@@ -95,14 +96,16 @@ impl<B: Backend> Linear<B> {
             out.push((key(true), ParamSlot::Vector(bias)));
         }
     }
+}
 
+impl<B: LinearBackend> Linear<B> {
     /// # Shapes
     /// - `x`: `[..., d_input]` → `[..., d_output]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dtype = x.dtype();
-        burn::tensor::module::linear(
+        linear(
             x,
-            in_dtype(self.weight.val(), dtype).transpose(),
+            in_dtype(self.weight.val(), dtype),
             self.bias.as_ref().map(|b| in_dtype(b.val(), dtype)),
         )
     }
@@ -148,7 +151,7 @@ pub struct Mlp<B: Backend> {
     pub down_proj: Linear<B>,
 }
 
-impl<B: Backend> Mlp<B> {
+impl<B: LinearBackend> Mlp<B> {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` → same
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
@@ -464,7 +467,10 @@ impl<B: AttentionBackend> Decoder<B> {
         let hidden = self.norm.forward(hidden);
         match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => burn::tensor::module::linear(hidden, self.embed_tokens.val().transpose(), None),
+            None => {
+                let dtype = hidden.dtype();
+                linear(hidden, in_dtype(self.embed_tokens.val(), dtype), None)
+            }
         }
     }
 

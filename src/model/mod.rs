@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod config;
 pub mod decoder;
+pub mod linear;
 pub mod rope;
 pub mod weights;
 
