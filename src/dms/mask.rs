@@ -1,9 +1,9 @@
 //! Delayed-eviction attention masks (spec §2). Token `t` decides about token `t-1` (the one-token
 //! shift); a key is never penalised while `q - k <= W` (W+1 queries, itself included).
 //!
-//! Both masks are per KV head and shared by the query heads of its group:
-//! `[batch, kv_heads, q_len, k_len]`, i.e. one layer's mask costs `B * Hkv * T^2` elements and is
-//! dropped before the next layer starts.
+//! The attention never builds a `[q, k]` mask: it takes one bias value per key and KV head
+//! (`[batch, kv_heads, seq]`, shared by the query heads of the group) and applies it outside the
+//! window itself (`crate::model::attention`).
 
 use burn::tensor::{Bool, Tensor, TensorData, activation, backend::Backend};
 
@@ -47,21 +47,6 @@ pub fn training_key_bias<B: Backend>(z: Tensor<B, 3>) -> Tensor<B, 3> {
     activation::log_sigmoid(shift_to_keys(z).neg())
 }
 
-/// The training bias written out as a `[q, k]` matrix per KV head: the key bias outside the
-/// window, 0 inside (causality is applied by the attention itself). For tests and plots; the
-/// attention itself never builds it.
-///
-/// # Shapes
-/// - `z`: `[batch, kv_heads, seq]`, unshifted `(logit + noise) / tau` → `[batch, kv_heads, seq, seq]`
-pub fn training_bias<B: Backend>(z: Tensor<B, 3>, window: usize) -> Tensor<B, 4> {
-    let [_, _, seq] = z.dims();
-    let log_keep = training_key_bias(z);
-    let outside = outside_window::<B>(seq, seq, 0, window, &log_keep.device())
-        .float()
-        .cast(log_keep.dtype());
-    log_keep.unsqueeze_dim::<4>(2) * outside.unsqueeze::<4>()
-}
-
 /// Inference key bias: `-inf` for evicted keys (applied once their window has passed), else 0.
 ///
 /// # Shapes
@@ -80,24 +65,6 @@ pub fn inference_key_bias<B: Backend>(evicted: Tensor<B, 3>) -> Tensor<B, 3> {
 pub fn inference_key_decisions<B: Backend>(logits: Tensor<B, 3>) -> Tensor<B, 3> {
     let dtype = logits.dtype();
     shift_to_keys(logits.greater_elem(0.0).float().cast(dtype))
-}
-
-/// Inference bias: `-inf` where a key was evicted and its window has passed, else 0. This is the
-/// exact prefill mask of spec §2.3 (evicted key `k` visible to queries `k ..= k+W`).
-///
-/// # Shapes
-/// - `evicted`: `[batch, kv_heads, seq]` key decisions (0/1) → `[batch, kv_heads, seq, seq]`
-pub fn inference_bias<B: Backend>(evicted: Tensor<B, 3>, window: usize) -> Tensor<B, 4> {
-    let [batch, heads, seq] = evicted.dims();
-    let outside = outside_window::<B>(seq, seq, 0, window, &evicted.device())
-        .unsqueeze::<4>()
-        .expand([batch, heads, seq, seq]);
-    let evicted = evicted
-        .greater_elem(0.5)
-        .unsqueeze_dim::<4>(2)
-        .expand([batch, heads, seq, seq]);
-    Tensor::zeros([batch, heads, seq, seq], &outside.device())
-        .mask_fill(outside.bool_and(evicted), f32::NEG_INFINITY)
 }
 
 /// Fraction of the keys still held for the last query, per (batch, KV head): the retained share
@@ -119,6 +86,30 @@ pub fn retained_fraction<B: Backend>(evicted: Tensor<B, 3>, window: usize) -> Te
 mod tests {
     use super::*;
     use crate::backend::Cpu;
+
+    /// The training bias written out as a `[q, k]` matrix per KV head, from the production key
+    /// bias: the key bias outside the window, 0 inside (causality is the attention's).
+    fn training_bias(z: Tensor<Cpu, 3>, window: usize) -> Tensor<Cpu, 4> {
+        let [_, _, seq] = z.dims();
+        let log_keep = training_key_bias(z);
+        let outside = outside_window::<Cpu>(seq, seq, 0, window, &log_keep.device()).float();
+        log_keep.unsqueeze_dim::<4>(2) * outside.unsqueeze::<4>()
+    }
+
+    /// The inference bias as a `[q, k]` matrix, from the production key bias: `-inf` where a key
+    /// was evicted and its window has passed, else 0 (spec §2.3: evicted key `k` is visible to
+    /// queries `k ..= k+W`).
+    fn inference_bias(evicted: Tensor<Cpu, 3>, window: usize) -> Tensor<Cpu, 4> {
+        let [batch, heads, seq] = evicted.dims();
+        let inside = outside_window::<Cpu>(seq, seq, 0, window, &evicted.device())
+            .bool_not()
+            .unsqueeze::<4>()
+            .expand([batch, heads, seq, seq]);
+        inference_key_bias(evicted)
+            .unsqueeze_dim::<4>(2)
+            .expand([batch, heads, seq, seq])
+            .mask_fill(inside, 0.0)
+    }
 
     fn z_values(batch: usize, heads: usize, seq: usize) -> Vec<f32> {
         (0..batch * heads * seq)
