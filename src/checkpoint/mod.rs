@@ -8,10 +8,10 @@ pub mod names;
 pub mod resolve;
 pub mod safetensors_io;
 
-use crate::model::attention::AttentionBackend;
 use std::collections::BTreeSet;
 
 use anyhow::{Context, Result, bail};
+use burn::tensor::backend::Backend;
 use serde_json::Value;
 
 use crate::dms::{DmsConfig, DmsModel};
@@ -108,7 +108,7 @@ impl Checkpoint {
     /// Loads the model with its DMS parameters: `dms` overrides the settings in config.json (needed
     /// for base checkpoints, which have none). Adapter weights come from the files when present,
     /// else start at zero.
-    pub fn load_dms_model<B: AttentionBackend>(
+    pub fn load_dms_model<B: Backend>(
         &self,
         dms: Option<&DmsConfig>,
         format: FloatFormat,
@@ -131,7 +131,7 @@ impl Checkpoint {
     }
 
     /// Loads the base decoder onto `device`, its weights converted to `format`.
-    pub fn load_decoder<B: AttentionBackend>(
+    pub fn load_decoder<B: Backend>(
         &self,
         format: FloatFormat,
         device: &B::Device,

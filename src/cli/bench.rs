@@ -2,7 +2,6 @@
 //! recipe) on random weights of a named model shape, batch 1. Prints tokens/s; peak GPU memory is
 //! read by `scripts/bench-gpu.sh` from the driver while this runs.
 
-use crate::model::attention::TrainBackend;
 use std::time::Instant;
 
 use anyhow::{Result, bail};
@@ -16,6 +15,7 @@ use crate::backend::{Cpu, CpuAutodiff, DeviceSpec};
 use crate::data::Sequence;
 use crate::dms::noise::NoiseKey;
 use crate::dms::{DmsConfig, DmsModel};
+use crate::model::attention::TrainBackend;
 use crate::model::{
     Architecture, Decoder, FloatFormat, ModelConfig, RopeConfig, RopeScaling, WeightKey,
     WeightSource,

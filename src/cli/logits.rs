@@ -1,7 +1,6 @@
 //! `dms-retrofit logits MODEL --text ... | --ids ...`: the logits of one forward pass as JSON, for
 //! comparing with other implementations (e.g. `scripts/check_export_transformers.py`).
 
-use crate::model::attention::AttentionBackend;
 use anyhow::{Context, Result, bail};
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::{Args, ValueEnum};
@@ -11,6 +10,7 @@ use crate::backend::{Cpu, DeviceSpec};
 use crate::checkpoint::Checkpoint;
 use crate::data::Tokenizer;
 use crate::dms::Mode;
+use crate::model::attention::AttentionBackend;
 use crate::model::{FloatFormat, RopeTables};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -4,7 +4,6 @@
 //! base checkpoint), the student in training (Gumbel-sigmoid decisions, soft delayed-eviction
 //! mask), and the retrofitted model at inference (hard decisions, exact eviction mask).
 
-use crate::model::attention::AttentionBackend;
 use anyhow::{Result, bail};
 use burn::module::Module;
 use burn::tensor::{Int, Tensor, backend::Backend};
@@ -14,6 +13,7 @@ use super::decision::{
 };
 use super::mask::{inference_key_bias, inference_key_decisions, training_key_bias};
 use super::{DmsConfig, Variant};
+use crate::model::attention::AttentionBackend;
 use crate::model::decoder::{Attention, AttentionMask, DecoderLayer, Qkv, grouped_attention};
 use crate::model::{Decoder, ModelConfig, ParamSlot, RopeTables, WeightKey, WeightSource};
 
@@ -57,7 +57,7 @@ pub struct DmsOutput<B: Backend> {
     pub layers: Vec<LayerDecisions<B>>,
 }
 
-impl<B: AttentionBackend> DmsModel<B> {
+impl<B: Backend> DmsModel<B> {
     /// Wraps a base decoder; adapter weights come from `source` when it has them (a DMS export or
     /// snapshot), otherwise they start at zero (every logit `-offset`).
     pub fn new(
@@ -83,6 +83,17 @@ impl<B: AttentionBackend> DmsModel<B> {
         Ok(Self { base, adapters })
     }
 
+    /// Every parameter (base and adapters) with its key.
+    pub fn params_mut(&mut self) -> Vec<(WeightKey, ParamSlot<'_, B>)> {
+        let mut out = self.base.params_mut();
+        for (layer, adapter) in self.adapters.iter_mut().enumerate() {
+            out.extend(adapter.params_mut(layer));
+        }
+        out
+    }
+}
+
+impl<B: AttentionBackend> DmsModel<B> {
     /// Runs the decoder from position 0 with DMS in the given mode.
     ///
     /// # Shapes
@@ -121,15 +132,6 @@ impl<B: AttentionBackend> DmsModel<B> {
     ) -> (Tensor<B, 3>, Option<LayerDecisions<B>>) {
         let layer = &self.base.layers[index];
         self.layer_forward(index, layer, hidden, rope, model, dms, mode)
-    }
-
-    /// Every parameter (base and adapters) with its key.
-    pub fn params_mut(&mut self) -> Vec<(WeightKey, ParamSlot<'_, B>)> {
-        let mut out = self.base.params_mut();
-        for (layer, adapter) in self.adapters.iter_mut().enumerate() {
-            out.extend(adapter.params_mut(layer));
-        }
-        out
     }
 
     /// Final norm + LM head.

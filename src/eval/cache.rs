@@ -5,7 +5,6 @@
 //! The same structure serves the training-free baselines (StreamingLLM, TOVA, H2O): only the rule
 //! that picks which slot to free differs ([`Policy`]).
 
-use crate::model::attention::AttentionBackend;
 use std::collections::VecDeque;
 
 use burn::tensor::{Tensor, TensorData, activation, backend::Backend};
@@ -53,7 +52,7 @@ pub struct HeadCache<B: Backend> {
     recent: VecDeque<(usize, usize, bool)>,
 }
 
-impl<B: AttentionBackend> HeadCache<B> {
+impl<B: Backend> HeadCache<B> {
     fn new(head_dim: usize, device: &B::Device) -> Self {
         let capacity = 16;
         Self {
@@ -174,7 +173,7 @@ pub struct KvCache<B: Backend> {
     head_dim: usize,
 }
 
-impl<B: AttentionBackend> KvCache<B> {
+impl<B: Backend> KvCache<B> {
     pub fn new(
         layers: usize,
         kv_heads: usize,

@@ -1,13 +1,13 @@
 //! Incremental decoding with a [`KvCache`]: an exact sparse prefill for DMS models, then one token
 //! at a time. Logits equal the teacher-forced forward under the inference mask (tested).
 
-use crate::model::attention::AttentionBackend;
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 
 use super::cache::{KvCache, Policy};
 use crate::dms::decision::apply_granularity;
 use crate::dms::mask::inference_key_decisions;
 use crate::dms::{DmsConfig, DmsModel, Mode};
+use crate::model::attention::AttentionBackend;
 use crate::model::rope::inverse_frequencies;
 use crate::model::{ModelConfig, RopeTables};
 
@@ -19,7 +19,7 @@ pub struct Decoding<'a, B: Backend> {
     inv_freq: Vec<f64>,
 }
 
-fn to_bools<B: AttentionBackend>(t: Tensor<B, 3>) -> Vec<Vec<bool>> {
+fn to_bools<B: Backend>(t: Tensor<B, 3>) -> Vec<Vec<bool>> {
     let [_, heads, seq] = t.dims();
     let values = t
         .into_data()

@@ -2,8 +2,7 @@
 //! layer and KV head, for the DMS model (teacher-forced, exact inference mask) and for
 //! training-free baselines evicting to the same budget (decoded token by token).
 
-use crate::model::attention::AttentionBackend;
-use burn::tensor::{Int, Tensor, TensorData, activation};
+use burn::tensor::{Int, Tensor, TensorData, activation, backend::Backend};
 use serde::Serialize;
 
 use super::cache::{Budget, Policy};
@@ -13,6 +12,7 @@ use crate::dms::losses::{loss_mask, token_kl};
 use crate::dms::mask::{inference_key_decisions, retained_fraction};
 use crate::dms::{DmsConfig, DmsModel, Mode};
 use crate::model::ModelConfig;
+use crate::model::attention::AttentionBackend;
 
 /// Sums over tokens, so several sequences combine exactly.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -40,7 +40,7 @@ impl Totals {
     }
 }
 
-fn input<B: AttentionBackend>(seq: &Sequence, device: &B::Device) -> Tensor<B, 2, Int> {
+fn input<B: Backend>(seq: &Sequence, device: &B::Device) -> Tensor<B, 2, Int> {
     Tensor::from_data(
         TensorData::new(seq.input_ids.clone(), [1, seq.input_ids.len()]),
         device,
@@ -52,7 +52,7 @@ fn input<B: AttentionBackend>(seq: &Sequence, device: &B::Device) -> Tensor<B, 2
 ///
 /// # Shapes
 /// - `logits`, `teacher`: `[1, seq, vocab]`
-pub fn score<B: AttentionBackend>(
+pub fn score<B: Backend>(
     logits: Tensor<B, 3>,
     teacher: Tensor<B, 3>,
     seq: &Sequence,

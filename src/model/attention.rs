@@ -350,7 +350,7 @@ pub fn attention_backward<B: Backend>(
                 .sum_dim(3)
                 .sum_dim(2)
                 .reshape([geo.batch, geo.kv_heads, keys]);
-            grad_bias = accumulate3(grad_bias, part);
+            grad_bias = accumulate(grad_bias, part);
         }
         let grad_scores =
             grad_scores
@@ -368,8 +368,8 @@ pub fn attention_backward<B: Backend>(
             rows,
             geo.dim,
         ]));
-        grad_k = accumulate4(grad_k, grad_k_part.cast(FloatDType::F32));
-        grad_v = accumulate4(grad_v, grad_v_part.cast(FloatDType::F32));
+        grad_k = accumulate(grad_k, grad_k_part.cast(FloatDType::F32));
+        grad_v = accumulate(grad_v, grad_v_part.cast(FloatDType::F32));
     }
     let bias_dtype = key_bias.as_ref().map(|b| b.dtype());
     AttentionGrads {
@@ -384,22 +384,12 @@ pub fn attention_backward<B: Backend>(
 }
 
 /// Adds `part` (covering the first keys) into `total` along dim 2.
-fn accumulate4<B: Backend>(total: Tensor<B, 4>, part: Tensor<B, 4>) -> Tensor<B, 4> {
-    let [b, h, keys, d] = part.dims();
-    if keys == total.dims()[2] {
+fn accumulate<B: Backend, const D: usize>(total: Tensor<B, D>, part: Tensor<B, D>) -> Tensor<B, D> {
+    let dims = part.dims();
+    if dims[2] == total.dims()[2] {
         return total + part;
     }
-    let ranges = [0..b, 0..h, 0..keys, 0..d];
-    let sum = total.clone().slice(ranges.clone()) + part;
-    total.slice_assign(ranges, sum)
-}
-
-fn accumulate3<B: Backend>(total: Tensor<B, 3>, part: Tensor<B, 3>) -> Tensor<B, 3> {
-    let [b, h, keys] = part.dims();
-    if keys == total.dims()[2] {
-        return total + part;
-    }
-    let ranges = [0..b, 0..h, 0..keys];
+    let ranges = dims.map(|n| 0..n);
     let sum = total.clone().slice(ranges.clone()) + part;
     total.slice_assign(ranges, sum)
 }

@@ -313,7 +313,7 @@ pub struct DecoderLayer<B: Backend> {
     pub mlp: Mlp<B>,
 }
 
-impl<B: AttentionBackend> DecoderLayer<B> {
+impl<B: Backend> DecoderLayer<B> {
     fn load(
         cfg: &ModelConfig,
         source: &mut dyn WeightSource,
@@ -351,7 +351,9 @@ impl<B: AttentionBackend> DecoderLayer<B> {
             },
         })
     }
+}
 
+impl<B: AttentionBackend> DecoderLayer<B> {
     /// The MLP half of the block: `x + mlp(norm(x))`.
     pub fn feed_forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
@@ -384,7 +386,7 @@ pub struct Decoder<B: Backend> {
     pub lm_head: Option<Linear<B>>,
 }
 
-impl<B: AttentionBackend> Decoder<B> {
+impl<B: Backend> Decoder<B> {
     /// Builds the decoder from a weight source, checking every tensor's shape against `cfg`.
     pub fn load(
         cfg: &ModelConfig,
@@ -458,7 +460,9 @@ impl<B: AttentionBackend> Decoder<B> {
     pub fn embed(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         burn::tensor::module::embedding(self.embed_tokens.val(), input_ids)
     }
+}
 
+impl<B: AttentionBackend> Decoder<B> {
     /// Final norm and LM head.
     ///
     /// # Shapes

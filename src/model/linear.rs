@@ -5,7 +5,7 @@
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-use burn::tensor::{Tensor, TensorData, backend::Backend};
+use burn::tensor::{DType, Tensor, TensorData, backend::Backend};
 
 /// Backends that run [`linear`]. The default is burn's `linear` on the transposed weight.
 pub trait LinearBackend: Backend {
@@ -39,40 +39,37 @@ impl LinearBackend for crate::backend::Cpu {
         weight: Tensor<Self, 2>,
         bias: Option<Tensor<Self, 1>>,
     ) -> Tensor<Self, D> {
-        let [out_dim, in_dim] = weight.dims();
-        let rows = x.shape().num_elements() / in_dim.max(1);
-        if rows == 0 || rows > GEMV_MAX_ROWS {
-            return burn::tensor::module::linear(x, weight.transpose(), bias);
-        }
-        let device = x.device();
-        let mut shape = x.dims();
-        shape[D - 1] = out_dim;
-        let input = x
-            .clone()
-            .into_data()
-            .convert::<f32>()
-            .into_vec::<f32>()
-            .expect("f32");
-        let bias_values = bias.clone().map(|b| {
-            b.into_data()
-                .convert::<f32>()
-                .into_vec::<f32>()
-                .expect("f32")
-        });
-        let out = match weight.clone().into_primitive().tensor() {
-            burn::backend::ndarray::NdArrayTensor::F32(storage) => {
-                let view = storage.view();
-                view.as_slice()
-                    .map(|w| gemv_rows(w, &input, bias_values.as_deref(), out_dim, in_dim))
-            }
-            _ => None,
-        };
-        match out {
-            Some(out) => Tensor::from_data(TensorData::new(out, shape), &device),
-            // Not a contiguous f32 matrix: burn's path.
-            None => burn::tensor::module::linear(x, weight.transpose(), bias),
-        }
+        row_gemv(&x, &weight, bias.as_ref())
+            .unwrap_or_else(|| burn::tensor::module::linear(x, weight.transpose(), bias))
     }
+}
+
+/// The GEMV path, or `None` where it does not apply: more than [`GEMV_MAX_ROWS`] rows, or anything
+/// but a contiguous f32 weight beside f32 inputs.
+fn row_gemv<const D: usize>(
+    x: &Tensor<crate::backend::Cpu, D>,
+    weight: &Tensor<crate::backend::Cpu, 2>,
+    bias: Option<&Tensor<crate::backend::Cpu, 1>>,
+) -> Option<Tensor<crate::backend::Cpu, D>> {
+    let [out_dim, in_dim] = weight.dims();
+    let rows = x.shape().num_elements() / in_dim.max(1);
+    if rows == 0 || rows > GEMV_MAX_ROWS || x.dtype() != DType::F32 {
+        return None;
+    }
+    let burn::backend::ndarray::NdArrayTensor::F32(storage) =
+        weight.clone().into_primitive().tensor()
+    else {
+        return None;
+    };
+    let view = storage.view();
+    let w = view.as_slice()?;
+    let values = |data: TensorData| data.convert::<f32>().into_vec::<f32>().expect("f32");
+    let input = values(x.clone().into_data());
+    let bias = bias.map(|b| values(b.clone().into_data()));
+    let mut shape = x.dims();
+    shape[D - 1] = out_dim;
+    let out = gemv_rows(w, &input, bias.as_deref(), out_dim, in_dim);
+    Some(Tensor::from_data(TensorData::new(out, shape), &x.device()))
 }
 
 /// `out[r, o] = dot(W[o, :], x[r, :]) + b[o]`, rows of `W` read contiguously; the outputs are

@@ -2,7 +2,6 @@
 //! per-CR snapshots (`cr-K`). Every folder is written under a temporary name and renamed into
 //! place, so a folder that exists is complete.
 
-use crate::model::attention::AttentionBackend;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -45,7 +44,7 @@ pub struct SnapshotState {
 
 /// Writes a snapshot folder atomically: `files` get the trainable tensors, the state and the recipe;
 /// `extra` may add more (the optimizer state) into the temporary folder before the rename.
-pub fn write_snapshot<B: AttentionBackend>(
+pub fn write_snapshot<B: Backend>(
     dir: &Path,
     model: &mut DmsModel<B>,
     state: &SnapshotState,
@@ -65,9 +64,7 @@ pub fn write_snapshot<B: AttentionBackend>(
 }
 
 /// The parameters that require gradients, by Hugging Face name, as f32 host data.
-pub fn trainable_tensors<B: AttentionBackend>(
-    model: &mut DmsModel<B>,
-) -> Vec<(String, TensorData)> {
+pub fn trainable_tensors<B: Backend>(model: &mut DmsModel<B>) -> Vec<(String, TensorData)> {
     let mut out = Vec::new();
     for (key, slot) in model.params_mut() {
         let (trainable, data) = match slot {
@@ -105,7 +102,7 @@ pub fn write_tensors(path: &Path, tensors: &[(String, TensorData)]) -> Result<()
 
 /// Overwrites the model's parameters with the tensors of a snapshot (ids and gradient flags kept).
 /// Every tensor in the file must belong to the model.
-pub fn load_trainable<B: AttentionBackend>(dir: &Path, model: &mut DmsModel<B>) -> Result<usize> {
+pub fn load_trainable<B: Backend>(dir: &Path, model: &mut DmsModel<B>) -> Result<usize> {
     let path = dir.join(TRAINABLE_FILE);
     let mut store =
         crate::checkpoint::SafetensorsStore::open(std::slice::from_ref(&path), FloatFormat::F32)?;

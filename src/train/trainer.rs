@@ -1,8 +1,6 @@
 //! The retrofit loop, in the order nanoGPT taught us to read: LR -> micro-steps (teacher, student,
 //! losses, backward) -> clip -> step -> log -> eval / checkpoint / CR snapshots.
 
-use crate::model::attention::{AttentionBackend, TrainBackend};
-use crate::model::decoder::in_dtype;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -12,8 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use burn::module::{AutodiffModule, Module};
-use burn::module::{Param, ParamId};
+use burn::module::{AutodiffModule, Module, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::record::{AdaptorRecord, AdaptorRecordV1};
 use burn::optim::{
@@ -35,6 +32,8 @@ use crate::dms::losses::{compression_loss, distillation_loss, frac_closed, ids_t
 use crate::dms::mask::{inference_key_decisions, retained_fraction};
 use crate::dms::noise::NoiseKey;
 use crate::dms::{DmsConfig, DmsModel, Mode};
+use crate::model::attention::{AttentionBackend, TrainBackend};
+use crate::model::decoder::in_dtype;
 use crate::model::{
     Decoder, FloatFormat, LayerNorm, ModelConfig, ParamSlot, Projection, WeightKey,
 };
@@ -353,28 +352,64 @@ pub fn distillation_micro_step<B: TrainBackend>(
         &Mode::Train { noise: &noise },
     );
     phase_done(StepPhase::Student);
-    let mask = loss_mask::<B>(&batch.ids, &batch.mask, batch.shape, &[setup.eos], &device);
-    let kl = distillation_loss(
-        student.hidden,
-        teacher,
-        &|h| model.logits(h),
-        mask,
-        setup.kl_chunk,
-    );
     let decisions: Vec<_> = student.layers.into_iter().map(|l| l.decisions).collect();
-    let frac = frac_closed(&decisions);
-    let compression = compression_loss(frac.clone(), setup.target);
-    let loss = kl.clone() + compression.clone() * setup.compression_weight;
+    let loss = StepLoss::new(model, batch, student.hidden, teacher, &decisions, setup);
     phase_done(StepPhase::Loss);
-    let grads = GradientsParams::from_grads((loss.clone() * setup.loss_scale).backward(), model);
+    let grads = GradientsParams::from_grads(loss.backward(setup), model);
     phase_done(StepPhase::Backward);
-    let stats = StepStats {
-        loss: loss.into_scalar().elem::<f64>(),
-        kl: kl.into_scalar().elem::<f64>(),
-        compression: compression.into_scalar().elem::<f64>(),
-        frac_closed: frac.mean().into_scalar().elem::<f64>(),
-    };
-    (grads, stats)
+    (grads, loss.stats())
+}
+
+/// The micro-step's loss: chunked KL to the teacher plus the weighted compression hinge.
+struct StepLoss<B: TrainBackend> {
+    total: Tensor<B, 1>,
+    kl: Tensor<B, 1>,
+    compression: Tensor<B, 1>,
+    frac: Tensor<B, 1>,
+}
+
+impl<B: TrainBackend> StepLoss<B> {
+    fn new(
+        model: &DmsModel<B>,
+        batch: &Batch<B>,
+        student_hidden: Tensor<B, 3>,
+        teacher: Tensor<B, 3>,
+        decisions: &[Tensor<B, 3>],
+        setup: &StepSetup,
+    ) -> Self {
+        let device = batch.input.device();
+        let mask = loss_mask::<B>(&batch.ids, &batch.mask, batch.shape, &[setup.eos], &device);
+        let kl = distillation_loss(
+            student_hidden,
+            teacher,
+            &|h| model.logits(h),
+            mask,
+            setup.kl_chunk,
+        );
+        let frac = frac_closed(decisions);
+        let compression = compression_loss(frac.clone(), setup.target);
+        let total = kl.clone() + compression.clone() * setup.compression_weight;
+        Self {
+            total,
+            kl,
+            compression,
+            frac,
+        }
+    }
+
+    /// Back-propagates the loss scaled by `loss_scale` (gradient accumulation).
+    fn backward(&self, setup: &StepSetup) -> B::Gradients {
+        (self.total.clone() * setup.loss_scale).backward()
+    }
+
+    fn stats(self) -> StepStats {
+        StepStats {
+            loss: self.total.into_scalar().elem::<f64>(),
+            kl: self.kl.into_scalar().elem::<f64>(),
+            compression: self.compression.into_scalar().elem::<f64>(),
+            frac_closed: self.frac.mean().into_scalar().elem::<f64>(),
+        }
+    }
 }
 
 /// The student half of a micro-step with per-layer recomputation (activation checkpointing, as
@@ -420,19 +455,9 @@ fn recomputing_student_pass<B: TrainBackend>(
         .into_iter()
         .map(|d| Tensor::from_inner(d).require_grad())
         .collect();
-    let mask = loss_mask::<B>(&batch.ids, &batch.mask, batch.shape, &[setup.eos], &device);
-    let kl = distillation_loss(
-        last.clone(),
-        teacher,
-        &|h| model.logits(h),
-        mask,
-        setup.kl_chunk,
-    );
-    let frac = frac_closed(&decisions);
-    let compression = compression_loss(frac.clone(), setup.target);
-    let loss = kl.clone() + compression.clone() * setup.compression_weight;
+    let loss = StepLoss::new(model, batch, last.clone(), teacher, &decisions, setup);
     phase_done(StepPhase::Loss);
-    let grads = (loss.clone() * setup.loss_scale).backward();
+    let grads = loss.backward(setup);
     let mut upstream = last.grad(&grads).map(Tensor::<B, 3>::from_inner);
     let decision_grads: Vec<_> = decisions
         .iter()
@@ -464,13 +489,7 @@ fn recomputing_student_pass<B: TrainBackend>(
         accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
     }
     phase_done(StepPhase::Backward);
-    let stats = StepStats {
-        loss: loss.into_scalar().elem::<f64>(),
-        kl: kl.into_scalar().elem::<f64>(),
-        compression: compression.into_scalar().elem::<f64>(),
-        frac_closed: frac.mean().into_scalar().elem::<f64>(),
-    };
-    (accumulator.grads(), stats)
+    (accumulator.grads(), loss.stats())
 }
 
 /// Everything one evaluation reports.
