@@ -30,6 +30,9 @@ pub enum BenchCommand {
     /// One DMS distillation step on random weights: teacher + student forward, chunked KL,
     /// backward, clip, AdamW.
     Step(StepArgs),
+    /// The linear layers' GEMMs (forward, input and weight gradients) at a model shape's sizes:
+    /// the backend's path (cuBLASLt on CUDA) beside burn's matmul, timed and compared.
+    Linear(super::bench_linear::LinearArgs),
 }
 
 #[derive(Args, Debug)]
@@ -76,6 +79,10 @@ struct StepReport {
     /// Median seconds per phase of the profiled steps (with `--profile`).
     #[serde(skip_serializing_if = "Option::is_none")]
     phases_s: Option<std::collections::BTreeMap<&'static str, f64>>,
+    /// Loss and adapter-gradient norm (before clipping) of every step, warm-up first: the same
+    /// random weights and tokens give the same numbers up to rounding, whichever GEMM runs.
+    losses: Vec<f64>,
+    grad_norms: Vec<f64>,
 }
 
 /// Model shapes for benchmarks (architecture sizes of the public checkpoints).
@@ -231,6 +238,7 @@ fn step_bench<B: TrainBackend>(
         recompute_layers: args.recompute_layers,
     };
     let mut times = Vec::new();
+    let (mut losses, mut grad_norms) = (Vec::new(), Vec::new());
     let mut phase_times: std::collections::BTreeMap<&'static str, Vec<f64>> = Default::default();
     let profiled = if args.profile { 2 } else { 0 };
     for step in 0..=args.steps + profiled {
@@ -264,7 +272,9 @@ fn step_bench<B: TrainBackend>(
                     StepPhase::Backward => "4 backward",
                 })
             });
-        clip_global_norm(&mut model, &mut grads, 1.0);
+        let grad_norm = clip_global_norm(&mut model, &mut grads, 1.0);
+        losses.push(stats.loss);
+        grad_norms.push(grad_norm);
         model = optimizer.step(3e-5, model, grads);
         lap("5 clip + AdamW");
         B::sync(device)?;
@@ -303,11 +313,16 @@ fn step_bench<B: TrainBackend>(
         step_s,
         tokens_per_s: args.seq as f64 / step_s,
         phases_s,
+        losses,
+        grad_norms,
     })
 }
 
 pub fn run(command: BenchCommand) -> Result<()> {
-    let BenchCommand::Step(args) = command;
+    let args = match command {
+        BenchCommand::Step(args) => args,
+        BenchCommand::Linear(args) => return super::bench_linear::run(args),
+    };
     let spec: DeviceSpec = args.device.parse()?;
     spec.ensure_available()?;
     let report = match spec {

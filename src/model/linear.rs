@@ -1,11 +1,20 @@
-//! `y = x Wᵀ + b` as a backend operation, so the CPU backend can answer one-row inputs (decoding)
-//! with a GEMV that reads `W` in place. burn-ndarray's matmul packs the whole weight matrix on
-//! every call: 200 ms for the 49,152 x 576 LM head of SmolLM2 on one token, 490 ms through a
-//! transposed view, where a memory-bound GEMV takes a few ms (docs/performance.md).
+//! `y = x Wᵀ + b` as a backend operation, so each backend runs the GEMMs its own best way:
+//! - the CPU answers one-row inputs (decoding) with a GEMV that reads `W` in place. burn-ndarray's
+//!   matmul packs the whole weight matrix on every call: 200 ms for the 49,152 x 576 LM head of
+//!   SmolLM2 on one token, 490 ms through a transposed view, where a GEMV takes a few ms;
+//! - CUDA runs the forward and both backward GEMMs through cuBLASLt (`super::cublaslt`), 3-4x
+//!   burn-cuda's own GEMM on Hopper (docs/performance.md).
+//!
+//! Under autodiff the layer (without its bias) is one graph node whose backward calls the
+//! backend's input- and weight-gradient GEMMs.
 
 use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-use burn::tensor::{DType, Tensor, TensorData, backend::Backend};
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive, backend::Backend};
 
 /// Backends that run [`linear`]. The default is burn's `linear` on the transposed weight.
 pub trait LinearBackend: Backend {
@@ -18,6 +27,25 @@ pub trait LinearBackend: Backend {
         bias: Option<Tensor<Self, 1>>,
     ) -> Tensor<Self, D> {
         burn::tensor::module::linear(x, weight.transpose(), bias)
+    }
+
+    /// `dx = dy W`: `grad`: `[..., d_output]`, `weight`: `[d_output, d_input]` → `[..., d_input]`.
+    fn linear_hf_input_grad<const D: usize>(
+        grad: Tensor<Self, D>,
+        weight: Tensor<Self, 2>,
+    ) -> Tensor<Self, D> {
+        grad.matmul(weight.unsqueeze())
+    }
+
+    /// `dW = dyᵀ x` summed over every row: `grad`: `[..., d_output]`, `x`: `[..., d_input]` →
+    /// `[d_output, d_input]`.
+    fn linear_hf_weight_grad<const D: usize>(
+        grad: Tensor<Self, D>,
+        x: Tensor<Self, D>,
+    ) -> Tensor<Self, 2> {
+        let grad: Tensor<Self, 2> = grad.flatten(0, D - 2);
+        let x: Tensor<Self, 2> = x.flatten(0, D - 2);
+        grad.transpose().matmul(x)
     }
 }
 
@@ -130,11 +158,167 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     sum
 }
 
-#[cfg(feature = "cuda")]
-impl LinearBackend for crate::backend::Cuda {}
+/// The row stride of a tensor whose leading dimensions stack into evenly spaced rows with unit
+/// column stride, or `None` (broadcast, transposed or sliced-in-the-middle layouts).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn row_stride(shape: &[usize], strides: &[usize]) -> Option<usize> {
+    let rank = shape.len();
+    let cols = *shape.last()?;
+    if cols > 1 && strides[rank - 1] != 1 {
+        return None;
+    }
+    let mut ld = None;
+    let mut next = 0;
+    for i in (0..rank - 1).rev() {
+        if shape[i] == 1 {
+            continue;
+        }
+        match ld {
+            None => {
+                if strides[i] < cols {
+                    return None;
+                }
+                ld = Some(strides[i]);
+                next = strides[i] * shape[i];
+            }
+            Some(_) => {
+                if strides[i] != next {
+                    return None;
+                }
+                next *= shape[i];
+            }
+        }
+    }
+    Some(ld.unwrap_or(cols).max(1))
+}
 
-/// Under autodiff burn's differentiable `linear` is used as is.
-impl<B: LinearBackend, C: CheckpointStrategy> LinearBackend for Autodiff<B, C> {}
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::super::cublaslt::{LinearGemm, linear_gemm_tensors};
+    use super::*;
+    use crate::backend::Cuda;
+
+    /// Each GEMM through cuBLASLt; burn's matmul where it declines (see `cublaslt`).
+    impl LinearBackend for Cuda {
+        fn linear_hf<const D: usize>(
+            x: Tensor<Self, D>,
+            weight: Tensor<Self, 2>,
+            bias: Option<Tensor<Self, 1>>,
+        ) -> Tensor<Self, D> {
+            let Some(y) =
+                linear_gemm_tensors::<D, 2, D>(LinearGemm::Forward, x.clone(), weight.clone())
+            else {
+                return burn::tensor::module::linear(x, weight.transpose(), bias);
+            };
+            match bias {
+                Some(bias) => y + bias.unsqueeze(),
+                None => y,
+            }
+        }
+
+        fn linear_hf_input_grad<const D: usize>(
+            grad: Tensor<Self, D>,
+            weight: Tensor<Self, 2>,
+        ) -> Tensor<Self, D> {
+            linear_gemm_tensors(LinearGemm::InputGrad, grad.clone(), weight.clone())
+                .unwrap_or_else(|| grad.matmul(weight.unsqueeze()))
+        }
+
+        fn linear_hf_weight_grad<const D: usize>(
+            grad: Tensor<Self, D>,
+            x: Tensor<Self, D>,
+        ) -> Tensor<Self, 2> {
+            linear_gemm_tensors(LinearGemm::WeightGrad, grad.clone(), x.clone()).unwrap_or_else(
+                || {
+                    let grad: Tensor<Self, 2> = grad.flatten(0, D - 2);
+                    let x: Tensor<Self, 2> = x.flatten(0, D - 2);
+                    grad.transpose().matmul(x)
+                },
+            )
+        }
+    }
+}
+
+/// Under autodiff `x Wᵀ` is one node whose backward calls the inner backend's gradient GEMMs; the
+/// bias is added outside it (burn differentiates the broadcast add). Each operand is kept only if
+/// the other needs a gradient: adapter-only training keeps no activations for frozen weights.
+impl<B: LinearBackend, C: CheckpointStrategy> LinearBackend for Autodiff<B, C> {
+    fn linear_hf<const D: usize>(
+        x: Tensor<Self, D>,
+        weight: Tensor<Self, 2>,
+        bias: Option<Tensor<Self, 1>>,
+    ) -> Tensor<Self, D> {
+        #[derive(Debug)]
+        struct LinearBackward<const D: usize>;
+
+        #[derive(Debug, Clone)]
+        struct Saved<B: Backend> {
+            /// Kept when the weight needs a gradient.
+            x: Option<FloatTensor<B>>,
+            /// Kept when the input needs a gradient.
+            weight: Option<FloatTensor<B>>,
+        }
+
+        impl<B: LinearBackend, const D: usize> Backward<B, 2> for LinearBackward<D> {
+            type State = Saved<B>;
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _checkpointer: &mut Checkpointer,
+            ) {
+                let [node_x, node_weight] = ops.parents;
+                let grad = float::<B, D>(grads.consume::<B>(&ops.node));
+                let Saved { x, weight } = ops.state;
+                if let (Some(node), Some(x)) = (node_weight, x) {
+                    let dw = B::linear_hf_weight_grad(grad.clone(), float::<B, D>(x));
+                    grads.register::<B>(node.id, dw.into_primitive().tensor());
+                }
+                if let (Some(node), Some(weight)) = (node_x, weight) {
+                    let dx = B::linear_hf_input_grad(grad, float::<B, 2>(weight));
+                    grads.register::<B>(node.id, dx.into_primitive().tensor());
+                }
+            }
+        }
+
+        let (x, weight) = (
+            x.into_primitive().tensor(),
+            weight.into_primitive().tensor(),
+        );
+        let y = B::linear_hf(
+            float::<B, D>(x.primitive.clone()),
+            float::<B, 2>(weight.primitive.clone()),
+            None,
+        )
+        .into_primitive()
+        .tensor();
+        let (x_tracked, weight_tracked) = (x.is_tracked(), weight.is_tracked());
+        let output = match LinearBackward::<D>
+            .prepare::<C>([x.node.clone(), weight.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let state = Saved {
+                    x: weight_tracked.then_some(x.primitive),
+                    weight: x_tracked.then_some(weight.primitive),
+                };
+                prep.finish(state, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        let y = Tensor::<Self, D>::from_primitive(TensorPrimitive::Float(output));
+        match bias {
+            Some(bias) => y + bias.unsqueeze(),
+            None => y,
+        }
+    }
+}
+
+fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
 
 #[cfg(test)]
 mod tests {
@@ -167,5 +351,96 @@ mod tests {
                 assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "{g} vs {e}");
             }
         }
+    }
+
+    /// The autodiff node's output and gradients (input, weight, bias; each combination of which
+    /// needs a gradient) equal burn's autodiff of `x Wᵀ + b`, including the 1-row GEMV path.
+    #[test]
+    fn linear_node_gradients_match_burn_autodiff() {
+        use crate::backend::CpuAutodiff;
+        let device = Default::default();
+        for (rows, x_grad, w_grad, with_bias) in [
+            (5, true, true, true),
+            (5, true, false, false),
+            (5, false, true, true),
+            (1, true, true, false),
+        ] {
+            let x = Tensor::<Cpu, 3>::random([2, rows, 6], Distribution::Default, &device);
+            let w = Tensor::<Cpu, 2>::random([4, 6], Distribution::Default, &device);
+            let b = Tensor::<Cpu, 1>::random([4], Distribution::Default, &device);
+            let mix = Tensor::<Cpu, 3>::random([2, rows, 4], Distribution::Default, &device);
+            let run = |ours: bool| {
+                let track =
+                    |t: Tensor<CpuAutodiff, 2>, on: bool| if on { t.require_grad() } else { t };
+                let xa = Tensor::<CpuAutodiff, 3>::from_inner(x.clone());
+                let xa = if x_grad { xa.require_grad() } else { xa };
+                let wa = track(Tensor::from_inner(w.clone()), w_grad);
+                let ba = with_bias
+                    .then(|| Tensor::<CpuAutodiff, 1>::from_inner(b.clone()).require_grad());
+                let y = if ours {
+                    linear(xa.clone(), wa.clone(), ba.clone())
+                } else {
+                    let y = xa.clone().matmul(wa.clone().transpose().unsqueeze());
+                    match ba.clone() {
+                        Some(b) => y + b.unsqueeze(),
+                        None => y,
+                    }
+                };
+                let loss = (y.clone() * Tensor::from_inner(mix.clone())).sum();
+                let grads = loss.backward();
+                let flat =
+                    |t: Option<Tensor<Cpu, 3>>| t.map(|t| t.into_data().to_vec::<f32>().unwrap());
+                (
+                    y.inner().into_data().to_vec::<f32>().unwrap(),
+                    flat(xa.grad(&grads)),
+                    wa.grad(&grads)
+                        .map(|g| g.into_data().to_vec::<f32>().unwrap()),
+                    ba.and_then(|b| b.grad(&grads))
+                        .map(|g| g.into_data().to_vec::<f32>().unwrap()),
+                )
+            };
+            let (got, want) = (run(true), run(false));
+            let close = |g: &[f32], e: &[f32], what: &str| {
+                assert_eq!(g.len(), e.len(), "{what}");
+                for (g, e) in g.iter().zip(e) {
+                    assert!(
+                        (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                        "{what}: {g} vs {e}"
+                    );
+                }
+            };
+            close(&got.0, &want.0, "output");
+            assert_eq!(got.1.is_some(), x_grad);
+            assert_eq!(got.2.is_some(), w_grad);
+            for (g, e, what) in [
+                (got.1, want.1, "dx"),
+                (got.2, want.2, "dW"),
+                (got.3, want.3, "db"),
+            ] {
+                assert_eq!(g.is_some(), e.is_some(), "{what}");
+                if let (Some(g), Some(e)) = (g, e) {
+                    close(&g, &e, what);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn row_strides_of_stacked_pitched_and_foreign_layouts() {
+        // Contiguous [2, 3, 4]: rows 4 apart.
+        assert_eq!(row_stride(&[2, 3, 4], &[12, 4, 1]), Some(4));
+        // burn-cuda's pitched rows: [2, 3, 4] with rows 8 apart.
+        assert_eq!(row_stride(&[2, 3, 4], &[24, 8, 1]), Some(8));
+        // A size-1 axis may carry any stride.
+        assert_eq!(row_stride(&[1, 3, 4], &[999, 4, 1]), Some(4));
+        assert_eq!(row_stride(&[3, 1, 4], &[4, 77, 1]), Some(4));
+        // One row.
+        assert_eq!(row_stride(&[5], &[1]), Some(5));
+        // Transposed: the column stride is not 1.
+        assert_eq!(row_stride(&[4, 3], &[1, 4]), None);
+        // Batches not stacked one after the other (a slice in the middle dimension).
+        assert_eq!(row_stride(&[2, 3, 4], &[40, 4, 1]), None);
+        // Broadcast rows.
+        assert_eq!(row_stride(&[3, 4], &[0, 1]), None);
     }
 }

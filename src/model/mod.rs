@@ -2,6 +2,8 @@
 
 pub mod attention;
 pub mod config;
+#[cfg(feature = "cuda")]
+mod cublaslt;
 pub mod decoder;
 pub mod linear;
 pub mod rope;
