@@ -32,7 +32,10 @@ pub enum BenchCommand {
     Step(StepArgs),
     /// The linear layers' GEMMs (forward, input and weight gradients) at a model shape's sizes:
     /// the backend's path (cuBLASLt on CUDA) beside burn's matmul, timed and compared.
-    Linear(super::bench_linear::LinearArgs),
+    Linear(super::bench_ops::LinearArgs),
+    /// The DMS attention forward (with key bias): the backend's path (fused on CUDA) beside the
+    /// chunked tensor-op version, timed and compared.
+    Attention(super::bench_ops::AttentionArgs),
 }
 
 #[derive(Args, Debug)]
@@ -321,7 +324,8 @@ fn step_bench<B: TrainBackend>(
 pub fn run(command: BenchCommand) -> Result<()> {
     let args = match command {
         BenchCommand::Step(args) => args,
-        BenchCommand::Linear(args) => return super::bench_linear::run(args),
+        BenchCommand::Linear(args) => return super::bench_ops::run(args),
+        BenchCommand::Attention(args) => return super::bench_ops::run_attention(args),
     };
     let spec: DeviceSpec = args.device.parse()?;
     spec.ensure_available()?;

@@ -1,7 +1,7 @@
 //! The command line: argument structs, logging setup, and printing. No tensor math lives here.
 
 mod bench;
-mod bench_linear;
+mod bench_ops;
 mod eval;
 mod export;
 mod generate;

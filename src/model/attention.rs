@@ -60,9 +60,51 @@ pub trait AttentionBackend: super::linear::LinearBackend {
         key_bias: Option<FloatTensor<Self>>,
         options: AttentionOptions,
     ) -> FloatTensor<Self> {
-        let out =
-            attention_forward::<Self>(float(q), float(k), float(v), key_bias.map(float), options);
+        let out = Self::attention_forward_with_lse(
+            float(q),
+            float(k),
+            float(v),
+            key_bias.map(float),
+            options,
+        );
         out.output.into_primitive().tensor()
+    }
+
+    /// The forward with each query row's log-sum-exp (what the backward recomputes from). The
+    /// default is the chunked tensor-op [`attention_forward`].
+    fn attention_forward_with_lse(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        key_bias: Option<Tensor<Self, 3>>,
+        options: AttentionOptions,
+    ) -> AttentionForward<Self> {
+        attention_forward(q, k, v, key_bias, options)
+    }
+
+    /// The gradients of [`Self::attention_forward_with_lse`]. The default is the chunked
+    /// tensor-op [`attention_backward`].
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward_with_lse(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        key_bias: Option<Tensor<Self, 3>>,
+        forward: &AttentionForward<Self>,
+        grad_output: Tensor<Self, 4>,
+        want_bias_grad: bool,
+        options: AttentionOptions,
+    ) -> AttentionGrads<Self> {
+        attention_backward(
+            q,
+            k,
+            v,
+            key_bias,
+            forward,
+            grad_output,
+            want_bias_grad,
+            options,
+        )
     }
 }
 
@@ -79,8 +121,73 @@ impl<T> TrainBackend for T where
 
 impl AttentionBackend for crate::backend::Cpu {}
 
+/// CUDA runs the forward as cuBLASLt GEMMs around a fused softmax kernel (`super::cuda`), and the
+/// chunked tensor-op version where that path declines.
 #[cfg(feature = "cuda")]
-impl AttentionBackend for crate::backend::Cuda {}
+impl AttentionBackend for crate::backend::Cuda {
+    fn attention_forward_with_lse(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        key_bias: Option<Tensor<Self, 3>>,
+        options: AttentionOptions,
+    ) -> AttentionForward<Self> {
+        match super::cuda::attention::attention_forward(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            key_bias.clone(),
+            &options,
+        ) {
+            Some((output, lse)) => AttentionForward { output, lse },
+            None => attention_forward(q, k, v, key_bias, options),
+        }
+    }
+
+    fn attention_backward_with_lse(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        key_bias: Option<Tensor<Self, 3>>,
+        forward: &AttentionForward<Self>,
+        grad_output: Tensor<Self, 4>,
+        want_bias_grad: bool,
+        options: AttentionOptions,
+    ) -> AttentionGrads<Self> {
+        let bias_dtype = key_bias.as_ref().map(|b| b.dtype());
+        match super::cuda::attention::attention_backward(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            key_bias.clone(),
+            forward.output.clone(),
+            forward.lse.clone(),
+            grad_output.clone(),
+            want_bias_grad,
+            &options,
+        ) {
+            Some(grads) => AttentionGrads {
+                q: grads.q,
+                k: grads.k,
+                v: grads.v,
+                key_bias: grads
+                    .key_bias
+                    .zip(bias_dtype)
+                    .map(|(grad, dtype)| grad.cast(dtype)),
+            },
+            None => attention_backward(
+                q,
+                k,
+                v,
+                key_bias,
+                forward,
+                grad_output,
+                want_bias_grad,
+                options,
+            ),
+        }
+    }
+}
 
 /// Grouped-query attention, causal, with the DMS key bias when given.
 pub fn delayed_attention<B: AttentionBackend>(
@@ -418,7 +525,7 @@ impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B
             options: AttentionOptions,
         }
 
-        impl<B: Backend> Backward<B, 4> for DelayedAttentionBackward {
+        impl<B: AttentionBackend> Backward<B, 4> for DelayedAttentionBackward {
             type State = Saved<B>;
 
             fn backward(
@@ -434,7 +541,7 @@ impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B
                     output: float(saved.output),
                     lse: float(saved.lse),
                 };
-                let grads_in = attention_backward::<B>(
+                let grads_in = B::attention_backward_with_lse(
                     float(saved.q),
                     float(saved.k),
                     float(saved.v),
@@ -470,7 +577,7 @@ impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B
             )
         });
         let inner_bias = has_bias.then(|| key_bias.primitive.clone());
-        let forward = attention_forward::<B>(
+        let forward = B::attention_forward_with_lse(
             float(q.primitive.clone()),
             float(k.primitive.clone()),
             float(v.primitive.clone()),

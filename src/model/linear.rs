@@ -194,7 +194,7 @@ pub(crate) fn row_stride(shape: &[usize], strides: &[usize]) -> Option<usize> {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::super::cublaslt::{LinearGemm, linear_gemm_tensors};
+    use super::super::cuda::linear::{LinearGemm, linear_gemm};
     use super::*;
     use crate::backend::Cuda;
 
@@ -205,8 +205,7 @@ mod cuda {
             weight: Tensor<Self, 2>,
             bias: Option<Tensor<Self, 1>>,
         ) -> Tensor<Self, D> {
-            let Some(y) =
-                linear_gemm_tensors::<D, 2, D>(LinearGemm::Forward, x.clone(), weight.clone())
+            let Some(y) = linear_gemm::<D, 2, D>(LinearGemm::Forward, x.clone(), weight.clone())
             else {
                 return burn::tensor::module::linear(x, weight.transpose(), bias);
             };
@@ -220,7 +219,7 @@ mod cuda {
             grad: Tensor<Self, D>,
             weight: Tensor<Self, 2>,
         ) -> Tensor<Self, D> {
-            linear_gemm_tensors(LinearGemm::InputGrad, grad.clone(), weight.clone())
+            linear_gemm(LinearGemm::InputGrad, grad.clone(), weight.clone())
                 .unwrap_or_else(|| grad.matmul(weight.unsqueeze()))
         }
 
@@ -228,13 +227,11 @@ mod cuda {
             grad: Tensor<Self, D>,
             x: Tensor<Self, D>,
         ) -> Tensor<Self, 2> {
-            linear_gemm_tensors(LinearGemm::WeightGrad, grad.clone(), x.clone()).unwrap_or_else(
-                || {
-                    let grad: Tensor<Self, 2> = grad.flatten(0, D - 2);
-                    let x: Tensor<Self, 2> = x.flatten(0, D - 2);
-                    grad.transpose().matmul(x)
-                },
-            )
+            linear_gemm(LinearGemm::WeightGrad, grad.clone(), x.clone()).unwrap_or_else(|| {
+                let grad: Tensor<Self, 2> = grad.flatten(0, D - 2);
+                let x: Tensor<Self, 2> = x.flatten(0, D - 2);
+                grad.transpose().matmul(x)
+            })
         }
     }
 }

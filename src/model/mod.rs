@@ -3,7 +3,7 @@
 pub mod attention;
 pub mod config;
 #[cfg(feature = "cuda")]
-mod cublaslt;
+pub mod cuda;
 pub mod decoder;
 pub mod linear;
 pub mod rope;

@@ -1,0 +1,415 @@
+//! Benchmarks of single operations, each the backend's own path beside burn's generic one on the
+//! same tensors; the difference between the two is also the correctness check on the GPU.
+//! - `bench linear`: the linear layers' three GEMMs (forward, input gradient, weight gradient) at
+//!   a model shape's projection sizes (cuBLASLt on CUDA).
+//! - `bench attention`: the DMS attention forward (fused on CUDA) against the chunked tensor ops.
+//!
+//! Each prints a table, then one JSON line per row.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use burn::tensor::{Distribution, Tensor};
+use clap::Args;
+use serde::Serialize;
+
+use crate::backend::{Cpu, DeviceSpec};
+use crate::model::FloatFormat;
+use crate::model::attention::{
+    AttentionBackend, AttentionOptions, attention_backward, attention_forward,
+};
+use crate::model::linear::LinearBackend;
+
+#[derive(Args, Debug)]
+pub struct LinearArgs {
+    /// Model shape whose projections are measured (see `bench step --shape`).
+    #[arg(long, default_value = "qwen3-8b")]
+    pub shape: String,
+    /// Rows (tokens) of the activations.
+    #[arg(long, default_value_t = 4096)]
+    pub tokens: usize,
+    /// Timed calls per GEMM (median reported), after one warm-up call.
+    #[arg(long, default_value_t = 10)]
+    pub repeats: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(Serialize)]
+struct Row {
+    layer: &'static str,
+    gemm: &'static str,
+    m: usize,
+    n: usize,
+    k: usize,
+    ours_ms: f64,
+    burn_ms: f64,
+    ours_tflops: f64,
+    burn_tflops: f64,
+    /// max |ours - burn| / max |burn|
+    max_rel_diff: f64,
+}
+
+pub fn run(args: LinearArgs) -> Result<()> {
+    let spec: DeviceSpec = args.device.parse()?;
+    spec.ensure_available()?;
+    let rows = match spec {
+        DeviceSpec::Cpu => measure::<Cpu>(&args, &Default::default())?,
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(index) => {
+            let device = burn::backend::cuda::CudaDevice::new(index);
+            crate::backend::init_cuda(&device, FloatFormat::Bf16)?;
+            measure::<crate::backend::Cuda>(&args, &device)?
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceSpec::Cuda(_) => unreachable!("ensure_available fails without the cuda feature"),
+    };
+    let dtype = match spec {
+        DeviceSpec::Cpu => FloatFormat::F32,
+        DeviceSpec::Cuda(_) => FloatFormat::Bf16,
+    };
+    println!(
+        "{} on {}, {} tokens, {}:",
+        args.shape,
+        args.device,
+        args.tokens,
+        dtype.torch_name()
+    );
+    println!(
+        "{:<8} {:<12} {:>6} {:>6} {:>6} {:>9} {:>9} {:>8} {:>8} {:>7} {:>9}",
+        "layer",
+        "gemm",
+        "M",
+        "N",
+        "K",
+        "ours ms",
+        "burn ms",
+        "ours TF",
+        "burn TF",
+        "speedup",
+        "rel diff"
+    );
+    for r in &rows {
+        println!(
+            "{:<8} {:<12} {:>6} {:>6} {:>6} {:>9.3} {:>9.3} {:>8.1} {:>8.1} {:>6.2}x {:>9.2e}",
+            r.layer,
+            r.gemm,
+            r.m,
+            r.n,
+            r.k,
+            r.ours_ms,
+            r.burn_ms,
+            r.ours_tflops,
+            r.burn_tflops,
+            r.burn_ms / r.ours_ms,
+            r.max_rel_diff
+        );
+    }
+    let (ours, burn): (f64, f64) = rows
+        .iter()
+        .map(|r| (r.ours_ms, r.burn_ms))
+        .fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y));
+    println!(
+        "all rows: ours {ours:.2} ms, burn {burn:.2} ms ({:.2}x)",
+        burn / ours
+    );
+    for r in &rows {
+        println!("{}", serde_json::to_string(r)?);
+    }
+    Ok(())
+}
+
+fn measure<B: LinearBackend>(args: &LinearArgs, device: &B::Device) -> Result<Vec<Row>> {
+    let cfg = super::bench::shape(&args.shape)?;
+    let (h, q, kv) = (
+        cfg.hidden_size,
+        cfg.num_heads * cfg.head_dim,
+        cfg.num_kv_heads * cfg.head_dim,
+    );
+    let layers: [(&'static str, usize, usize); 6] = [
+        ("q", h, q),
+        ("k/v", h, kv),
+        ("o", q, h),
+        ("gate/up", h, cfg.intermediate_size),
+        ("down", cfg.intermediate_size, h),
+        ("lm_head", h, cfg.vocab_size),
+    ];
+    let m = args.tokens;
+    let mut rows = Vec::new();
+    for (layer, k, n) in layers {
+        let x = Tensor::<B, 3>::random([1, m, k], Distribution::Normal(0.0, 1.0), device);
+        let w = Tensor::<B, 2>::random([n, k], Distribution::Normal(0.0, 0.02), device);
+        let dy = Tensor::<B, 3>::random([1, m, n], Distribution::Normal(0.0, 1.0), device);
+        let forward = compare(
+            args.repeats,
+            device,
+            || B::linear_hf(x.clone(), w.clone(), None),
+            || burn::tensor::module::linear(x.clone(), w.clone().transpose(), None),
+        );
+        let input_grad = compare(
+            args.repeats,
+            device,
+            || B::linear_hf_input_grad(dy.clone(), w.clone()),
+            || dy.clone().matmul(w.clone().unsqueeze()),
+        );
+        let weight_grad = compare(
+            args.repeats,
+            device,
+            || B::linear_hf_weight_grad(dy.clone(), x.clone()),
+            || {
+                let dy: Tensor<B, 2> = dy.clone().flatten(0, 1);
+                let x: Tensor<B, 2> = x.clone().flatten(0, 1);
+                dy.transpose().matmul(x)
+            },
+        );
+        let flops = 2.0 * (m * n * k) as f64;
+        for (gemm, (ours_s, burn_s, diff)) in [
+            ("forward", forward?),
+            ("input grad", input_grad?),
+            ("weight grad", weight_grad?),
+        ] {
+            rows.push(Row {
+                layer,
+                gemm,
+                m,
+                n,
+                k,
+                ours_ms: ours_s * 1e3,
+                burn_ms: burn_s * 1e3,
+                ours_tflops: flops / ours_s / 1e12,
+                burn_tflops: flops / burn_s / 1e12,
+                max_rel_diff: diff,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// Median seconds of each path (synchronised), and their largest difference relative to the
+/// largest magnitude of burn's result.
+fn compare<B: LinearBackend, const D: usize>(
+    repeats: usize,
+    device: &B::Device,
+    ours: impl Fn() -> Tensor<B, D>,
+    burn: impl Fn() -> Tensor<B, D>,
+) -> Result<(f64, f64, f64)> {
+    let (ours_s, ours_out) = timed::<B, _>(repeats, device, &ours)?;
+    let (burn_s, burn_out) = timed::<B, _>(repeats, device, &burn)?;
+    let values = |t: Tensor<B, D>| -> Result<Vec<f32>> {
+        t.into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))
+    };
+    let (got, want) = (values(ours_out)?, values(burn_out)?);
+    let scale = want
+        .iter()
+        .fold(0f32, |m, v| m.max(v.abs()))
+        .max(f32::MIN_POSITIVE);
+    let diff = got
+        .iter()
+        .zip(&want)
+        .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+    Ok((ours_s, burn_s, (diff / scale) as f64))
+}
+
+#[derive(Args, Debug)]
+pub struct AttentionArgs {
+    /// Model shape whose heads are used (see `bench step --shape`).
+    #[arg(long, default_value = "qwen3-8b")]
+    pub shape: String,
+    /// Sequence lengths (comma-separated).
+    #[arg(long, default_value = "4096", value_delimiter = ',')]
+    pub seq: Vec<usize>,
+    /// DMS window (the key bias applies to keys further back than this).
+    #[arg(long, default_value_t = 512)]
+    pub window: usize,
+    #[arg(long, default_value_t = 5)]
+    pub repeats: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(Serialize)]
+struct AttentionRow {
+    seq: usize,
+    ours_ms: f64,
+    burn_ms: f64,
+    /// max |ours - burn| / max |burn| of the output
+    output_rel_diff: f64,
+    /// max |ours - burn| of the log-sum-exp
+    lse_max_diff: f64,
+    backward_ours_ms: f64,
+    backward_burn_ms: f64,
+    /// max |ours - burn| / max |burn| of each gradient: q, k, v, key bias
+    grad_rel_diffs: [f64; 4],
+}
+
+pub fn run_attention(args: AttentionArgs) -> Result<()> {
+    let spec: DeviceSpec = args.device.parse()?;
+    spec.ensure_available()?;
+    let rows = match spec {
+        DeviceSpec::Cpu => measure_attention::<Cpu>(&args, &Default::default())?,
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(index) => {
+            let device = burn::backend::cuda::CudaDevice::new(index);
+            crate::backend::init_cuda(&device, FloatFormat::Bf16)?;
+            measure_attention::<crate::backend::Cuda>(&args, &device)?
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceSpec::Cuda(_) => unreachable!("ensure_available fails without the cuda feature"),
+    };
+    println!(
+        "attention forward, {} heads, window {}, with key bias, on {}:",
+        args.shape, args.window, args.device
+    );
+    println!(
+        "{:>7} {:>10} {:>10} {:>12} {:>10} {:>10} {:>10}   grad rel diff q / k / v / bias",
+        "seq", "fwd ours", "fwd burn", "out rel diff", "lse diff", "bwd ours", "bwd burn",
+    );
+    for r in &rows {
+        let [dq, dk, dv, db] = r.grad_rel_diffs;
+        println!(
+            "{:>7} {:>8.2}ms {:>8.2}ms {:>12.2e} {:>10.2e} {:>8.2}ms {:>8.2}ms   {:.1e} / {:.1e} / {:.1e} / {:.1e}",
+            r.seq,
+            r.ours_ms,
+            r.burn_ms,
+            r.output_rel_diff,
+            r.lse_max_diff,
+            r.backward_ours_ms,
+            r.backward_burn_ms,
+            dq,
+            dk,
+            dv,
+            db
+        );
+    }
+    for r in &rows {
+        println!("{}", serde_json::to_string(r)?);
+    }
+    Ok(())
+}
+
+fn measure_attention<B: AttentionBackend>(
+    args: &AttentionArgs,
+    device: &B::Device,
+) -> Result<Vec<AttentionRow>> {
+    let cfg = super::bench::shape(&args.shape)?;
+    let (heads, kv_heads, dim) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+    let mut rows = Vec::new();
+    for &seq in &args.seq {
+        let normal = Distribution::Normal(0.0, 1.0);
+        let q = Tensor::<B, 4>::random([1, heads, seq, dim], normal, device);
+        let k = Tensor::<B, 4>::random([1, kv_heads, seq, dim], normal, device);
+        let v = Tensor::<B, 4>::random([1, kv_heads, seq, dim], normal, device);
+        // log(1 - p) of decisions spread over (0, 1).
+        let bias =
+            Tensor::<B, 3>::random([1, kv_heads, seq], Distribution::Uniform(-6.0, 0.0), device);
+        let mut options = AttentionOptions::causal(0);
+        options.window = args.window;
+        let ours = || {
+            B::attention_forward_with_lse(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                Some(bias.clone()),
+                options,
+            )
+        };
+        let burn =
+            || attention_forward(q.clone(), k.clone(), v.clone(), Some(bias.clone()), options);
+        let (ours_s, ours_out) = timed::<B, _>(args.repeats, device, &ours)?;
+        let (burn_s, burn_out) = timed::<B, _>(args.repeats, device, &burn)?;
+        let values = |t: Tensor<B, 4>| -> Result<Vec<f32>> {
+            t.into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .map_err(|e| anyhow::anyhow!("{e:?}"))
+        };
+        let rel = |got: Vec<f32>, want: Vec<f32>| {
+            let scale = want
+                .iter()
+                .fold(0f32, |m, v| m.max(v.abs()))
+                .max(f32::MIN_POSITIVE);
+            (got.iter()
+                .zip(&want)
+                .fold(0f32, |m, (g, w)| m.max((g - w).abs()))
+                / scale) as f64
+        };
+        let out_diff = rel(values(ours_out.output)?, values(burn_out.output.clone())?);
+        let (got, want) = (values(ours_out.lse)?, values(burn_out.lse.clone())?);
+        let lse_diff = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+        // Both backwards from the same (chunked tensor-op) forward and output gradient.
+        let grad_out = Tensor::<B, 4>::random([1, heads, seq, dim], normal, device);
+        let backward = |ours: bool| {
+            let (q, k, v, b) = (q.clone(), k.clone(), v.clone(), Some(bias.clone()));
+            if ours {
+                B::attention_backward_with_lse(
+                    q,
+                    k,
+                    v,
+                    b,
+                    &burn_out,
+                    grad_out.clone(),
+                    true,
+                    options,
+                )
+            } else {
+                attention_backward(q, k, v, b, &burn_out, grad_out.clone(), true, options)
+            }
+        };
+        let (bwd_ours_s, grads_ours) = timed::<B, _>(args.repeats, device, &|| backward(true))?;
+        let (bwd_burn_s, grads_burn) = timed::<B, _>(args.repeats, device, &|| backward(false))?;
+        let bias_values = |t: Option<Tensor<B, 3>>| -> Result<Vec<f32>> {
+            t.map(|t| {
+                t.into_data()
+                    .convert::<f32>()
+                    .to_vec::<f32>()
+                    .map_err(|e| anyhow::anyhow!("{e:?}"))
+            })
+            .unwrap_or_else(|| Ok(Vec::new()))
+        };
+        let grad_rel_diffs = [
+            rel(values(grads_ours.q)?, values(grads_burn.q)?),
+            rel(values(grads_ours.k)?, values(grads_burn.k)?),
+            rel(values(grads_ours.v)?, values(grads_burn.v)?),
+            rel(
+                bias_values(grads_ours.key_bias)?,
+                bias_values(grads_burn.key_bias)?,
+            ),
+        ];
+        rows.push(AttentionRow {
+            seq,
+            ours_ms: ours_s * 1e3,
+            burn_ms: burn_s * 1e3,
+            output_rel_diff: out_diff,
+            lse_max_diff: lse_diff as f64,
+            backward_ours_ms: bwd_ours_s * 1e3,
+            backward_burn_ms: bwd_burn_s * 1e3,
+            grad_rel_diffs,
+        });
+    }
+    Ok(rows)
+}
+
+/// Median seconds of `f` (synchronised) over `repeats` calls after one warm-up, and its result.
+fn timed<B: burn::tensor::backend::Backend, T>(
+    repeats: usize,
+    device: &B::Device,
+    f: &dyn Fn() -> T,
+) -> Result<(f64, T)> {
+    let out = f();
+    B::sync(device)?;
+    let mut times = Vec::new();
+    for _ in 0..repeats.max(1) {
+        let start = Instant::now();
+        let _ = f();
+        B::sync(device)?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((times[times.len() / 2], out))
+}

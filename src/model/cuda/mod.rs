@@ -1,0 +1,511 @@
+//! CUDA work that burn-cuda 0.21 does slowly, run on our own stream: the linear layers' GEMMs
+//! through cuBLASLt (`linear`) and the attention forward as cuBLASLt GEMMs around one fused
+//! softmax kernel (`attention`).
+//!
+//! Why: burn-cuda (cubecl 0.10) emits tensor-core code only as `mma.sync`, never Hopper's `wgmma`
+//! (its bf16 GEMM measured 0.24-0.31x cuBLAS on an H200), and without kernel fusion the chunked
+//! attention's softmax is ~10 separate elementwise passes over every score (docs/performance.md).
+//! cuBLASLt is loaded at run time (`libcublasLt.so`, through cudarc) and the kernel is compiled by
+//! NVRTC on first use; where either is unavailable, or `DMS_RETROFIT_GEMM=burn` is set, the callers
+//! fall back to burn's ops.
+//!
+//! Hand-off ([`on_our_stream`]): cubecl keeps its CUDA stream private, so each call waits for
+//! cubecl's queued work (`client.sync()`), enqueues everything on our stream, and waits for that
+//! before returning tensors to burn: two host round-trips per call. Exposing cubecl's stream (a
+//! patched cubecl-cuda) would remove both.
+
+pub mod attention;
+pub mod linear;
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use burn::tensor::DType;
+use burn_cubecl::cubecl::cuda::CudaRuntime;
+use burn_cubecl::cubecl::future::block_on;
+use burn_cubecl::tensor::CubeTensor;
+use cudarc::cublaslt::{result as lt, sys};
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+
+type Cube = CubeTensor<CudaRuntime>;
+
+/// Runs `work` on our stream with the device addresses of `tensors`, after cubecl's queued work
+/// and before burn sees the results. `None` (after saying why once) where our path is unavailable
+/// or fails; the caller then computes the result with burn's ops.
+fn on_our_stream<R>(
+    tensors: &[&Cube],
+    work: impl FnOnce(&mut DeviceContext, &[u64]) -> Result<R, String>,
+) -> Option<R> {
+    let first = tensors.first()?;
+    let context = match device_context(first.device.index) {
+        Ok(context) => context,
+        Err(why) => {
+            fallback_once(&why);
+            return None;
+        }
+    };
+    let mut context = context.lock().ok()?;
+    let client = first.client.clone();
+    // The producers of every input (and the outputs' allocations) must be done before our stream
+    // touches them.
+    if let Err(e) = block_on(client.sync()) {
+        fallback_once(&format!("cubecl sync failed: {e:?}"));
+        return None;
+    }
+    let mut resources = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        resources.push(client.get_resource(t.handle.clone()).ok()?);
+    }
+    let pointers: Vec<u64> = resources.iter().map(|r| r.resource().ptr).collect();
+    let result = work(&mut context, &pointers);
+    // Wait even after an error: part of the work may be queued. The resources (and so the
+    // buffers) stay alive until then.
+    let waited = context.stream.synchronize();
+    drop(resources);
+    match (result, waited) {
+        (Ok(r), Ok(())) => Some(r),
+        (Err(why), _) => {
+            fallback_once(&why);
+            None
+        }
+        (_, Err(e)) => {
+            fallback_once(&format!("waiting for our stream: {e:?}"));
+            None
+        }
+    }
+}
+
+/// Says once, at warn level, why burn's ops are used instead.
+fn fallback_once(why: &str) {
+    static SAID: OnceLock<()> = OnceLock::new();
+    SAID.get_or_init(|| {
+        if why.starts_with("DMS_RETROFIT_GEMM") {
+            tracing::info!("CUDA GEMMs and attention use burn's kernels ({why})");
+        } else {
+            tracing::warn!("CUDA GEMMs and attention use burn's kernels: {why}");
+        }
+    });
+}
+
+/// A row-major matrix in device memory (one of `batch` when its batch stride is non-zero).
+#[derive(Debug, Clone, Copy)]
+pub struct Matrix {
+    pub ptr: u64,
+    pub rows: usize,
+    pub cols: usize,
+    /// Elements between the starts of consecutive rows.
+    pub ld: usize,
+    /// Elements between consecutive matrices of the batch; 0 repeats the same matrix.
+    pub batch_stride: usize,
+    pub dtype: DType,
+}
+
+/// `C = alpha · op(A) · op(B) + beta · C` on row-major matrices, `batch` times.
+#[derive(Debug, Clone, Copy)]
+pub struct Gemm {
+    pub a: Matrix,
+    pub a_transposed: bool,
+    pub b: Matrix,
+    pub b_transposed: bool,
+    pub c: Matrix,
+    pub batch: usize,
+    pub alpha: f32,
+    pub beta: f32,
+}
+
+fn data_type(dtype: DType) -> Option<sys::cudaDataType> {
+    match dtype {
+        DType::F32 => Some(sys::cudaDataType::CUDA_R_32F),
+        DType::F16 => Some(sys::cudaDataType::CUDA_R_16F),
+        DType::BF16 => Some(sys::cudaDataType::CUDA_R_16BF),
+        _ => None,
+    }
+}
+
+/// What the chosen algorithm depends on (pointers only through their alignment).
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+struct AlgoKey {
+    types: (sys::cudaDataType, sys::cudaDataType),
+    trans: (bool, bool),
+    mnk: (usize, usize, usize),
+    lds: (usize, usize, usize),
+    batch: (usize, usize, usize, usize),
+    align: (u32, u32, u32),
+}
+
+/// The largest power of two (≤ 256) dividing a device address; cuBLASLt's heuristic otherwise
+/// assumes 256-byte alignment.
+fn alignment(ptr: u64) -> u32 {
+    1 << ptr.trailing_zeros().min(8)
+}
+
+/// Our state on one GPU: a stream, a cuBLASLt handle and workspace, the algorithms chosen so far,
+/// the compiled kernels, and scratch memory for attention chunks.
+pub struct DeviceContext {
+    context: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    handle: sys::cublasLtHandle_t,
+    workspace: u64,
+    algos: HashMap<AlgoKey, sys::cublasLtMatmulAlgo_t>,
+    kernels: Option<Result<Kernels, String>>,
+    scratch: Vec<(u64, usize)>,
+}
+
+// The raw handle and pointers are used only under the mutex that owns them.
+unsafe impl Send for DeviceContext {}
+
+/// 32 MiB, NVIDIA's recommendation for Hopper.
+const WORKSPACE_BYTES: usize = 32 << 20;
+
+fn device_context(ordinal: usize) -> Result<&'static Mutex<DeviceContext>, String> {
+    type Contexts = Mutex<HashMap<usize, Result<&'static Mutex<DeviceContext>, String>>>;
+    static CONTEXTS: OnceLock<Contexts> = OnceLock::new();
+    let mut contexts = CONTEXTS
+        .get_or_init(Default::default)
+        .lock()
+        .map_err(|_| "CUDA state poisoned".to_string())?;
+    contexts
+        .entry(ordinal)
+        .or_insert_with(|| {
+            if std::env::var("DMS_RETROFIT_GEMM").is_ok_and(|v| v.eq_ignore_ascii_case("burn")) {
+                return Err("DMS_RETROFIT_GEMM=burn".into());
+            }
+            let context = DeviceContext::new(ordinal)?;
+            tracing::info!(gpu = ordinal, "linear layers and attention use cuBLASLt");
+            Ok(&*Box::leak(Box::new(Mutex::new(context))))
+        })
+        .clone()
+}
+
+impl DeviceContext {
+    fn new(ordinal: usize) -> Result<Self, String> {
+        // cudarc panics when the library is missing; ask first.
+        if !unsafe { sys::is_culib_present() } {
+            return Err("libcublasLt.so not found (add the CUDA toolkit's or torch's nvidia/cu*/lib folder to LD_LIBRARY_PATH)".into());
+        }
+        // The primary context, the one cubecl retains: same address space.
+        let context = CudaContext::new(ordinal).map_err(|e| format!("CUDA context: {e:?}"))?;
+        let stream = context
+            .new_stream()
+            .map_err(|e| format!("CUDA stream: {e:?}"))?;
+        let handle = lt::create_handle().map_err(|e| format!("cublasLtCreate: {e:?}"))?;
+        let workspace = unsafe { cudarc::driver::result::malloc_sync(WORKSPACE_BYTES) }
+            .map_err(|e| format!("cuBLASLt workspace: {e:?}"))?;
+        Ok(Self {
+            context,
+            stream,
+            handle,
+            workspace,
+            algos: HashMap::new(),
+            kernels: None,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Device memory of at least `bytes` for scratch slot `slot`, kept and grown across calls.
+    /// Safe to reuse: every call waits for its work before returning.
+    fn scratch(&mut self, slot: usize, bytes: usize) -> Result<u64, String> {
+        while self.scratch.len() <= slot {
+            self.scratch.push((0, 0));
+        }
+        let (ptr, size) = self.scratch[slot];
+        if size >= bytes {
+            return Ok(ptr);
+        }
+        if ptr != 0 {
+            unsafe { cudarc::driver::result::free_sync(ptr) }
+                .map_err(|e| format!("freeing scratch: {e:?}"))?;
+        }
+        let ptr = unsafe { cudarc::driver::result::malloc_sync(bytes) }
+            .map_err(|e| format!("scratch of {bytes} bytes: {e:?}"))?;
+        self.scratch[slot] = (ptr, bytes);
+        Ok(ptr)
+    }
+
+    /// Enqueues one (batched) GEMM on our stream.
+    fn gemm(&mut self, g: &Gemm) -> Result<(), String> {
+        self.context
+            .bind_to_thread()
+            .map_err(|e| format!("binding the CUDA context: {e:?}"))?;
+        let ab_type = data_type(g.a.dtype).ok_or("unsupported dtype")?;
+        let c_type = data_type(g.c.dtype).ok_or("unsupported dtype")?;
+        if g.a.dtype != g.b.dtype {
+            return Err(format!(
+                "GEMM operands of different dtypes ({:?}, {:?})",
+                g.a.dtype, g.b.dtype
+            ));
+        }
+        let err = |what: &'static str| move |e: lt::CublasError| format!("{what}: {e:?}");
+        // cuBLAS is column-major, where each row-major matrix reads as its transpose: it computes
+        // Cᵀ = op(B)ᵀ · op(A)ᵀ, so B's storage is its first operand.
+        let (m, n) = (g.c.cols, g.c.rows);
+        let k = if g.a_transposed { g.a.rows } else { g.a.cols };
+        let desc = Desc(
+            lt::create_matmul_desc(
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cudaDataType::CUDA_R_32F,
+            )
+            .map_err(err("matmul descriptor"))?,
+        );
+        for (attr, trans) in [
+            (
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                g.b_transposed,
+            ),
+            (
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
+                g.a_transposed,
+            ),
+        ] {
+            let op: i32 = trans.into();
+            unsafe {
+                lt::set_matmul_desc_attribute(
+                    desc.0,
+                    attr,
+                    (&op as *const i32).cast(),
+                    size_of::<i32>(),
+                )
+            }
+            .map_err(err("transpose attribute"))?;
+        }
+        let layout = |mat: &Matrix, dtype| -> Result<Layout, String> {
+            let layout = Layout(
+                lt::create_matrix_layout(dtype, mat.cols as u64, mat.rows as u64, mat.ld as i64)
+                    .map_err(err("matrix layout"))?,
+            );
+            if g.batch > 1 {
+                use sys::cublasLtMatrixLayoutAttribute_t as A;
+                let count = g.batch as i32;
+                let stride = mat.batch_stride as i64;
+                unsafe {
+                    lt::set_matrix_layout_attribute(
+                        layout.0,
+                        A::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                        (&count as *const i32).cast(),
+                        size_of::<i32>(),
+                    )
+                    .map_err(err("batch count"))?;
+                    lt::set_matrix_layout_attribute(
+                        layout.0,
+                        A::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                        (&stride as *const i64).cast(),
+                        size_of::<i64>(),
+                    )
+                    .map_err(err("batch stride"))?;
+                }
+            }
+            Ok(layout)
+        };
+        let first = layout(&g.b, ab_type)?;
+        let second = layout(&g.a, ab_type)?;
+        let out = layout(&g.c, c_type)?;
+        let key = AlgoKey {
+            types: (ab_type, c_type),
+            trans: (g.b_transposed, g.a_transposed),
+            mnk: (m, n, k),
+            lds: (g.b.ld, g.a.ld, g.c.ld),
+            batch: (
+                g.batch,
+                g.b.batch_stride,
+                g.a.batch_stride,
+                g.c.batch_stride,
+            ),
+            align: (alignment(g.b.ptr), alignment(g.a.ptr), alignment(g.c.ptr)),
+        };
+        let algo = match self.algos.get(&key) {
+            Some(algo) => *algo,
+            None => {
+                let algo = self.choose_algo(&desc, &first, &second, &out, key.align)?;
+                self.algos.insert(key, algo);
+                algo
+            }
+        };
+        unsafe {
+            lt::matmul(
+                self.handle,
+                desc.0,
+                (&g.alpha as *const f32).cast(),
+                (&g.beta as *const f32).cast(),
+                g.b.ptr as *const c_void,
+                first.0,
+                g.a.ptr as *const c_void,
+                second.0,
+                g.c.ptr as *const c_void,
+                out.0,
+                g.c.ptr as *mut c_void,
+                out.0,
+                &algo,
+                self.workspace as *mut c_void,
+                WORKSPACE_BYTES,
+                self.stream.cu_stream().cast(),
+            )
+        }
+        .map_err(err("cublasLtMatmul"))
+    }
+
+    fn choose_algo(
+        &self,
+        desc: &Desc,
+        first: &Layout,
+        second: &Layout,
+        out: &Layout,
+        (align_first, align_second, align_out): (u32, u32, u32),
+    ) -> Result<sys::cublasLtMatmulAlgo_t, String> {
+        use sys::cublasLtMatmulPreferenceAttributes_t as A;
+        let pref = Pref(lt::create_matmul_pref().map_err(|e| format!("preference: {e:?}"))?);
+        let set = |attr, value: *const c_void, size| unsafe {
+            lt::set_matmul_pref_attribute(pref.0, attr, value, size)
+                .map_err(|e| format!("preference attribute: {e:?}"))
+        };
+        let workspace = WORKSPACE_BYTES as u64;
+        set(
+            A::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            (&workspace as *const u64).cast(),
+            size_of::<u64>(),
+        )?;
+        for (attr, align) in [
+            (A::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align_first),
+            (A::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align_second),
+            (A::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align_out),
+            (A::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align_out),
+        ] {
+            set(attr, (&align as *const u32).cast(), size_of::<u32>())?;
+        }
+        let heuristic = unsafe {
+            lt::get_matmul_algo_heuristic(
+                self.handle,
+                desc.0,
+                first.0,
+                second.0,
+                out.0,
+                out.0,
+                pref.0,
+            )
+        }
+        .map_err(|e| format!("no cuBLASLt algorithm for this shape: {e:?}"))?;
+        Ok(heuristic.algo)
+    }
+
+    /// The NVRTC-compiled kernels, compiled on first use.
+    fn kernels(&mut self) -> Result<&Kernels, String> {
+        if self.kernels.is_none() {
+            self.kernels = Some(Kernels::compile(&self.context));
+        }
+        match self.kernels.as_ref() {
+            Some(Ok(kernels)) => Ok(kernels),
+            Some(Err(why)) => Err(why.clone()),
+            None => unreachable!("compiled above"),
+        }
+    }
+
+    /// Launches `function` on our stream with `args` (device addresses and integers).
+    fn launch(
+        &self,
+        function: &CudaFunction,
+        grid: (u32, u32, u32),
+        block: u32,
+        args: &[KernelArg],
+    ) -> Result<(), String> {
+        let mut launch = self.stream.launch_builder(function);
+        for arg in args {
+            match arg {
+                KernelArg::Pointer(p) => launch.arg(p),
+                KernelArg::Int(i) => launch.arg(i),
+            };
+        }
+        unsafe {
+            launch.launch(LaunchConfig {
+                grid_dim: grid,
+                block_dim: (block, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map(|_| ())
+        .map_err(|e| format!("kernel launch: {e:?}"))
+    }
+}
+
+impl DeviceContext {
+    /// Zeroes `bytes` at `ptr` on our stream.
+    fn zero(&self, ptr: u64, bytes: usize) -> Result<(), String> {
+        unsafe { cudarc::driver::result::memset_d8_async(ptr, 0, bytes, self.stream.cu_stream()) }
+            .map_err(|e| format!("memset: {e:?}"))
+    }
+}
+
+enum KernelArg {
+    Pointer(u64),
+    Int(i32),
+}
+
+/// The fused kernels (`softmax.cu`).
+struct Kernels {
+    softmax_rows_bf16: CudaFunction,
+    softmax_rows_f32: CudaFunction,
+    attention_grad_rows_bf16: CudaFunction,
+    attention_grad_rows_f32: CudaFunction,
+    bias_grad_columns: CudaFunction,
+}
+
+impl Kernels {
+    fn compile(context: &Arc<CudaContext>) -> Result<Self, String> {
+        use cudarc::driver::sys::CUdevice_attribute as Attr;
+        let capability = |attr| context.attribute(attr).unwrap_or(0);
+        let arch = match (
+            capability(Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
+            capability(Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR),
+        ) {
+            (8, 0) => "compute_80",
+            (8, 6) => "compute_86",
+            (8, 9) => "compute_89",
+            (9, _) => "compute_90",
+            (10, _) => "compute_100",
+            (12, _) => "compute_120",
+            // PTX for the oldest architecture CUDA 13 supports; the driver compiles it forward.
+            _ => "compute_75",
+        };
+        let options = cudarc::nvrtc::CompileOptions {
+            arch: Some(arch),
+            ..Default::default()
+        };
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(include_str!("softmax.cu"), options)
+            .map_err(|e| format!("NVRTC compiling softmax.cu: {e:?}"))?;
+        let module = context
+            .load_module(ptx)
+            .map_err(|e| format!("loading softmax.cu: {e:?}"))?;
+        let function = |name: &str| {
+            module
+                .load_function(name)
+                .map_err(|e| format!("softmax.cu: {name}: {e:?}"))
+        };
+        Ok(Self {
+            softmax_rows_bf16: function("softmax_rows_bf16")?,
+            softmax_rows_f32: function("softmax_rows_f32")?,
+            attention_grad_rows_bf16: function("attention_grad_rows_bf16")?,
+            attention_grad_rows_f32: function("attention_grad_rows_f32")?,
+            bias_grad_columns: function("bias_grad_columns")?,
+        })
+    }
+}
+
+/// Owners that free cuBLASLt descriptors.
+struct Desc(sys::cublasLtMatmulDesc_t);
+struct Layout(sys::cublasLtMatrixLayout_t);
+struct Pref(sys::cublasLtMatmulPreference_t);
+
+impl Drop for Desc {
+    fn drop(&mut self) {
+        let _ = unsafe { lt::destroy_matmul_desc(self.0) };
+    }
+}
+impl Drop for Layout {
+    fn drop(&mut self) {
+        let _ = unsafe { lt::destroy_matrix_layout(self.0) };
+    }
+}
+impl Drop for Pref {
+    fn drop(&mut self) {
+        let _ = unsafe { lt::destroy_matmul_pref(self.0) };
+    }
+}
