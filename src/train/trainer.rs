@@ -19,7 +19,7 @@ use burn::optim::{
 };
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::json;
@@ -28,7 +28,10 @@ use super::snapshot::{self, SnapshotState};
 use crate::checkpoint::Checkpoint;
 use crate::data::ChatTemplate;
 use crate::data::dataset::{Dataset, Sequence, sample_index};
-use crate::dms::losses::{compression_loss, distillation_loss, frac_closed, ids_tensor, loss_mask};
+use crate::dms::losses::{
+    compression_loss, distillation_loss, distillation_loss_chunked_backward, frac_closed,
+    ids_tensor, loss_mask,
+};
 use crate::dms::mask::{inference_key_decisions, retained_fraction};
 use crate::dms::noise::NoiseKey;
 use crate::dms::{DmsConfig, DmsModel, Mode};
@@ -353,19 +356,29 @@ pub fn distillation_micro_step<B: TrainBackend>(
     );
     phase_done(StepPhase::Student);
     let decisions: Vec<_> = student.layers.into_iter().map(|l| l.decisions).collect();
-    let loss = StepLoss::new(model, batch, student.hidden, teacher, &decisions, setup);
+    let mut loss = StepLoss::new(model, batch, student.hidden, teacher, &decisions, setup);
     phase_done(StepPhase::Loss);
-    let grads = GradientsParams::from_grads(loss.backward(setup), model);
+    let grads = loss.backward();
+    let grads = loss.params_grads(model, grads);
     phase_done(StepPhase::Backward);
     (grads, loss.stats())
 }
 
 /// The micro-step's loss: chunked KL to the teacher plus the weighted compression hinge.
+///
+/// The KL is back-propagated chunk by chunk as it is computed
+/// ([`distillation_loss_chunked_backward`]); what remains for the model's graph is a surrogate
+/// `(student_hidden * dKL/dhidden).sum() + weight * hinge` with the same gradients.
 struct StepLoss<B: TrainBackend> {
-    total: Tensor<B, 1>,
+    /// KL value (detached, unscaled).
     kl: Tensor<B, 1>,
     compression: Tensor<B, 1>,
     frac: Tensor<B, 1>,
+    compression_weight: f64,
+    /// Scaled by `loss_scale`.
+    surrogate: Tensor<B, 1>,
+    /// Gradients from the KL chunks' own graphs (the head, when it trains), scaled.
+    head_grads: GradientsParams,
 }
 
 impl<B: TrainBackend> StepLoss<B> {
@@ -379,34 +392,51 @@ impl<B: TrainBackend> StepLoss<B> {
     ) -> Self {
         let device = batch.input.device();
         let mask = loss_mask::<B>(&batch.ids, &batch.mask, batch.shape, &[setup.eos], &device);
-        let kl = distillation_loss(
-            student_hidden,
+        let mut head = GradientsAccumulator::<DmsModel<B>>::new();
+        let (kl, grad_hidden) = distillation_loss_chunked_backward(
+            &student_hidden,
             teacher,
             &|h| model.logits(h),
             mask,
             setup.kl_chunk,
+            setup.loss_scale,
+            &mut |grads| head.accumulate(model, GradientsParams::from_grads(grads, model)),
         );
         let frac = frac_closed(decisions);
         let compression = compression_loss(frac.clone(), setup.target);
-        let total = kl.clone() + compression.clone() * setup.compression_weight;
+        // The product is in the activation dtype; the hinge is f32.
+        let surrogate = (student_hidden * grad_hidden).sum().cast(FloatDType::F32)
+            + compression.clone() * (setup.compression_weight * setup.loss_scale);
         Self {
-            total,
-            kl,
+            kl: kl / setup.loss_scale,
             compression,
             frac,
+            compression_weight: setup.compression_weight,
+            surrogate,
+            head_grads: head.grads(),
         }
     }
 
-    /// Back-propagates the loss scaled by `loss_scale` (gradient accumulation).
-    fn backward(&self, setup: &StepSetup) -> B::Gradients {
-        (self.total.clone() * setup.loss_scale).backward()
+    /// Back-propagates the rest of the loss (already scaled by `loss_scale`) through the model.
+    fn backward(&self) -> B::Gradients {
+        self.surrogate.backward()
+    }
+
+    /// All parameter gradients: the model graph's `grads` plus the KL chunks'.
+    fn params_grads(&mut self, model: &DmsModel<B>, grads: B::Gradients) -> GradientsParams {
+        let mut all = GradientsAccumulator::<DmsModel<B>>::new();
+        all.accumulate(model, GradientsParams::from_grads(grads, model));
+        all.accumulate(model, std::mem::take(&mut self.head_grads));
+        all.grads()
     }
 
     fn stats(self) -> StepStats {
+        let kl = self.kl.into_scalar().elem::<f64>();
+        let compression = self.compression.into_scalar().elem::<f64>();
         StepStats {
-            loss: self.total.into_scalar().elem::<f64>(),
-            kl: self.kl.into_scalar().elem::<f64>(),
-            compression: self.compression.into_scalar().elem::<f64>(),
+            loss: kl + compression * self.compression_weight,
+            kl,
+            compression,
             frac_closed: self.frac.mean().into_scalar().elem::<f64>(),
         }
     }
@@ -455,16 +485,16 @@ fn recomputing_student_pass<B: TrainBackend>(
         .into_iter()
         .map(|d| Tensor::from_inner(d).require_grad())
         .collect();
-    let loss = StepLoss::new(model, batch, last.clone(), teacher, &decisions, setup);
+    let mut loss = StepLoss::new(model, batch, last.clone(), teacher, &decisions, setup);
     phase_done(StepPhase::Loss);
-    let grads = loss.backward(setup);
+    let grads = loss.backward();
     let mut upstream = last.grad(&grads).map(Tensor::<B, 3>::from_inner);
     let decision_grads: Vec<_> = decisions
         .iter()
         .map(|d| d.grad(&grads).map(Tensor::<B, 3>::from_inner))
         .collect();
     let mut accumulator = GradientsAccumulator::<DmsModel<B>>::new();
-    accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
+    accumulator.accumulate(model, loss.params_grads(model, grads));
 
     // 3. Each layer again, with a graph, last to first.
     let mode = Mode::Train { noise };
