@@ -33,6 +33,10 @@ pub struct LinearArgs {
     pub repeats: usize,
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Time only the backend's path: burn's side autotunes every new matmul shape on a cold
+    /// GPU (minutes), and is only needed for the comparison.
+    #[arg(long)]
+    pub ours_only: bool,
 }
 
 #[derive(Serialize)]
@@ -141,19 +145,19 @@ fn measure<B: LinearBackend>(args: &LinearArgs, device: &B::Device) -> Result<Ve
         let w = Tensor::<B, 2>::random([n, k], Distribution::Normal(0.0, 0.02), device);
         let dy = Tensor::<B, 3>::random([1, m, n], Distribution::Normal(0.0, 1.0), device);
         let forward = compare(
-            args.repeats,
+            args,
             device,
             || B::linear_hf(x.clone(), w.clone(), None),
             || burn::tensor::module::linear(x.clone(), w.clone().transpose(), None),
         );
         let input_grad = compare(
-            args.repeats,
+            args,
             device,
             || B::linear_hf_input_grad(dy.clone(), w.clone()),
             || dy.clone().matmul(w.clone().unsqueeze()),
         );
         let weight_grad = compare(
-            args.repeats,
+            args,
             device,
             || B::linear_hf_weight_grad(dy.clone(), x.clone()),
             || {
@@ -186,15 +190,18 @@ fn measure<B: LinearBackend>(args: &LinearArgs, device: &B::Device) -> Result<Ve
 }
 
 /// Median seconds of each path (synchronised), and their largest difference relative to the
-/// largest magnitude of burn's result.
+/// largest magnitude of burn's result (NaN for burn's side with `--ours-only`).
 fn compare<B: LinearBackend, const D: usize>(
-    repeats: usize,
+    args: &LinearArgs,
     device: &B::Device,
     ours: impl Fn() -> Tensor<B, D>,
     burn: impl Fn() -> Tensor<B, D>,
 ) -> Result<(f64, f64, f64)> {
-    let (ours_s, ours_out) = timed::<B, _>(repeats, device, &ours)?;
-    let (burn_s, burn_out) = timed::<B, _>(repeats, device, &burn)?;
+    let (ours_s, ours_out) = timed::<B, _>(args.repeats, device, &ours)?;
+    if args.ours_only {
+        return Ok((ours_s, f64::NAN, f64::NAN));
+    }
+    let (burn_s, burn_out) = timed::<B, _>(args.repeats, device, &burn)?;
     let values = |t: Tensor<B, D>| -> Result<Vec<f32>> {
         t.into_data()
             .convert::<f32>()
