@@ -50,6 +50,16 @@ fn export(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `export` that must succeed (its stderr is the failure message).
+fn export_ok(args: &[&str]) {
+    let result = export(args);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+}
+
 fn bits(t: Tensor<Cpu, 3>) -> Vec<u32> {
     t.into_data()
         .into_vec::<f32>()
@@ -93,18 +103,13 @@ fn adapter_export_round_trips_and_copies_untouched_tensors() {
     let run = dir.path().join("run");
     short_run(&run, &[]);
     let out = dir.path().join("export");
-    let result = export(&[
+    export_ok(&[
         run.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
         "--dtype",
         "f32",
     ]);
-    assert!(
-        result.status.success(),
-        "{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
     for file in [
         "config.json",
         "model.safetensors",
@@ -190,7 +195,7 @@ fn adapter_export_round_trips_and_copies_untouched_tensors() {
 
     // Sharded export loads identically.
     let sharded = dir.path().join("sharded");
-    let result = export(&[
+    export_ok(&[
         snapshot.to_str().unwrap(),
         "--out",
         sharded.to_str().unwrap(),
@@ -199,11 +204,6 @@ fn adapter_export_round_trips_and_copies_untouched_tensors() {
         "--max-shard-size",
         "100KB",
     ]);
-    assert!(
-        result.status.success(),
-        "{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
     assert!(sharded.join("model.safetensors.index.json").is_file());
     let index: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(sharded.join("model.safetensors.index.json")).unwrap(),
@@ -238,18 +238,13 @@ fn q_neuron_export_has_no_extra_tensors_and_round_trips() {
         ],
     );
     let out = dir.path().join("export");
-    let result = export(&[
+    export_ok(&[
         run.join("cr-2").to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
         "--dtype",
         "f32",
     ]);
-    assert!(
-        result.status.success(),
-        "{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["dms_separate_alpha"], false);
