@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::{Distribution, Tensor, backend::Backend};
 use clap::Args;
 use serde::Serialize;
 
@@ -18,7 +18,7 @@ use crate::model::FloatFormat;
 use crate::model::attention::{
     AttentionBackend, AttentionOptions, attention_backward, attention_forward,
 };
-use crate::model::linear::LinearBackend;
+use crate::model::linear::{LinearBackend, burn_ops};
 
 #[derive(Args, Debug)]
 pub struct LinearArgs {
@@ -148,23 +148,19 @@ fn measure<B: LinearBackend>(args: &LinearArgs, device: &B::Device) -> Result<Ve
             args,
             device,
             || B::linear_hf(x.clone(), w.clone(), None),
-            || burn::tensor::module::linear(x.clone(), w.clone().transpose(), None),
+            || burn_ops::linear(x.clone(), w.clone(), None),
         );
         let input_grad = compare(
             args,
             device,
             || B::linear_hf_input_grad(dy.clone(), w.clone()),
-            || dy.clone().matmul(w.clone().unsqueeze()),
+            || burn_ops::input_grad(dy.clone(), w.clone()),
         );
         let weight_grad = compare(
             args,
             device,
             || B::linear_hf_weight_grad(dy.clone(), x.clone()),
-            || {
-                let dy: Tensor<B, 2> = dy.clone().flatten(0, 1);
-                let x: Tensor<B, 2> = x.clone().flatten(0, 1);
-                dy.transpose().matmul(x)
-            },
+            || burn_ops::weight_grad(dy.clone(), x.clone()),
         );
         let flops = 2.0 * (m * n * k) as f64;
         for (gemm, (ours_s, burn_s, diff)) in [
@@ -202,22 +198,30 @@ fn compare<B: LinearBackend, const D: usize>(
         return Ok((ours_s, f64::NAN, f64::NAN));
     }
     let (burn_s, burn_out) = timed::<B, _>(args.repeats, device, &burn)?;
-    let values = |t: Tensor<B, D>| -> Result<Vec<f32>> {
-        t.into_data()
-            .convert::<f32>()
-            .to_vec::<f32>()
-            .map_err(|e| anyhow::anyhow!("{e:?}"))
-    };
-    let (got, want) = (values(ours_out)?, values(burn_out)?);
+    let diff = max_rel_diff(&f32_values(ours_out)?, &f32_values(burn_out)?);
+    Ok((ours_s, burn_s, diff))
+}
+
+fn f32_values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>> {
+    t.into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))
+}
+
+fn max_abs_diff(got: &[f32], want: &[f32]) -> f32 {
+    got.iter()
+        .zip(want)
+        .fold(0f32, |m, (g, w)| m.max((g - w).abs()))
+}
+
+/// max |got - want| / max |want|
+fn max_rel_diff(got: &[f32], want: &[f32]) -> f64 {
     let scale = want
         .iter()
         .fold(0f32, |m, v| m.max(v.abs()))
         .max(f32::MIN_POSITIVE);
-    let diff = got
-        .iter()
-        .zip(&want)
-        .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
-    Ok((ours_s, burn_s, (diff / scale) as f64))
+    (max_abs_diff(got, want) / scale) as f64
 }
 
 #[derive(Args, Debug)]
@@ -327,28 +331,14 @@ fn measure_attention<B: AttentionBackend>(
             || attention_forward(q.clone(), k.clone(), v.clone(), Some(bias.clone()), options);
         let (ours_s, ours_out) = timed::<B, _>(args.repeats, device, &ours)?;
         let (burn_s, burn_out) = timed::<B, _>(args.repeats, device, &burn)?;
-        let values = |t: Tensor<B, 4>| -> Result<Vec<f32>> {
-            t.into_data()
-                .convert::<f32>()
-                .to_vec::<f32>()
-                .map_err(|e| anyhow::anyhow!("{e:?}"))
+        let rel = |got: Tensor<B, 4>, want: Tensor<B, 4>| -> Result<f64> {
+            Ok(max_rel_diff(&f32_values(got)?, &f32_values(want)?))
         };
-        let rel = |got: Vec<f32>, want: Vec<f32>| {
-            let scale = want
-                .iter()
-                .fold(0f32, |m, v| m.max(v.abs()))
-                .max(f32::MIN_POSITIVE);
-            (got.iter()
-                .zip(&want)
-                .fold(0f32, |m, (g, w)| m.max((g - w).abs()))
-                / scale) as f64
-        };
-        let out_diff = rel(values(ours_out.output)?, values(burn_out.output.clone())?);
-        let (got, want) = (values(ours_out.lse)?, values(burn_out.lse.clone())?);
-        let lse_diff = got
-            .iter()
-            .zip(&want)
-            .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+        let out_diff = rel(ours_out.output, burn_out.output.clone())?;
+        let lse_diff = max_abs_diff(
+            &f32_values(ours_out.lse)?,
+            &f32_values(burn_out.lse.clone())?,
+        );
         // Both backwards from the same (chunked tensor-op) forward and output gradient.
         let grad_out = Tensor::<B, 4>::random([1, heads, seq, dim], normal, device);
         let backward = |ours: bool| {
@@ -370,22 +360,14 @@ fn measure_attention<B: AttentionBackend>(
         };
         let (bwd_ours_s, grads_ours) = timed::<B, _>(args.repeats, device, &|| backward(true))?;
         let (bwd_burn_s, grads_burn) = timed::<B, _>(args.repeats, device, &|| backward(false))?;
-        let bias_values = |t: Option<Tensor<B, 3>>| -> Result<Vec<f32>> {
-            t.map(|t| {
-                t.into_data()
-                    .convert::<f32>()
-                    .to_vec::<f32>()
-                    .map_err(|e| anyhow::anyhow!("{e:?}"))
-            })
-            .unwrap_or_else(|| Ok(Vec::new()))
-        };
+        let bias_values = |t: Option<Tensor<B, 3>>| t.map_or_else(|| Ok(Vec::new()), f32_values);
         let grad_rel_diffs = [
-            rel(values(grads_ours.q)?, values(grads_burn.q)?),
-            rel(values(grads_ours.k)?, values(grads_burn.k)?),
-            rel(values(grads_ours.v)?, values(grads_burn.v)?),
-            rel(
-                bias_values(grads_ours.key_bias)?,
-                bias_values(grads_burn.key_bias)?,
+            rel(grads_ours.q, grads_burn.q)?,
+            rel(grads_ours.k, grads_burn.k)?,
+            rel(grads_ours.v, grads_burn.v)?,
+            max_rel_diff(
+                &bias_values(grads_ours.key_bias)?,
+                &bias_values(grads_burn.key_bias)?,
             ),
         ];
         rows.push(AttentionRow {

@@ -2,7 +2,7 @@
 //! - the CPU answers one-row inputs (decoding) with a GEMV that reads `W` in place. burn-ndarray's
 //!   matmul packs the whole weight matrix on every call: 200 ms for the 49,152 x 576 LM head of
 //!   SmolLM2 on one token, 490 ms through a transposed view, where a GEMV takes a few ms;
-//! - CUDA runs the forward and both backward GEMMs through cuBLASLt (`super::cublaslt`), 3-4x
+//! - CUDA runs the forward and both backward GEMMs through cuBLASLt (`super::cuda::linear`), 3-4x
 //!   burn-cuda's own GEMM on Hopper (docs/performance.md).
 //!
 //! Under autodiff the layer (without its bias) is one graph node whose backward calls the
@@ -16,7 +16,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive, backend::Backend};
 
-/// Backends that run [`linear`]. The default is burn's `linear` on the transposed weight.
+/// Backends that run [`linear`]. The defaults are burn's own ops ([`burn_ops`]).
 pub trait LinearBackend: Backend {
     /// # Shapes
     /// - `x`: `[..., d_input]`, `weight`: `[d_output, d_input]` (Hugging Face layout),
@@ -26,7 +26,7 @@ pub trait LinearBackend: Backend {
         weight: Tensor<Self, 2>,
         bias: Option<Tensor<Self, 1>>,
     ) -> Tensor<Self, D> {
-        burn::tensor::module::linear(x, weight.transpose(), bias)
+        burn_ops::linear(x, weight, bias)
     }
 
     /// `dx = dy W`: `grad`: `[..., d_output]`, `weight`: `[d_output, d_input]` → `[..., d_input]`.
@@ -34,7 +34,7 @@ pub trait LinearBackend: Backend {
         grad: Tensor<Self, D>,
         weight: Tensor<Self, 2>,
     ) -> Tensor<Self, D> {
-        grad.matmul(weight.unsqueeze())
+        burn_ops::input_grad(grad, weight)
     }
 
     /// `dW = dyᵀ x` summed over every row: `grad`: `[..., d_output]`, `x`: `[..., d_input]` →
@@ -43,9 +43,48 @@ pub trait LinearBackend: Backend {
         grad: Tensor<Self, D>,
         x: Tensor<Self, D>,
     ) -> Tensor<Self, 2> {
-        let grad: Tensor<Self, 2> = grad.flatten(0, D - 2);
-        let x: Tensor<Self, 2> = x.flatten(0, D - 2);
+        burn_ops::weight_grad(grad, x)
+    }
+}
+
+/// The three GEMMs with burn's own ops: [`LinearBackend`]'s defaults, the fallback of the
+/// backends that override them, and the reference `bench linear` compares against.
+pub mod burn_ops {
+    use burn::tensor::{Tensor, backend::Backend};
+
+    pub fn linear<B: Backend, const D: usize>(
+        x: Tensor<B, D>,
+        weight: Tensor<B, 2>,
+        bias: Option<Tensor<B, 1>>,
+    ) -> Tensor<B, D> {
+        burn::tensor::module::linear(x, weight.transpose(), bias)
+    }
+
+    pub fn input_grad<B: Backend, const D: usize>(
+        grad: Tensor<B, D>,
+        weight: Tensor<B, 2>,
+    ) -> Tensor<B, D> {
+        grad.matmul(weight.unsqueeze())
+    }
+
+    pub fn weight_grad<B: Backend, const D: usize>(
+        grad: Tensor<B, D>,
+        x: Tensor<B, D>,
+    ) -> Tensor<B, 2> {
+        let grad: Tensor<B, 2> = grad.flatten(0, D - 2);
+        let x: Tensor<B, 2> = x.flatten(0, D - 2);
         grad.transpose().matmul(x)
+    }
+
+    /// `y + b`, the bias broadcast over the rows.
+    pub fn plus_bias<B: Backend, const D: usize>(
+        y: Tensor<B, D>,
+        bias: Option<Tensor<B, 1>>,
+    ) -> Tensor<B, D> {
+        match bias {
+            Some(bias) => y + bias.unsqueeze(),
+            None => y,
+        }
     }
 }
 
@@ -67,8 +106,7 @@ impl LinearBackend for crate::backend::Cpu {
         weight: Tensor<Self, 2>,
         bias: Option<Tensor<Self, 1>>,
     ) -> Tensor<Self, D> {
-        row_gemv(&x, &weight, bias.as_ref())
-            .unwrap_or_else(|| burn::tensor::module::linear(x, weight.transpose(), bias))
+        row_gemv(&x, &weight, bias.as_ref()).unwrap_or_else(|| burn_ops::linear(x, weight, bias))
     }
 }
 
@@ -198,20 +236,16 @@ mod cuda {
     use super::*;
     use crate::backend::Cuda;
 
-    /// Each GEMM through cuBLASLt; burn's matmul where it declines (see `cublaslt`).
+    /// Each GEMM through cuBLASLt; burn's ops where it declines (see `super::super::cuda`).
     impl LinearBackend for Cuda {
         fn linear_hf<const D: usize>(
             x: Tensor<Self, D>,
             weight: Tensor<Self, 2>,
             bias: Option<Tensor<Self, 1>>,
         ) -> Tensor<Self, D> {
-            let Some(y) = linear_gemm::<D, 2, D>(LinearGemm::Forward, x.clone(), weight.clone())
-            else {
-                return burn::tensor::module::linear(x, weight.transpose(), bias);
-            };
-            match bias {
-                Some(bias) => y + bias.unsqueeze(),
-                None => y,
+            match linear_gemm::<D, 2, D>(LinearGemm::Forward, x.clone(), weight.clone()) {
+                Some(y) => burn_ops::plus_bias(y, bias),
+                None => burn_ops::linear(x, weight, bias),
             }
         }
 
@@ -220,18 +254,15 @@ mod cuda {
             weight: Tensor<Self, 2>,
         ) -> Tensor<Self, D> {
             linear_gemm(LinearGemm::InputGrad, grad.clone(), weight.clone())
-                .unwrap_or_else(|| grad.matmul(weight.unsqueeze()))
+                .unwrap_or_else(|| burn_ops::input_grad(grad, weight))
         }
 
         fn linear_hf_weight_grad<const D: usize>(
             grad: Tensor<Self, D>,
             x: Tensor<Self, D>,
         ) -> Tensor<Self, 2> {
-            linear_gemm(LinearGemm::WeightGrad, grad.clone(), x.clone()).unwrap_or_else(|| {
-                let grad: Tensor<Self, 2> = grad.flatten(0, D - 2);
-                let x: Tensor<Self, 2> = x.flatten(0, D - 2);
-                grad.transpose().matmul(x)
-            })
+            linear_gemm(LinearGemm::WeightGrad, grad.clone(), x.clone())
+                .unwrap_or_else(|| burn_ops::weight_grad(grad, x))
         }
     }
 }
@@ -305,15 +336,12 @@ impl<B: LinearBackend, C: CheckpointStrategy> LinearBackend for Autodiff<B, C> {
             }
             OpsKind::UnTracked(prep) => prep.finish(y),
         };
-        let y = Tensor::<Self, D>::from_primitive(TensorPrimitive::Float(output));
-        match bias {
-            Some(bias) => y + bias.unsqueeze(),
-            None => y,
-        }
+        burn_ops::plus_bias(float::<Self, D>(output), bias)
     }
 }
 
-fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+/// A float primitive as a tensor of rank `D`.
+pub(crate) fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 

@@ -1,9 +1,9 @@
 //! Rotary position embeddings (`rotate_half` convention, as in transformers' Llama/Qwen code).
 
-use super::decoder::in_dtype;
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 
 use super::config::{ModelConfig, RopeConfig, RopeScaling};
+use super::decoder::in_dtype;
 
 /// Inverse frequencies for each pair of channels, after any long-context scaling.
 ///

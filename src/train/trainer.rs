@@ -377,8 +377,9 @@ struct StepLoss<B: TrainBackend> {
     compression_weight: f64,
     /// Scaled by `loss_scale`.
     surrogate: Tensor<B, 1>,
-    /// Gradients from the KL chunks' own graphs (the head, when it trains), scaled.
-    head_grads: GradientsParams,
+    /// Gradients from the KL chunks' own graphs (the head, when it trains), scaled; the model
+    /// graph's are added by [`Self::params_grads`].
+    grads: GradientsAccumulator<DmsModel<B>>,
 }
 
 impl<B: TrainBackend> StepLoss<B> {
@@ -392,7 +393,7 @@ impl<B: TrainBackend> StepLoss<B> {
     ) -> Self {
         let device = batch.input.device();
         let mask = loss_mask::<B>(&batch.ids, &batch.mask, batch.shape, &[setup.eos], &device);
-        let mut head = GradientsAccumulator::<DmsModel<B>>::new();
+        let mut grads = GradientsAccumulator::<DmsModel<B>>::new();
         let (kl, grad_hidden) = distillation_loss_chunked_backward(
             &student_hidden,
             teacher,
@@ -400,7 +401,7 @@ impl<B: TrainBackend> StepLoss<B> {
             mask,
             setup.kl_chunk,
             setup.loss_scale,
-            &mut |grads| head.accumulate(model, GradientsParams::from_grads(grads, model)),
+            &mut |chunk| grads.accumulate(model, GradientsParams::from_grads(chunk, model)),
         );
         let frac = frac_closed(decisions);
         let compression = compression_loss(frac.clone(), setup.target);
@@ -413,7 +414,7 @@ impl<B: TrainBackend> StepLoss<B> {
             frac,
             compression_weight: setup.compression_weight,
             surrogate,
-            head_grads: head.grads(),
+            grads,
         }
     }
 
@@ -424,10 +425,9 @@ impl<B: TrainBackend> StepLoss<B> {
 
     /// All parameter gradients: the model graph's `grads` plus the KL chunks'.
     fn params_grads(&mut self, model: &DmsModel<B>, grads: B::Gradients) -> GradientsParams {
-        let mut all = GradientsAccumulator::<DmsModel<B>>::new();
-        all.accumulate(model, GradientsParams::from_grads(grads, model));
-        all.accumulate(model, std::mem::take(&mut self.head_grads));
-        all.grads()
+        self.grads
+            .accumulate(model, GradientsParams::from_grads(grads, model));
+        self.grads.grads()
     }
 
     fn stats(self) -> StepStats {
