@@ -19,7 +19,9 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Bool, FloatDType, Int, Tensor, TensorPrimitive, backend::Backend};
+use burn::tensor::{Bool, FloatDType, Int, Tensor, backend::Backend};
+
+use super::linear::float;
 
 /// Largest score chunk (`batch * heads * chunk_queries * keys` elements) the chunked attention
 /// materialises at once; about 4 f32 tensors of this size are alive at the peak of a backward chunk.
@@ -121,8 +123,8 @@ impl<T> TrainBackend for T where
 
 impl AttentionBackend for crate::backend::Cpu {}
 
-/// CUDA runs the forward as cuBLASLt GEMMs around a fused softmax kernel (`super::cuda`), and the
-/// chunked tensor-op version where that path declines.
+/// CUDA runs the forward and backward as cuBLASLt GEMMs around fused kernels (`super::cuda`), and
+/// the chunked tensor-op version where that path declines.
 #[cfg(feature = "cuda")]
 impl AttentionBackend for crate::backend::Cuda {
     fn attention_forward_with_lse(
@@ -154,7 +156,6 @@ impl AttentionBackend for crate::backend::Cuda {
         want_bias_grad: bool,
         options: AttentionOptions,
     ) -> AttentionGrads<Self> {
-        let bias_dtype = key_bias.as_ref().map(|b| b.dtype());
         match super::cuda::attention::attention_backward(
             q.clone(),
             k.clone(),
@@ -166,15 +167,7 @@ impl AttentionBackend for crate::backend::Cuda {
             want_bias_grad,
             &options,
         ) {
-            Some(grads) => AttentionGrads {
-                q: grads.q,
-                k: grads.k,
-                v: grads.v,
-                key_bias: grads
-                    .key_bias
-                    .zip(bias_dtype)
-                    .map(|(grad, dtype)| grad.cast(dtype)),
-            },
+            Some(grads) => grads,
             None => attention_backward(
                 q,
                 k,
@@ -204,10 +197,6 @@ pub fn delayed_attention<B: AttentionBackend>(
         key_bias.map(|b| b.into_primitive().tensor()),
         options,
     ))
-}
-
-fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
 /// Output of the chunked forward.

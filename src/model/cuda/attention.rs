@@ -1,8 +1,7 @@
-//! The attention forward on CUDA: per KV head and query chunk, one batched cuBLASLt GEMM for the
-//! scores of the head's query group (f32, scaled), one fused kernel for bias, causal mask, softmax
-//! and log-sum-exp (`softmax.cu`), and one batched GEMM from the probabilities into the output.
-//! Same definition and outputs as `model::attention::attention_forward` (the chunked tensor-op
-//! version), which `bench attention` compares it against on the GPU.
+//! The attention forward and backward on CUDA: per KV head and query chunk, batched cuBLASLt GEMMs
+//! around fused kernels (`softmax.cu`). Same definition and outputs as
+//! `model::attention::attention_forward` / `attention_backward` (the chunked tensor-op version),
+//! which `bench attention` compares them against on the GPU.
 
 use burn::tensor::{DType, FloatDType, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
@@ -10,14 +9,153 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 
 use super::{Cube, Gemm, KernelArg, Matrix, on_our_stream};
 use crate::backend::Cuda;
-use crate::model::attention::AttentionOptions;
+use crate::model::attention::{AttentionGrads, AttentionOptions};
 
 /// Longest query chunk: shorter chunks skip more of the causal upper triangle, longer ones
 /// launch fewer GEMMs.
 const MAX_CHUNK_ROWS: usize = 1024;
 
+/// Sizes both directions share.
+struct Geometry {
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    group: usize,
+    q_len: usize,
+    k_len: usize,
+    dim: usize,
+    rows_per_chunk: usize,
+    dtype: DType,
+    /// Bytes per element of `dtype`.
+    elem: u64,
+}
+
+/// One query chunk of one KV head's query group.
+struct Chunk {
+    /// `batch * kv_heads + kv_head`.
+    head: usize,
+    start: usize,
+    rows: usize,
+    /// Keys the chunk reads: `0 .. offset + start + rows` (causal block skipping).
+    keys: usize,
+}
+
+impl Geometry {
+    /// `None` where this path does not apply: a dtype other than bf16/f32 (for `q` and every
+    /// tensor of `others`), or shapes the chunked version would reject.
+    fn new(
+        q: &Tensor<Cuda, 4>,
+        k: &Tensor<Cuda, 4>,
+        others: &[DType],
+        options: &AttentionOptions,
+    ) -> Option<Self> {
+        let dtype = q.dtype();
+        if !matches!(dtype, DType::BF16 | DType::F32)
+            || k.dtype() != dtype
+            || others.iter().any(|&d| d != dtype)
+        {
+            return None;
+        }
+        let [batch, heads, q_len, dim] = q.dims();
+        let [_, kv_heads, k_len, _] = k.dims();
+        if q_len == 0 || kv_heads == 0 || heads % kv_heads != 0 || options.offset + q_len > k_len {
+            return None;
+        }
+        let group = heads / kv_heads;
+        Some(Self {
+            batch,
+            heads,
+            kv_heads,
+            group,
+            q_len,
+            k_len,
+            dim,
+            rows_per_chunk: (options.score_budget / (group * k_len).max(1))
+                .clamp(1, MAX_CHUNK_ROWS),
+            dtype,
+            elem: dtype.size() as u64,
+        })
+    }
+
+    /// Elements of the largest chunk's scores (the scratch size).
+    fn most_scores(&self) -> usize {
+        self.group * self.rows_per_chunk.min(self.q_len) * self.k_len
+    }
+
+    /// Every KV head's query chunks, heads outermost.
+    fn chunks(&self, offset: usize) -> impl Iterator<Item = Chunk> + '_ {
+        (0..self.batch * self.kv_heads).flat_map(move |head| {
+            (0..self.q_len)
+                .step_by(self.rows_per_chunk)
+                .map(move |start| {
+                    let rows = self.rows_per_chunk.min(self.q_len - start);
+                    Chunk {
+                        head,
+                        start,
+                        rows,
+                        keys: (offset + start + rows).min(self.k_len),
+                    }
+                })
+        })
+    }
+
+    /// Byte offset of the chunk's first row in the group's first query head (`[B, H, T, D]`; the
+    /// group's query heads `h * group + g` are consecutive, `q_len * dim` elements apart).
+    fn q_rows(&self, c: &Chunk) -> u64 {
+        let batch = c.head / self.kv_heads;
+        let first_q_head = batch * self.heads + (c.head % self.kv_heads) * self.group;
+        ((first_q_head * self.q_len + c.start) * self.dim) as u64 * self.elem
+    }
+
+    /// Element offset of the chunk's KV head in `[B, Hkv, T, D]`.
+    fn kv_head(&self, c: &Chunk) -> u64 {
+        (c.head * self.k_len * self.dim) as u64
+    }
+
+    /// Byte offset of the chunk's first row in a `[B, Hkv, group, T]` f32 tensor (lse, delta).
+    fn f32_rows(&self, c: &Chunk) -> u64 {
+        ((c.head * self.group * self.q_len + c.start) * 4) as u64
+    }
+
+    /// Address of the chunk's KV head in the f32 `[B, Hkv, T]` key bias, or 0 without one.
+    fn bias_head(&self, c: &Chunk, bias: Option<u64>) -> u64 {
+        bias.map_or(0, |p| p + (c.head * self.k_len * 4) as u64)
+    }
+
+    /// The arguments every row kernel ends with: keys, rows, the stride between the group's
+    /// rows in lse / delta, the first query's position, the window.
+    fn row_args(&self, c: &Chunk, options: &AttentionOptions) -> [KernelArg; 5] {
+        [
+            KernelArg::Int(c.keys as i32),
+            KernelArg::Int(c.rows as i32),
+            KernelArg::Int(self.q_len as i32),
+            KernelArg::Int((options.offset + c.start) as i32),
+            KernelArg::Int(options.window.min(i32::MAX as usize) as i32),
+        ]
+    }
+
+    fn empty(&self, like: &Cube, shape: Vec<usize>, dtype: DType) -> Cube {
+        empty_device_contiguous_dtype(
+            like.client.clone(),
+            like.device.clone(),
+            Shape::from(shape),
+            dtype,
+        )
+    }
+}
+
+fn contiguous<const D: usize>(t: Tensor<Cuda, D>) -> Cube {
+    into_contiguous(t.into_primitive().tensor())
+}
+
+fn tensor<const D: usize>(t: Cube) -> Tensor<Cuda, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
 /// Output `[batch, heads, q_len, dim]` and log-sum-exp `[batch, kv_heads, group, q_len]` (f32), or
 /// `None` where this path does not apply (dtype other than bf16/f32, cuBLASLt or NVRTC missing).
+/// Per chunk: one batched GEMM for the group's scores (f32, scaled), one fused kernel for bias,
+/// causal mask, softmax and log-sum-exp, one batched GEMM from the probabilities into the output.
 pub fn attention_forward(
     q: Tensor<Cuda, 4>,
     k: Tensor<Cuda, 4>,
@@ -25,155 +163,80 @@ pub fn attention_forward(
     key_bias: Option<Tensor<Cuda, 3>>,
     options: &AttentionOptions,
 ) -> Option<(Tensor<Cuda, 4>, Tensor<Cuda, 4>)> {
-    let dtype = q.dtype();
-    if !matches!(dtype, DType::BF16 | DType::F32) || k.dtype() != dtype || v.dtype() != dtype {
-        return None;
-    }
-    let [batch, heads, q_len, dim] = q.dims();
-    let [_, kv_heads, k_len, _] = k.dims();
-    if q_len == 0 || kv_heads == 0 || heads % kv_heads != 0 || options.offset + q_len > k_len {
-        return None;
-    }
-    let group = heads / kv_heads;
-    let cube = |t: Tensor<Cuda, 4>| into_contiguous(t.into_primitive().tensor());
-    let (q, k, v) = (cube(q), cube(k), cube(v));
-    let bias = key_bias.map(|b| into_contiguous(b.cast(FloatDType::F32).into_primitive().tensor()));
-    let (client, device) = (q.client.clone(), q.device.clone());
-    let out = empty_device_contiguous_dtype(
-        client.clone(),
-        device.clone(),
-        Shape::from(vec![batch, heads, q_len, dim]),
+    let geo = Geometry::new(&q, &k, &[v.dtype()], options)?;
+    let Geometry {
+        batch,
+        heads,
+        kv_heads,
+        group,
+        q_len,
+        dim,
         dtype,
-    );
-    let lse = empty_device_contiguous_dtype(
-        client,
-        device,
-        Shape::from(vec![batch, kv_heads, group, q_len]),
-        DType::F32,
-    );
-    let rows_per_chunk = (options.score_budget / (group * k_len).max(1)).clamp(1, MAX_CHUNK_ROWS);
+        elem,
+        ..
+    } = geo;
+    let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
+    let bias = key_bias.map(|b| contiguous(b.cast(FloatDType::F32)));
+    let out = geo.empty(&q, vec![batch, heads, q_len, dim], dtype);
+    let lse = geo.empty(&q, vec![batch, kv_heads, group, q_len], DType::F32);
     let mut tensors = vec![&q, &k, &v, &out, &lse];
-    if let Some(bias) = &bias {
-        tensors.push(bias);
-    }
-    let elem = dtype.size() as u64;
+    tensors.extend(&bias);
     on_our_stream(&tensors, |context, ptrs| {
-        let (q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr) = (ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4]);
+        let [q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr] =
+            <[u64; 5]>::try_from(&ptrs[..5]).map_err(|_| "pointers".to_string())?;
         let bias_ptr = ptrs.get(5).copied();
-        let most_scores = group * rows_per_chunk.min(q_len) * k_len;
-        let scores = context.scratch(0, most_scores * 4)?;
-        let probs = context.scratch(1, most_scores * elem as usize)?;
+        let scores = context.scratch(0, geo.most_scores() * 4)?;
+        let probs = context.scratch(1, geo.most_scores() * elem as usize)?;
         let kernels = context.kernels()?;
         let softmax = match dtype {
             DType::BF16 => kernels.softmax_rows_bf16.clone(),
             _ => kernels.softmax_rows_f32.clone(),
         };
-        for b in 0..batch {
-            for h in 0..kv_heads {
-                let head = b * kv_heads + h;
-                // The group's query heads are consecutive: head `h * group + g`.
-                let first_q_head = b * heads + h * group;
-                let k_head = k_ptr + (head * k_len * dim) as u64 * elem;
-                let v_head = v_ptr + (head * k_len * dim) as u64 * elem;
-                for start in (0..q_len).step_by(rows_per_chunk) {
-                    let rows = rows_per_chunk.min(q_len - start);
-                    let keys = (options.offset + start + rows).min(k_len);
-                    let q_rows = ((first_q_head * q_len + start) * dim) as u64 * elem;
-                    context.gemm(&Gemm {
-                        a: Matrix {
-                            ptr: q_ptr + q_rows,
-                            rows,
-                            cols: dim,
-                            ld: dim,
-                            batch_stride: q_len * dim,
-                            dtype,
-                        },
-                        a_transposed: false,
-                        b: Matrix {
-                            ptr: k_head,
-                            rows: keys,
-                            cols: dim,
-                            ld: dim,
-                            batch_stride: 0,
-                            dtype,
-                        },
-                        b_transposed: true,
-                        c: Matrix {
-                            ptr: scores,
-                            rows,
-                            cols: keys,
-                            ld: keys,
-                            batch_stride: rows * keys,
-                            dtype: DType::F32,
-                        },
-                        batch: group,
-                        alpha: 1.0 / (dim as f32).sqrt(),
-                        beta: 0.0,
-                    })?;
-                    let lse_rows = lse_ptr + ((head * group * q_len + start) * 4) as u64;
-                    let bias_head = bias_ptr.map_or(0, |p| p + (head * k_len * 4) as u64);
-                    context.launch(
-                        &softmax,
-                        (rows as u32, group as u32, 1),
-                        256,
-                        &[
-                            KernelArg::Pointer(scores),
-                            KernelArg::Pointer(probs),
-                            KernelArg::Pointer(lse_rows),
-                            KernelArg::Pointer(bias_head),
-                            KernelArg::Int(keys as i32),
-                            KernelArg::Int(rows as i32),
-                            KernelArg::Int(q_len as i32),
-                            KernelArg::Int((options.offset + start) as i32),
-                            KernelArg::Int(options.window.min(i32::MAX as usize) as i32),
-                        ],
-                    )?;
-                    context.gemm(&Gemm {
-                        a: Matrix {
-                            ptr: probs,
-                            rows,
-                            cols: keys,
-                            ld: keys,
-                            batch_stride: rows * keys,
-                            dtype,
-                        },
-                        a_transposed: false,
-                        b: Matrix {
-                            ptr: v_head,
-                            rows: keys,
-                            cols: dim,
-                            ld: dim,
-                            batch_stride: 0,
-                            dtype,
-                        },
-                        b_transposed: false,
-                        c: Matrix {
-                            ptr: out_ptr + q_rows,
-                            rows,
-                            cols: dim,
-                            ld: dim,
-                            batch_stride: q_len * dim,
-                            dtype,
-                        },
-                        batch: group,
-                        alpha: 1.0,
-                        beta: 0.0,
-                    })?;
-                }
-            }
+        let per_head = q_len * dim;
+        for chunk in geo.chunks(options.offset) {
+            let Chunk { rows, keys, .. } = chunk;
+            let q_rows = geo.q_rows(&chunk);
+            let kv_head = geo.kv_head(&chunk) * elem;
+            let scores_at = rows * keys;
+            context.gemm(&Gemm {
+                a: Matrix::packed(q_ptr + q_rows, rows, dim, per_head, dtype),
+                a_transposed: false,
+                b: Matrix::packed(k_ptr + kv_head, keys, dim, 0, dtype),
+                b_transposed: true,
+                c: Matrix::packed(scores, rows, keys, scores_at, DType::F32),
+                batch: group,
+                alpha: 1.0 / (dim as f32).sqrt(),
+                beta: 0.0,
+            })?;
+            let mut args = vec![
+                KernelArg::Pointer(scores),
+                KernelArg::Pointer(probs),
+                KernelArg::Pointer(lse_ptr + geo.f32_rows(&chunk)),
+                KernelArg::Pointer(geo.bias_head(&chunk, bias_ptr)),
+            ];
+            args.extend(geo.row_args(&chunk, options));
+            context.launch(&softmax, (rows as u32, group as u32, 1), 256, &args)?;
+            context.gemm(&Gemm {
+                a: Matrix::packed(probs, rows, keys, scores_at, dtype),
+                a_transposed: false,
+                b: Matrix::packed(v_ptr + kv_head, keys, dim, 0, dtype),
+                b_transposed: false,
+                c: Matrix::packed(out_ptr + q_rows, rows, dim, per_head, dtype),
+                batch: group,
+                alpha: 1.0,
+                beta: 0.0,
+            })?;
         }
         Ok(())
     })?;
-    let float = |t: Cube| Tensor::from_primitive(TensorPrimitive::Float(t));
-    Some((float(out), float(lse)))
+    Some((tensor(out), tensor(lse)))
 }
 
-/// Gradients of [`attention_forward`]: `dq` `[batch, heads, q_len, dim]`, `dk`, `dv`
-/// `[batch, kv_heads, k_len, dim]` (activation dtype) and, when asked for and a bias was given,
-/// the key-bias gradient `[batch, kv_heads, k_len]` (f32). Per KV head and query chunk: the
-/// scores and `dO Vᵀ` recomputed by two batched GEMMs, one fused kernel for `P` and
-/// `dS = P (dP - delta)`, one for the key-bias gradient, and GEMMs for `dV += Pᵀ dO`,
-/// `dK += dSᵀ Q` (f32 accumulators) and `dQ = dS K`.
+/// Gradients of [`attention_forward`]: `dq`, `dk`, `dv` in the activation dtype and, when asked
+/// for and a bias was given, the key-bias gradient in the bias's dtype. Per chunk: the scores and
+/// `dO Vᵀ` recomputed by two batched GEMMs, one fused kernel for `P` and `dS = P (dP - delta)`, one
+/// for the key-bias gradient, and GEMMs for `dV += Pᵀ dO`, `dK += dSᵀ Q` (f32 accumulators) and
+/// `dQ = dS K`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     q: Tensor<Cuda, 4>,
@@ -185,39 +248,38 @@ pub fn attention_backward(
     grad_output: Tensor<Cuda, 4>,
     want_bias_grad: bool,
     options: &AttentionOptions,
-) -> Option<AttentionGradsCuda> {
-    let dtype = q.dtype();
-    if !matches!(dtype, DType::BF16 | DType::F32)
-        || k.dtype() != dtype
-        || v.dtype() != dtype
-        || grad_output.dtype() != dtype
-    {
-        return None;
-    }
-    let [batch, heads, q_len, dim] = q.dims();
-    let [_, kv_heads, k_len, _] = k.dims();
-    if q_len == 0 || kv_heads == 0 || heads % kv_heads != 0 || options.offset + q_len > k_len {
-        return None;
-    }
-    let group = heads / kv_heads;
+) -> Option<AttentionGrads<Cuda>> {
+    let geo = Geometry::new(&q, &k, &[v.dtype(), grad_output.dtype()], options)?;
+    let Geometry {
+        batch,
+        heads,
+        kv_heads,
+        group,
+        q_len,
+        k_len,
+        dim,
+        dtype,
+        elem,
+        ..
+    } = geo;
     // delta_i = sum_d dO_id O_id, the softmax backward's row term, in f32.
     let delta = (grad_output.clone().cast(FloatDType::F32) * output.cast(FloatDType::F32))
         .sum_dim(3)
         .reshape([batch, kv_heads, group, q_len]);
-    let cube4 = |t: Tensor<Cuda, 4>| into_contiguous(t.into_primitive().tensor());
-    let (q, k, v, grad_output) = (cube4(q), cube4(k), cube4(v), cube4(grad_output));
-    let (lse, delta) = (cube4(lse.cast(FloatDType::F32)), cube4(delta));
+    let (q, k, v, grad_output) = (
+        contiguous(q),
+        contiguous(k),
+        contiguous(v),
+        contiguous(grad_output),
+    );
+    let (lse, delta) = (contiguous(lse.cast(FloatDType::F32)), contiguous(delta));
+    let bias_dtype = key_bias.as_ref().map(|b| b.dtype());
     let with_bias_grad = want_bias_grad && key_bias.is_some();
-    let bias = key_bias.map(|b| into_contiguous(b.cast(FloatDType::F32).into_primitive().tensor()));
-    let (client, device) = (q.client.clone(), q.device.clone());
-    let empty = |shape: Vec<usize>, dtype| {
-        empty_device_contiguous_dtype(client.clone(), device.clone(), Shape::from(shape), dtype)
-    };
-    let grad_q = empty(vec![batch, heads, q_len, dim], dtype);
-    let grad_k = empty(vec![batch, kv_heads, k_len, dim], DType::F32);
-    let grad_v = empty(vec![batch, kv_heads, k_len, dim], DType::F32);
-    let grad_bias = empty(vec![batch, kv_heads, k_len], DType::F32);
-    let rows_per_chunk = (options.score_budget / (group * k_len).max(1)).clamp(1, MAX_CHUNK_ROWS);
+    let bias = key_bias.map(|b| contiguous(b.cast(FloatDType::F32)));
+    let grad_q = geo.empty(&q, vec![batch, heads, q_len, dim], dtype);
+    let grad_k = geo.empty(&q, vec![batch, kv_heads, k_len, dim], DType::F32);
+    let grad_v = geo.empty(&q, vec![batch, kv_heads, k_len, dim], DType::F32);
+    let grad_bias = geo.empty(&q, vec![batch, kv_heads, k_len], DType::F32);
     let mut tensors = vec![
         &q,
         &k,
@@ -230,10 +292,7 @@ pub fn attention_backward(
         &grad_v,
         &grad_bias,
     ];
-    if let Some(bias) = &bias {
-        tensors.push(bias);
-    }
-    let elem = dtype.size() as u64;
+    tensors.extend(&bias);
     let scale = 1.0 / (dim as f32).sqrt();
     on_our_stream(&tensors, |context, ptrs| {
         let [
@@ -253,7 +312,7 @@ pub fn attention_backward(
         context.zero(dk_ptr, kv_bytes)?;
         context.zero(dv_ptr, kv_bytes)?;
         context.zero(db_ptr, batch * kv_heads * k_len * 4)?;
-        let most = group * rows_per_chunk.min(q_len) * k_len;
+        let most = geo.most_scores();
         let scores = context.scratch(0, most * 4)?;
         let grad = context.scratch(2, most * 4)?;
         let probs = context.scratch(1, most * elem as usize)?;
@@ -264,133 +323,101 @@ pub fn attention_backward(
             _ => kernels.attention_grad_rows_f32.clone(),
         };
         let bias_columns = kernels.bias_grad_columns.clone();
-        let matrix = |ptr, rows, cols, batch_stride, dtype| Matrix {
-            ptr,
-            rows,
-            cols,
-            ld: cols,
-            batch_stride,
-            dtype,
-        };
-        for b in 0..batch {
-            for h in 0..kv_heads {
-                let head = b * kv_heads + h;
-                let first_q_head = b * heads + h * group;
-                let kv_offset = (head * k_len * dim) as u64;
-                let (k_head, v_head) = (k_ptr + kv_offset * elem, v_ptr + kv_offset * elem);
-                let (dk_head, dv_head) = (dk_ptr + kv_offset * 4, dv_ptr + kv_offset * 4);
-                for start in (0..q_len).step_by(rows_per_chunk) {
-                    let rows = rows_per_chunk.min(q_len - start);
-                    let keys = (options.offset + start + rows).min(k_len);
-                    let q_rows = ((first_q_head * q_len + start) * dim) as u64 * elem;
-                    let per_head = q_len * dim;
-                    let chunk = rows * keys;
-                    // S = scale Q Kᵀ and dP = dO Vᵀ for the group's heads.
-                    for (left, right, out, alpha) in
-                        [(q_ptr, k_head, scores, scale), (do_ptr, v_head, grad, 1.0)]
-                    {
-                        context.gemm(&Gemm {
-                            a: matrix(left + q_rows, rows, dim, per_head, dtype),
-                            a_transposed: false,
-                            b: matrix(right, keys, dim, 0, dtype),
-                            b_transposed: true,
-                            c: matrix(out, rows, keys, chunk, DType::F32),
-                            batch: group,
-                            alpha,
-                            beta: 0.0,
-                        })?;
-                    }
-                    let row_offset = ((head * group * q_len + start) * 4) as u64;
-                    let bias_head = bias_ptr.map_or(0, |p| p + (head * k_len * 4) as u64);
-                    let window = options.window.min(i32::MAX as usize) as i32;
-                    let qpos0 = (options.offset + start) as i32;
-                    context.launch(
-                        &grad_rows,
-                        (rows as u32, group as u32, 1),
-                        256,
-                        &[
-                            KernelArg::Pointer(scores),
-                            KernelArg::Pointer(grad),
-                            KernelArg::Pointer(probs),
-                            KernelArg::Pointer(grad_low),
-                            KernelArg::Pointer(lse_ptr + row_offset),
-                            KernelArg::Pointer(delta_ptr + row_offset),
-                            KernelArg::Pointer(bias_head),
-                            KernelArg::Int(keys as i32),
-                            KernelArg::Int(rows as i32),
-                            KernelArg::Int(q_len as i32),
-                            KernelArg::Int(qpos0),
-                            KernelArg::Int(window),
-                        ],
-                    )?;
-                    if with_bias_grad {
-                        let splits = (group * rows).div_ceil(64);
-                        context.launch(
-                            &bias_columns,
-                            (keys.div_ceil(256) as u32, splits as u32, 1),
-                            256,
-                            &[
-                                KernelArg::Pointer(grad),
-                                KernelArg::Pointer(db_ptr + (head * k_len * 4) as u64),
-                                KernelArg::Int(keys as i32),
-                                KernelArg::Int(rows as i32),
-                                KernelArg::Int(group as i32),
-                                KernelArg::Int(qpos0),
-                                KernelArg::Int(window),
-                                KernelArg::Int(64),
-                            ],
-                        )?;
-                    }
-                    // dQ = scale dS K for the group's heads (each row's keys are all here).
+        let per_head = q_len * dim;
+        for chunk in geo.chunks(options.offset) {
+            let Chunk { rows, keys, .. } = chunk;
+            let q_rows = geo.q_rows(&chunk);
+            let kv_head = geo.kv_head(&chunk);
+            let (k_head, v_head) = (k_ptr + kv_head * elem, v_ptr + kv_head * elem);
+            let (dk_head, dv_head) = (dk_ptr + kv_head * 4, dv_ptr + kv_head * 4);
+            let scores_at = rows * keys;
+            // S = scale Q Kᵀ and dP = dO Vᵀ for the group's heads.
+            for (left, right, out, alpha) in
+                [(q_ptr, k_head, scores, scale), (do_ptr, v_head, grad, 1.0)]
+            {
+                context.gemm(&Gemm {
+                    a: Matrix::packed(left + q_rows, rows, dim, per_head, dtype),
+                    a_transposed: false,
+                    b: Matrix::packed(right, keys, dim, 0, dtype),
+                    b_transposed: true,
+                    c: Matrix::packed(out, rows, keys, scores_at, DType::F32),
+                    batch: group,
+                    alpha,
+                    beta: 0.0,
+                })?;
+            }
+            let f32_rows = geo.f32_rows(&chunk);
+            let mut args = vec![
+                KernelArg::Pointer(scores),
+                KernelArg::Pointer(grad),
+                KernelArg::Pointer(probs),
+                KernelArg::Pointer(grad_low),
+                KernelArg::Pointer(lse_ptr + f32_rows),
+                KernelArg::Pointer(delta_ptr + f32_rows),
+                KernelArg::Pointer(geo.bias_head(&chunk, bias_ptr)),
+            ];
+            args.extend(geo.row_args(&chunk, options));
+            context.launch(&grad_rows, (rows as u32, group as u32, 1), 256, &args)?;
+            if with_bias_grad {
+                let splits = (group * rows).div_ceil(64);
+                let [keys_arg, rows_arg, _, qpos0, window] = geo.row_args(&chunk, options);
+                context.launch(
+                    &bias_columns,
+                    (keys.div_ceil(256) as u32, splits as u32, 1),
+                    256,
+                    &[
+                        KernelArg::Pointer(grad),
+                        KernelArg::Pointer(geo.bias_head(&chunk, Some(db_ptr))),
+                        keys_arg,
+                        rows_arg,
+                        KernelArg::Int(group as i32),
+                        qpos0,
+                        window,
+                        KernelArg::Int(64),
+                    ],
+                )?;
+            }
+            // dQ = scale dS K for the group's heads (each row's keys are all here).
+            context.gemm(&Gemm {
+                a: Matrix::packed(grad_low, rows, keys, scores_at, dtype),
+                a_transposed: false,
+                b: Matrix::packed(k_head, keys, dim, 0, dtype),
+                b_transposed: false,
+                c: Matrix::packed(dq_ptr + q_rows, rows, dim, per_head, dtype),
+                batch: group,
+                alpha: scale,
+                beta: 0.0,
+            })?;
+            // dV += Pᵀ dO and dK += scale dSᵀ Q, head by head into the shared KV head.
+            for g in 0..group {
+                let head_rows = q_rows + (g * per_head) as u64 * elem;
+                let chunk_at = (g * scores_at) as u64 * elem;
+                for (left, right, out, alpha) in [
+                    (probs, do_ptr, dv_head, 1.0),
+                    (grad_low, q_ptr, dk_head, scale),
+                ] {
                     context.gemm(&Gemm {
-                        a: matrix(grad_low, rows, keys, chunk, dtype),
-                        a_transposed: false,
-                        b: matrix(k_head, keys, dim, 0, dtype),
+                        a: Matrix::packed(left + chunk_at, rows, keys, 0, dtype),
+                        a_transposed: true,
+                        b: Matrix::packed(right + head_rows, rows, dim, 0, dtype),
                         b_transposed: false,
-                        c: matrix(dq_ptr + q_rows, rows, dim, per_head, dtype),
-                        batch: group,
-                        alpha: scale,
-                        beta: 0.0,
+                        c: Matrix::packed(out, keys, dim, 0, DType::F32),
+                        batch: 1,
+                        alpha,
+                        beta: 1.0,
                     })?;
-                    // dV += Pᵀ dO and dK += scale dSᵀ Q, head by head into the shared KV head.
-                    for g in 0..group {
-                        let head_rows = q_rows + (g * per_head) as u64 * elem;
-                        let chunk_at = (g * chunk) as u64 * elem;
-                        for (left, right, out, alpha) in [
-                            (probs, do_ptr, dv_head, 1.0),
-                            (grad_low, q_ptr, dk_head, scale),
-                        ] {
-                            context.gemm(&Gemm {
-                                a: matrix(left + chunk_at, rows, keys, 0, dtype),
-                                a_transposed: true,
-                                b: matrix(right + head_rows, rows, dim, 0, dtype),
-                                b_transposed: false,
-                                c: matrix(out, keys, dim, 0, DType::F32),
-                                batch: 1,
-                                alpha,
-                                beta: 1.0,
-                            })?;
-                        }
-                    }
                 }
             }
         }
         Ok(())
     })?;
-    let float4 = |t: Cube| Tensor::<Cuda, 4>::from_primitive(TensorPrimitive::Float(t));
-    Some(AttentionGradsCuda {
-        q: float4(grad_q),
-        k: float4(grad_k).cast(dtype),
-        v: float4(grad_v).cast(dtype),
-        key_bias: with_bias_grad
-            .then(|| Tensor::<Cuda, 3>::from_primitive(TensorPrimitive::Float(grad_bias))),
+    Some(AttentionGrads {
+        q: tensor(grad_q),
+        k: tensor::<4>(grad_k).cast(dtype),
+        v: tensor::<4>(grad_v).cast(dtype),
+        key_bias: match (with_bias_grad, bias_dtype) {
+            (true, Some(bias_dtype)) => Some(tensor::<3>(grad_bias).cast(bias_dtype)),
+            _ => None,
+        },
     })
-}
-
-/// [`attention_backward`]'s result; the key-bias gradient is f32.
-pub struct AttentionGradsCuda {
-    pub q: Tensor<Cuda, 4>,
-    pub k: Tensor<Cuda, 4>,
-    pub v: Tensor<Cuda, 4>,
-    pub key_bias: Option<Tensor<Cuda, 3>>,
 }

@@ -46,6 +46,11 @@ fn on_our_stream<R>(
         }
     };
     let mut context = context.lock().ok()?;
+    // cuBLASLt calls and memsets need our (cubecl's primary) context current on this thread.
+    if let Err(e) = context.context.bind_to_thread() {
+        fallback_once(&format!("binding the CUDA context: {e:?}"));
+        return None;
+    }
     let client = first.client.clone();
     // The producers of every input (and the outputs' allocations) must be done before our stream
     // touches them.
@@ -99,6 +104,20 @@ pub struct Matrix {
     /// Elements between consecutive matrices of the batch; 0 repeats the same matrix.
     pub batch_stride: usize,
     pub dtype: DType,
+}
+
+impl Matrix {
+    /// A matrix whose rows are stored back to back (`ld = cols`).
+    pub fn packed(ptr: u64, rows: usize, cols: usize, batch_stride: usize, dtype: DType) -> Self {
+        Self {
+            ptr,
+            rows,
+            cols,
+            ld: cols,
+            batch_stride,
+            dtype,
+        }
+    }
 }
 
 /// `C = alpha · op(A) · op(B) + beta · C` on row-major matrices, `batch` times.
@@ -225,9 +244,6 @@ impl DeviceContext {
 
     /// Enqueues one (batched) GEMM on our stream.
     fn gemm(&mut self, g: &Gemm) -> Result<(), String> {
-        self.context
-            .bind_to_thread()
-            .map_err(|e| format!("binding the CUDA context: {e:?}"))?;
         let ab_type = data_type(g.a.dtype).ok_or("unsupported dtype")?;
         let c_type = data_type(g.c.dtype).ok_or("unsupported dtype")?;
         if g.a.dtype != g.b.dtype {
@@ -424,9 +440,7 @@ impl DeviceContext {
         .map(|_| ())
         .map_err(|e| format!("kernel launch: {e:?}"))
     }
-}
 
-impl DeviceContext {
     /// Zeroes `bytes` at `ptr` on our stream.
     fn zero(&self, ptr: u64, bytes: usize) -> Result<(), String> {
         unsafe { cudarc::driver::result::memset_d8_async(ptr, 0, bytes, self.stream.cu_stream()) }
