@@ -321,12 +321,21 @@ fn step_bench<B: TrainBackend>(
     })
 }
 
+/// A size flag that must be at least 1 (zero-sized tensors panic inside burn's kernels).
+pub(super) fn require_positive(flag: &str, value: usize) -> Result<()> {
+    if value == 0 {
+        bail!("{flag} must be at least 1");
+    }
+    Ok(())
+}
+
 pub fn run(command: BenchCommand) -> Result<()> {
     let args = match command {
         BenchCommand::Step(args) => args,
         BenchCommand::Linear(args) => return super::bench_ops::run(args),
         BenchCommand::Attention(args) => return super::bench_ops::run_attention(args),
     };
+    require_positive("--seq", args.seq)?;
     let spec: DeviceSpec = args.device.parse()?;
     spec.ensure_available()?;
     let report = match spec {

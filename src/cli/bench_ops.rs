@@ -13,6 +13,7 @@ use burn::tensor::{Distribution, Tensor, backend::Backend};
 use clap::Args;
 use serde::Serialize;
 
+use super::bench::require_positive;
 use crate::backend::{Cpu, DeviceSpec};
 use crate::model::FloatFormat;
 use crate::model::attention::{
@@ -55,6 +56,7 @@ struct Row {
 }
 
 pub fn run(args: LinearArgs) -> Result<()> {
+    require_positive("--tokens", args.tokens)?;
     let spec: DeviceSpec = args.device.parse()?;
     spec.ensure_available()?;
     let rows = match spec {
@@ -257,6 +259,9 @@ struct AttentionRow {
 }
 
 pub fn run_attention(args: AttentionArgs) -> Result<()> {
+    for &seq in &args.seq {
+        require_positive("--seq", seq)?;
+    }
     let spec: DeviceSpec = args.device.parse()?;
     spec.ensure_available()?;
     let rows = match spec {
