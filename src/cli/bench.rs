@@ -36,6 +36,9 @@ pub enum BenchCommand {
     /// The DMS attention forward (with key bias): the backend's path (fused on CUDA) beside the
     /// chunked tensor-op version, timed and compared.
     Attention(super::bench_ops::AttentionArgs),
+    /// RMSNorm, SwiGLU and RoPE, forward and backward: the backend's path (one fused kernel each
+    /// on CUDA) beside burn's tensor-op formulas, timed and compared.
+    Elementwise(super::bench_ops::ElementwiseArgs),
 }
 
 #[derive(Args, Debug)]
@@ -166,10 +169,41 @@ pub fn shape(name: &str) -> Result<ModelConfig> {
     })
 }
 
-/// Random weights: uniform in [-0.03, 0.03] (norm weights 1), from a fast counter-based generator.
+/// Random weights: uniform in [-0.03, 0.03] (norm weights 1), from a fast counter-based generator
+/// run on every core (8B parameters took ~90 s of a GPU call on one thread).
 struct RandomWeights {
     format: FloatFormat,
     counter: u64,
+}
+
+/// `count` values of `convert(uniform)`, one xorshift stream per thread.
+fn random_values<T: Copy + Default + Send>(
+    count: usize,
+    seed: u64,
+    constant: Option<f32>,
+    convert: impl Fn(f32) -> T + Sync,
+) -> Vec<T> {
+    let mut out = vec![T::default(); count];
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_thread = count.div_ceil(threads).max(1 << 16);
+    std::thread::scope(|scope| {
+        for (part, chunk) in out.chunks_mut(per_thread).enumerate() {
+            let convert = &convert;
+            scope.spawn(move || {
+                let mut state =
+                    (seed ^ ((part as u64 + 1) << 32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                for v in chunk {
+                    *v = convert(constant.unwrap_or_else(|| {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.06
+                    }));
+                }
+            });
+        }
+    });
+    out
 }
 
 impl WeightSource for RandomWeights {
@@ -177,24 +211,16 @@ impl WeightSource for RandomWeights {
         let count: usize = expected.iter().product();
         let is_norm = matches!(key, WeightKey::FinalNorm | WeightKey::Norm { .. });
         self.counter += 1;
-        let mut state = self.counter.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.06
-        };
-        let values = (0..count).map(|_| if is_norm { 1.0 } else { next() });
+        let (seed, constant) = (self.counter, is_norm.then_some(1.0));
+        let shape = expected.to_vec();
         Ok(match self.format {
-            FloatFormat::F32 => TensorData::new(values.collect::<Vec<f32>>(), expected.to_vec()),
-            FloatFormat::Bf16 => TensorData::new(
-                values.map(bf16::from_f32).collect::<Vec<_>>(),
-                expected.to_vec(),
-            ),
-            FloatFormat::F16 => TensorData::new(
-                values.map(f16::from_f32).collect::<Vec<_>>(),
-                expected.to_vec(),
-            ),
+            FloatFormat::F32 => TensorData::new(random_values(count, seed, constant, |v| v), shape),
+            FloatFormat::Bf16 => {
+                TensorData::new(random_values(count, seed, constant, bf16::from_f32), shape)
+            }
+            FloatFormat::F16 => {
+                TensorData::new(random_values(count, seed, constant, f16::from_f32), shape)
+            }
         })
     }
 
@@ -334,6 +360,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Step(args) => args,
         BenchCommand::Linear(args) => return super::bench_ops::run(args),
         BenchCommand::Attention(args) => return super::bench_ops::run_attention(args),
+        BenchCommand::Elementwise(args) => return super::bench_ops::run_elementwise(args),
     };
     require_positive("--seq", args.seq)?;
     let spec: DeviceSpec = args.device.parse()?;

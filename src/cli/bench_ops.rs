@@ -3,6 +3,8 @@
 //! - `bench linear`: the linear layers' three GEMMs (forward, input gradient, weight gradient) at
 //!   a model shape's projection sizes (cuBLASLt on CUDA).
 //! - `bench attention`: the DMS attention forward (fused on CUDA) against the chunked tensor ops.
+//! - `bench elementwise`: RMSNorm, SwiGLU and RoPE, forward and backward (one kernel each on CUDA)
+//!   against burn's tensor-op formulas.
 //!
 //! Each prints a table, then one JSON line per row.
 
@@ -19,6 +21,7 @@ use crate::model::FloatFormat;
 use crate::model::attention::{
     AttentionBackend, AttentionOptions, attention_backward, attention_forward,
 };
+use crate::model::elementwise::{self, ElementwiseBackend};
 use crate::model::linear::{LinearBackend, burn_ops};
 
 #[derive(Args, Debug)]
@@ -406,4 +409,187 @@ fn timed<B: burn::tensor::backend::Backend, T>(
     }
     times.sort_by(f64::total_cmp);
     Ok((times[times.len() / 2], out))
+}
+
+#[derive(Args, Debug)]
+pub struct ElementwiseArgs {
+    /// Model shape whose sizes are used (see `bench step --shape`).
+    #[arg(long, default_value = "qwen3-8b")]
+    pub shape: String,
+    /// Rows (tokens) of the activations.
+    #[arg(long, default_value_t = 4096)]
+    pub tokens: usize,
+    #[arg(long, default_value_t = 10)]
+    pub repeats: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(Serialize)]
+struct ElementwiseRow {
+    op: &'static str,
+    shape: Vec<usize>,
+    ours_ms: f64,
+    burn_ms: f64,
+    /// max |ours - burn| / max |burn| over the outputs
+    max_rel_diff: f64,
+}
+
+pub fn run_elementwise(args: ElementwiseArgs) -> Result<()> {
+    require_positive("--tokens", args.tokens)?;
+    let spec: DeviceSpec = args.device.parse()?;
+    spec.ensure_available()?;
+    let rows = match spec {
+        DeviceSpec::Cpu => measure_elementwise::<Cpu>(&args, &Default::default())?,
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(index) => {
+            let device = burn::backend::cuda::CudaDevice::new(index);
+            crate::backend::init_cuda(&device, FloatFormat::Bf16)?;
+            measure_elementwise::<crate::backend::Cuda>(&args, &device)?
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceSpec::Cuda(_) => unreachable!("ensure_available fails without the cuda feature"),
+    };
+    println!(
+        "RMSNorm / SwiGLU / RoPE, {} sizes, {} tokens, on {}:",
+        args.shape, args.tokens, args.device
+    );
+    println!(
+        "{:<22} {:<22} {:>9} {:>9} {:>8} {:>9}",
+        "op", "shape", "ours ms", "burn ms", "speedup", "rel diff"
+    );
+    for r in &rows {
+        println!(
+            "{:<22} {:<22} {:>9.3} {:>9.3} {:>7.2}x {:>9.2e}",
+            r.op,
+            format!("{:?}", r.shape),
+            r.ours_ms,
+            r.burn_ms,
+            r.burn_ms / r.ours_ms,
+            r.max_rel_diff
+        );
+    }
+    for r in &rows {
+        println!("{}", serde_json::to_string(r)?);
+    }
+    Ok(())
+}
+
+fn measure_elementwise<B: ElementwiseBackend>(
+    args: &ElementwiseArgs,
+    device: &B::Device,
+) -> Result<Vec<ElementwiseRow>> {
+    let cfg = super::bench::shape(&args.shape)?;
+    let t = args.tokens;
+    let normal = Distribution::Normal(0.0, 1.0);
+    let random = |shape: Vec<usize>| Tensor::<B, 3>::random(shape, normal, device);
+    let mut rows = Vec::new();
+    let mut row = |op: &'static str,
+                   shape: Vec<usize>,
+                   ours: &dyn Fn() -> Vec<Tensor<B, 3>>,
+                   burn: &dyn Fn() -> Vec<Tensor<B, 3>>|
+     -> Result<()> {
+        let (ours_s, got) = timed::<B, _>(args.repeats, device, ours)?;
+        let (burn_s, want) = timed::<B, _>(args.repeats, device, burn)?;
+        let mut diff = 0f64;
+        for (g, w) in got.into_iter().zip(want) {
+            diff = diff.max(max_rel_diff(&f32_values(g)?, &f32_values(w)?));
+        }
+        rows.push(ElementwiseRow {
+            op,
+            shape,
+            ours_ms: ours_s * 1e3,
+            burn_ms: burn_s * 1e3,
+            max_rel_diff: diff,
+        });
+        Ok(())
+    };
+    let eps = cfg.rms_norm_eps;
+    // Norms over the hidden size (one row per token) and over head_dim (the q-norm).
+    for (op, op_grad, shape) in [
+        ("rms_norm", "rms_norm grad", vec![1, t, cfg.hidden_size]),
+        (
+            "rms_norm (q heads)",
+            "rms_norm grad (q heads)",
+            vec![t, cfg.num_heads, cfg.head_dim],
+        ),
+    ] {
+        let dim = shape[2];
+        let x = random(shape.clone());
+        let w = Tensor::<B, 1>::random([dim], Distribution::Uniform(0.5, 1.5), device);
+        let dy = random(shape.clone());
+        row(
+            op,
+            shape.clone(),
+            &|| vec![B::rms_norm(x.clone(), w.clone(), eps)],
+            &|| vec![elementwise::burn_ops::rms_norm(x.clone(), w.clone(), eps)],
+        )?;
+        row(
+            op_grad,
+            shape,
+            &|| {
+                vec![B::rms_norm_input_grad(
+                    x.clone(),
+                    w.clone(),
+                    eps,
+                    dy.clone(),
+                )]
+            },
+            &|| {
+                vec![elementwise::burn_ops::rms_norm_input_grad(
+                    x.clone(),
+                    w.clone(),
+                    eps,
+                    dy.clone(),
+                )]
+            },
+        )?;
+    }
+    let shape = vec![1, t, cfg.intermediate_size];
+    let (gate, up, dy) = (
+        random(shape.clone()),
+        random(shape.clone()),
+        random(shape.clone()),
+    );
+    row(
+        "swiglu",
+        shape.clone(),
+        &|| vec![B::swiglu(gate.clone(), up.clone())],
+        &|| vec![elementwise::burn_ops::swiglu(gate.clone(), up.clone())],
+    )?;
+    let pair = |(a, b): (Tensor<B, 3>, Tensor<B, 3>)| vec![a, b];
+    row(
+        "swiglu grads",
+        shape,
+        &|| pair(B::swiglu_grads(gate.clone(), up.clone(), dy.clone())),
+        &|| {
+            pair(elementwise::burn_ops::swiglu_grads(
+                gate.clone(),
+                up.clone(),
+                dy.clone(),
+            ))
+        },
+    )?;
+    // RoPE of the queries through the decoder's transposed view [1, T, H, D] -> [1, H, T, D].
+    let tables = crate::model::RopeTables::<B>::for_model(&cfg, 0, t, device);
+    let q = Tensor::<B, 4>::random([1, t, cfg.num_heads, cfg.head_dim], normal, device);
+    let flat = |x: Tensor<B, 4>| -> Tensor<B, 3> { x.flatten(0, 1) };
+    for (op, inverse) in [("rope", false), ("rope inverse (grad)", true)] {
+        let rope = |ours: bool| {
+            let x = q.clone().swap_dims(1, 2);
+            let (cos, sin) = (tables.cos.clone(), tables.sin.clone());
+            vec![flat(if ours {
+                B::rope(x, cos, sin, inverse)
+            } else {
+                elementwise::burn_ops::rope(x, cos, sin, inverse)
+            })]
+        };
+        row(
+            op,
+            vec![1, cfg.num_heads, t, cfg.head_dim],
+            &|| rope(true),
+            &|| rope(false),
+        )?;
+    }
+    Ok(rows)
 }

@@ -92,7 +92,9 @@ impl<B: Backend> DmsAdapter<B> {
     }
 }
 
-impl<B: crate::model::linear::LinearBackend> DmsAdapter<B> {
+impl<B: crate::model::linear::LinearBackend + crate::model::elementwise::ElementwiseBackend>
+    DmsAdapter<B>
+{
     /// Raw (unscaled) decision values from the layer's input residual, before `input_layernorm`.
     ///
     /// # Shapes

@@ -6,10 +6,11 @@
 
 use anyhow::Result;
 use burn::module::{Module, Param};
-use burn::tensor::{FloatDType, Int, Tensor, activation, backend::Backend};
+use burn::tensor::{Int, Tensor, backend::Backend};
 
 use super::attention::{AttentionBackend, AttentionOptions, delayed_attention};
 use super::config::ModelConfig;
+use super::elementwise::{ElementwiseBackend, rms_norm, swiglu};
 use super::linear::{LinearBackend, linear};
 use super::rope::RopeTables;
 use super::weights::{LayerNorm, ParamSlot, Projection, WeightKey, WeightSource};
@@ -131,15 +132,13 @@ impl<B: Backend> RmsNorm<B> {
             eps: cfg.rms_norm_eps,
         })
     }
+}
 
+impl<B: ElementwiseBackend> RmsNorm<B> {
     /// # Shapes
     /// - `x`: `[..., dim]` → same
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let dtype = x.dtype();
-        let x = x.cast(FloatDType::F32);
-        let mean_square = x.clone().powi_scalar(2).mean_dim(D - 1);
-        let normed = x * (mean_square + self.eps).sqrt().recip();
-        normed.cast(dtype) * in_dtype(self.weight.val(), dtype).unsqueeze::<D>()
+        rms_norm(x, self.weight.val(), self.eps)
     }
 }
 
@@ -151,12 +150,13 @@ pub struct Mlp<B: Backend> {
     pub down_proj: Linear<B>,
 }
 
-impl<B: LinearBackend> Mlp<B> {
+impl<B: LinearBackend + ElementwiseBackend> Mlp<B> {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` → same
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = activation::silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let gate = self.gate_proj.forward(x.clone());
+        self.down_proj
+            .forward(swiglu(gate, self.up_proj.forward(x)))
     }
 }
 

@@ -5,6 +5,7 @@ pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod decoder;
+pub mod elementwise;
 pub mod linear;
 pub mod rope;
 pub mod weights;

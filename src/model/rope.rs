@@ -3,7 +3,7 @@
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 
 use super::config::{ModelConfig, RopeConfig, RopeScaling};
-use super::decoder::in_dtype;
+use super::elementwise::{ElementwiseBackend, rope};
 
 /// Inverse frequencies for each pair of channels, after any long-context scaling.
 ///
@@ -90,19 +90,13 @@ impl<B: Backend> RopeTables<B> {
             sin: Tensor::from_data(TensorData::new(sin, shape), device),
         }
     }
+}
 
-    /// Rotates `x` shaped `[batch, heads, seq, head_dim]`.
+impl<B: ElementwiseBackend> RopeTables<B> {
+    /// Rotates `x` shaped `[batch, heads, seq, head_dim]` (any layout; see
+    /// [`ElementwiseBackend::rope`]).
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [_, _, _, dim] = x.dims();
-        let half = dim / 2;
-        let x1 = x.clone().narrow(3, 0, half);
-        let x2 = x.clone().narrow(3, half, half);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        // The tables are built in the device's default dtype; the activations may differ.
-        let dtype = x.dtype();
-        let cos = in_dtype(self.cos.clone(), dtype).unsqueeze::<4>();
-        let sin = in_dtype(self.sin.clone(), dtype).unsqueeze::<4>();
-        x * cos + rotated * sin
+        rope(x, self.cos.clone(), self.sin.clone())
     }
 }
 

@@ -7,7 +7,7 @@ use burn::tensor::{DType, FloatDType, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 
-use super::{Cube, Gemm, KernelArg, Matrix, on_our_stream};
+use super::{BLOCK, Cube, Gemm, KernelArg, Matrix, on_our_stream};
 use crate::backend::Cuda;
 use crate::model::attention::{AttentionGrads, AttentionOptions};
 
@@ -50,10 +50,7 @@ impl Geometry {
         options: &AttentionOptions,
     ) -> Option<Self> {
         let dtype = q.dtype();
-        if !matches!(dtype, DType::BF16 | DType::F32)
-            || k.dtype() != dtype
-            || others.iter().any(|&d| d != dtype)
-        {
+        if !super::kernel_dtype(dtype) || k.dtype() != dtype || others.iter().any(|&d| d != dtype) {
             return None;
         }
         let [batch, heads, q_len, dim] = q.dims();
@@ -188,10 +185,7 @@ pub fn attention_forward(
         let scores = context.scratch(0, geo.most_scores() * 4)?;
         let probs = context.scratch(1, geo.most_scores() * elem as usize)?;
         let kernels = context.kernels()?;
-        let softmax = match dtype {
-            DType::BF16 => kernels.softmax_rows_bf16.clone(),
-            _ => kernels.softmax_rows_f32.clone(),
-        };
+        let softmax = kernels.softmax_rows.of(dtype);
         let per_head = q_len * dim;
         for chunk in geo.chunks(options.offset) {
             let Chunk { rows, keys, .. } = chunk;
@@ -215,7 +209,7 @@ pub fn attention_forward(
                 KernelArg::Pointer(geo.bias_head(&chunk, bias_ptr)),
             ];
             args.extend(geo.row_args(&chunk, options));
-            context.launch(&softmax, (rows as u32, group as u32, 1), 256, &args)?;
+            context.launch(&softmax, (rows as u32, group as u32, 1), BLOCK, &args)?;
             context.gemm(&Gemm {
                 a: Matrix::packed(probs, rows, keys, scores_at, dtype),
                 a_transposed: false,
@@ -318,10 +312,7 @@ pub fn attention_backward(
         let probs = context.scratch(1, most * elem as usize)?;
         let grad_low = context.scratch(3, most * elem as usize)?;
         let kernels = context.kernels()?;
-        let grad_rows = match dtype {
-            DType::BF16 => kernels.attention_grad_rows_bf16.clone(),
-            _ => kernels.attention_grad_rows_f32.clone(),
-        };
+        let grad_rows = kernels.attention_grad_rows.of(dtype);
         let bias_columns = kernels.bias_grad_columns.clone();
         let per_head = q_len * dim;
         for chunk in geo.chunks(options.offset) {
@@ -357,14 +348,14 @@ pub fn attention_backward(
                 KernelArg::Pointer(geo.bias_head(&chunk, bias_ptr)),
             ];
             args.extend(geo.row_args(&chunk, options));
-            context.launch(&grad_rows, (rows as u32, group as u32, 1), 256, &args)?;
+            context.launch(&grad_rows, (rows as u32, group as u32, 1), BLOCK, &args)?;
             if with_bias_grad {
                 let splits = (group * rows).div_ceil(64);
                 let [keys_arg, rows_arg, _, qpos0, window] = geo.row_args(&chunk, options);
                 context.launch(
                     &bias_columns,
-                    (keys.div_ceil(256) as u32, splits as u32, 1),
-                    256,
+                    (keys.div_ceil(BLOCK as usize) as u32, splits as u32, 1),
+                    BLOCK,
                     &[
                         KernelArg::Pointer(grad),
                         KernelArg::Pointer(geo.bias_head(&chunk, Some(db_ptr))),

@@ -1,6 +1,6 @@
 //! CUDA work that burn-cuda 0.21 does slowly, run on our own stream: the linear layers' GEMMs
-//! through cuBLASLt (`linear`) and the attention forward as cuBLASLt GEMMs around one fused
-//! softmax kernel (`attention`).
+//! through cuBLASLt (`linear`), the attention as cuBLASLt GEMMs around fused softmax kernels
+//! (`attention`), and RMSNorm, SwiGLU and RoPE as one kernel each (`elementwise`).
 //!
 //! Why: burn-cuda (cubecl 0.10) emits tensor-core code only as `mma.sync`, never Hopper's `wgmma`
 //! (its bf16 GEMM measured 0.24-0.31x cuBLAS on an H200), and without kernel fusion the chunked
@@ -15,6 +15,7 @@
 //! patched cubecl-cuda) would remove both.
 
 pub mod attention;
+pub mod elementwise;
 pub mod linear;
 
 use std::collections::HashMap;
@@ -29,6 +30,9 @@ use cudarc::cublaslt::{result as lt, sys};
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 
 type Cube = CubeTensor<CudaRuntime>;
+
+/// Threads per block of every kernel (`BLOCK` in common.cu).
+const BLOCK: u32 = 256;
 
 /// Runs `work` on our stream with the device addresses of `tensors`, after cubecl's queued work
 /// and before burn sees the results. `None` (after saying why once) where our path is unavailable
@@ -428,6 +432,8 @@ impl DeviceContext {
             match arg {
                 KernelArg::Pointer(p) => launch.arg(p),
                 KernelArg::Int(i) => launch.arg(i),
+                KernelArg::Long(i) => launch.arg(i),
+                KernelArg::Float(f) => launch.arg(f),
             };
         }
         unsafe {
@@ -451,15 +457,42 @@ impl DeviceContext {
 enum KernelArg {
     Pointer(u64),
     Int(i32),
+    /// 64-bit integers (`long long` or `index_t` parameters).
+    Long(i64),
+    Float(f32),
 }
 
-/// The fused kernels (`softmax.cu`).
+/// One kernel compiled for each activation type.
+struct Typed {
+    bf16: CudaFunction,
+    f32: CudaFunction,
+}
+
+impl Typed {
+    /// The variant for `dtype` (bf16 or f32; callers check).
+    fn of(&self, dtype: DType) -> CudaFunction {
+        match dtype {
+            DType::BF16 => self.bf16.clone(),
+            _ => self.f32.clone(),
+        }
+    }
+}
+
+/// The activation dtypes the kernels are compiled for.
+fn kernel_dtype(dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F32)
+}
+
+/// The NVRTC kernels: `common.cu` helpers, `softmax.cu` (attention) and `elementwise.cu`.
 struct Kernels {
-    softmax_rows_bf16: CudaFunction,
-    softmax_rows_f32: CudaFunction,
-    attention_grad_rows_bf16: CudaFunction,
-    attention_grad_rows_f32: CudaFunction,
+    softmax_rows: Typed,
+    attention_grad_rows: Typed,
     bias_grad_columns: CudaFunction,
+    rms_norm_rows: Typed,
+    rms_norm_grad_rows: Typed,
+    swiglu: Typed,
+    swiglu_grads: Typed,
+    rope: Typed,
 }
 
 impl Kernels {
@@ -483,22 +516,37 @@ impl Kernels {
             arch: Some(arch),
             ..Default::default()
         };
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(include_str!("softmax.cu"), options)
-            .map_err(|e| format!("NVRTC compiling softmax.cu: {e:?}"))?;
+        let source = [
+            include_str!("common.cu"),
+            include_str!("softmax.cu"),
+            include_str!("elementwise.cu"),
+        ]
+        .join("\n");
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, options)
+            .map_err(|e| format!("NVRTC compiling the kernels (src/model/cuda/*.cu): {e:?}"))?;
         let module = context
             .load_module(ptx)
-            .map_err(|e| format!("loading softmax.cu: {e:?}"))?;
+            .map_err(|e| format!("loading the kernels: {e:?}"))?;
         let function = |name: &str| {
             module
                 .load_function(name)
-                .map_err(|e| format!("softmax.cu: {name}: {e:?}"))
+                .map_err(|e| format!("kernel {name}: {e:?}"))
+        };
+        let typed = |name: &str| -> Result<Typed, String> {
+            Ok(Typed {
+                bf16: function(&format!("{name}_bf16"))?,
+                f32: function(&format!("{name}_f32"))?,
+            })
         };
         Ok(Self {
-            softmax_rows_bf16: function("softmax_rows_bf16")?,
-            softmax_rows_f32: function("softmax_rows_f32")?,
-            attention_grad_rows_bf16: function("attention_grad_rows_bf16")?,
-            attention_grad_rows_f32: function("attention_grad_rows_f32")?,
+            softmax_rows: typed("softmax_rows")?,
+            attention_grad_rows: typed("attention_grad_rows")?,
             bias_grad_columns: function("bias_grad_columns")?,
+            rms_norm_rows: typed("rms_norm_rows")?,
+            rms_norm_grad_rows: typed("rms_norm_grad_rows")?,
+            swiglu: typed("swiglu")?,
+            swiglu_grads: typed("swiglu_grads")?,
+            rope: typed("rope")?,
         })
     }
 }

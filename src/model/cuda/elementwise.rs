@@ -1,0 +1,234 @@
+//! RMSNorm, SwiGLU and RoPE as one NVRTC kernel each (`elementwise.cu`), forward and backward.
+//! Each function returns `None` (nothing run) where the kernels do not apply (a dtype other than
+//! bf16/f32, NVRTC unavailable); the caller then uses burn's tensor ops.
+
+use burn::tensor::{DType, FloatDType, Shape, Tensor, TensorPrimitive};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+
+use super::{BLOCK, Cube, KernelArg, kernel_dtype, on_our_stream};
+use crate::backend::Cuda;
+
+fn contiguous<const D: usize>(t: Tensor<Cuda, D>) -> Cube {
+    into_contiguous(t.into_primitive().tensor())
+}
+
+fn tensor<const D: usize>(t: Cube) -> Tensor<Cuda, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+fn empty_like(like: &Cube) -> Cube {
+    empty_device_contiguous_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::from(like.meta.shape().to_vec()),
+        like.dtype,
+    )
+}
+
+/// Blocks for a grid-stride loop over `n` elements (enough to fill the GPU many times over).
+fn grid_for(n: usize) -> (u32, u32, u32) {
+    (n.div_ceil(BLOCK as usize).clamp(1, 1 << 16) as u32, 1, 1)
+}
+
+/// Blocks for one warp per row.
+fn grid_for_rows(rows: usize) -> (u32, u32, u32) {
+    (rows.div_ceil(BLOCK as usize / 32).max(1) as u32, 1, 1)
+}
+
+/// Whether `tensors` share one kernel dtype and the sizes fit the kernels' 32-bit row counts.
+fn applies(tensors: &[&Cube], rows: usize, dim: usize) -> bool {
+    let dtype = tensors[0].dtype;
+    kernel_dtype(dtype)
+        && tensors.iter().all(|t| t.dtype == dtype)
+        && rows <= i32::MAX as usize
+        && dim <= i32::MAX as usize
+        && rows * dim > 0
+}
+
+/// `round(x / rms(x)) * weight` over the last axis; `weight` in `x`'s dtype.
+pub fn rms_norm<const D: usize>(
+    x: Tensor<Cuda, D>,
+    weight: Tensor<Cuda, 1>,
+    eps: f64,
+) -> Option<Tensor<Cuda, D>> {
+    let (x, weight) = (contiguous(x), contiguous(weight));
+    let dim = *x.meta.shape().last()?;
+    let rows = x.meta.shape().iter().product::<usize>() / dim.max(1);
+    if !applies(&[&x, &weight], rows, dim) || weight.meta.shape()[0] != dim {
+        return None;
+    }
+    let out = empty_like(&x);
+    let dtype = x.dtype;
+    on_our_stream(&[&x, &weight, &out], |context, p| {
+        let kernel = context.kernels()?.rms_norm_rows.of(dtype);
+        context.launch(
+            &kernel,
+            grid_for_rows(rows),
+            BLOCK,
+            &[
+                KernelArg::Pointer(p[0]),
+                KernelArg::Pointer(p[1]),
+                KernelArg::Pointer(p[2]),
+                KernelArg::Int(rows as i32),
+                KernelArg::Int(dim as i32),
+                KernelArg::Float(eps as f32),
+            ],
+        )
+    })?;
+    Some(tensor(out))
+}
+
+/// The input gradient of [`rms_norm`].
+pub fn rms_norm_input_grad<const D: usize>(
+    x: Tensor<Cuda, D>,
+    weight: Tensor<Cuda, 1>,
+    eps: f64,
+    grad: Tensor<Cuda, D>,
+) -> Option<Tensor<Cuda, D>> {
+    let (x, weight, grad) = (contiguous(x), contiguous(weight), contiguous(grad));
+    let dim = *x.meta.shape().last()?;
+    let rows = x.meta.shape().iter().product::<usize>() / dim.max(1);
+    if !applies(&[&x, &weight, &grad], rows, dim) || grad.meta.shape() != x.meta.shape() {
+        return None;
+    }
+    let dx = empty_like(&x);
+    let dtype = x.dtype;
+    on_our_stream(&[&x, &weight, &grad, &dx], |context, p| {
+        let kernel = context.kernels()?.rms_norm_grad_rows.of(dtype);
+        context.launch(
+            &kernel,
+            grid_for_rows(rows),
+            BLOCK,
+            &[
+                KernelArg::Pointer(p[0]),
+                KernelArg::Pointer(p[1]),
+                KernelArg::Pointer(p[2]),
+                KernelArg::Pointer(p[3]),
+                KernelArg::Int(rows as i32),
+                KernelArg::Int(dim as i32),
+                KernelArg::Float(eps as f32),
+            ],
+        )
+    })?;
+    Some(tensor(dx))
+}
+
+/// `round(silu(gate)) * up`.
+pub fn swiglu<const D: usize>(
+    gate: Tensor<Cuda, D>,
+    up: Tensor<Cuda, D>,
+) -> Option<Tensor<Cuda, D>> {
+    let (gate, up) = (contiguous(gate), contiguous(up));
+    let n = gate.meta.shape().iter().product::<usize>();
+    if !applies(&[&gate, &up], 1, n) || gate.meta.shape() != up.meta.shape() {
+        return None;
+    }
+    let out = empty_like(&gate);
+    let dtype = gate.dtype;
+    on_our_stream(&[&gate, &up, &out], |context, p| {
+        let kernel = context.kernels()?.swiglu.of(dtype);
+        context.launch(
+            &kernel,
+            grid_for(n),
+            BLOCK,
+            &[
+                KernelArg::Pointer(p[0]),
+                KernelArg::Pointer(p[1]),
+                KernelArg::Pointer(p[2]),
+                KernelArg::Long(n as i64),
+            ],
+        )
+    })?;
+    Some(tensor(out))
+}
+
+/// The gradients of [`swiglu`] with respect to `gate` and `up`.
+pub fn swiglu_grads<const D: usize>(
+    gate: Tensor<Cuda, D>,
+    up: Tensor<Cuda, D>,
+    grad: Tensor<Cuda, D>,
+) -> Option<(Tensor<Cuda, D>, Tensor<Cuda, D>)> {
+    let (gate, up, grad) = (contiguous(gate), contiguous(up), contiguous(grad));
+    let n = gate.meta.shape().iter().product::<usize>();
+    if !applies(&[&gate, &up, &grad], 1, n)
+        || gate.meta.shape() != up.meta.shape()
+        || gate.meta.shape() != grad.meta.shape()
+    {
+        return None;
+    }
+    let (d_gate, d_up) = (empty_like(&gate), empty_like(&gate));
+    let dtype = gate.dtype;
+    on_our_stream(&[&gate, &up, &grad, &d_gate, &d_up], |context, p| {
+        let kernel = context.kernels()?.swiglu_grads.of(dtype);
+        context.launch(
+            &kernel,
+            grid_for(n),
+            BLOCK,
+            &[
+                KernelArg::Pointer(p[0]),
+                KernelArg::Pointer(p[1]),
+                KernelArg::Pointer(p[2]),
+                KernelArg::Pointer(p[3]),
+                KernelArg::Pointer(p[4]),
+                KernelArg::Long(n as i64),
+            ],
+        )
+    })?;
+    Some((tensor(d_gate), tensor(d_up)))
+}
+
+/// RoPE of `x` `[batch, heads, seq, dim]` read in place through its strides (the decoder passes a
+/// transposed view), written contiguous; `cos`, `sin` `[seq, dim]` are used in f32.
+pub fn rope(
+    x: Tensor<Cuda, 4>,
+    cos: Tensor<Cuda, 2>,
+    sin: Tensor<Cuda, 2>,
+    inverse: bool,
+) -> Option<Tensor<Cuda, 4>> {
+    let table = |t: Tensor<Cuda, 2>| contiguous(t.cast(FloatDType::F32));
+    let (cos, sin) = (table(cos), table(sin));
+    let x: Cube = x.into_primitive().tensor();
+    let [batch, heads, seq, dim] = <[usize; 4]>::try_from(x.meta.shape().to_vec()).ok()?;
+    let n = batch * heads * seq * dim;
+    if !applies(&[&x], 1, n)
+        || dim % 2 != 0
+        || cos.meta.shape().to_vec() != [seq, dim]
+        || sin.meta.shape().to_vec() != [seq, dim]
+        || cos.dtype != DType::F32
+    {
+        return None;
+    }
+    let strides: Vec<i64> = x.meta.strides().iter().map(|&s| s as i64).collect();
+    let out = empty_device_contiguous_dtype(
+        x.client.clone(),
+        x.device.clone(),
+        Shape::from(vec![batch, heads, seq, dim]),
+        x.dtype,
+    );
+    let dtype = x.dtype;
+    on_our_stream(&[&x, &out, &cos, &sin], |context, p| {
+        let kernel = context.kernels()?.rope.of(dtype);
+        context.launch(
+            &kernel,
+            grid_for(n),
+            BLOCK,
+            &[
+                KernelArg::Pointer(p[0]),
+                KernelArg::Pointer(p[1]),
+                KernelArg::Pointer(p[2]),
+                KernelArg::Pointer(p[3]),
+                KernelArg::Int(heads as i32),
+                KernelArg::Int(seq as i32),
+                KernelArg::Int(dim as i32),
+                KernelArg::Long(strides[0]),
+                KernelArg::Long(strides[1]),
+                KernelArg::Long(strides[2]),
+                KernelArg::Long(strides[3]),
+                KernelArg::Long(n as i64),
+                KernelArg::Float(if inverse { -1.0 } else { 1.0 }),
+            ],
+        )
+    })?;
+    Some(tensor(out))
+}

@@ -1,0 +1,552 @@
+//! RMSNorm, SwiGLU and RoPE as backend operations, so a backend can run each as one fused kernel:
+//! - burn without kernel fusion runs them as 5-10 separate elementwise passes each (f32 casts,
+//!   powers, means, reciprocals, products). On CUDA they are one NVRTC kernel each
+//!   (`super::cuda::elementwise`), forward and backward;
+//! - under autodiff each is one graph node that keeps only its inputs (the norm's and SwiGLU's
+//!   bf16 inputs; nothing for RoPE) and recomputes the rest in its backward. burn's graph of the
+//!   same formulas kept ~40 hidden-sized vectors per token and layer (f32 norm copies, SwiGLU's
+//!   intermediates), 3x the memory of the official step at 4K tokens (docs/performance.md).
+//!
+//! The defaults ([`burn_ops`]) are the tensor-op formulas: the CPU's path, CUDA's fallback, and the
+//! reference the fused kernels are compared against (`bench elementwise`).
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Tensor, backend::Backend};
+
+use super::linear::float;
+
+/// Backends that run [`rms_norm`], [`swiglu`] and [`rope`]. The defaults are [`burn_ops`].
+pub trait ElementwiseBackend: Backend {
+    /// `weight * round(x / rms(x))`, statistics in f32 whatever the activation dtype (as
+    /// transformers does); `weight` is in `x`'s dtype.
+    ///
+    /// # Shapes
+    /// - `x`: `[..., dim]`, `weight`: `[dim]` → same as `x`
+    fn rms_norm<const D: usize>(
+        x: Tensor<Self, D>,
+        weight: Tensor<Self, 1>,
+        eps: f64,
+    ) -> Tensor<Self, D> {
+        burn_ops::rms_norm(x, weight, eps)
+    }
+
+    /// The input gradient of [`Self::rms_norm`], recomputing the statistics from `x`.
+    fn rms_norm_input_grad<const D: usize>(
+        x: Tensor<Self, D>,
+        weight: Tensor<Self, 1>,
+        eps: f64,
+        grad: Tensor<Self, D>,
+    ) -> Tensor<Self, D> {
+        burn_ops::rms_norm_input_grad(x, weight, eps, grad)
+    }
+
+    /// `silu(gate) * up`.
+    fn swiglu<const D: usize>(gate: Tensor<Self, D>, up: Tensor<Self, D>) -> Tensor<Self, D> {
+        burn_ops::swiglu(gate, up)
+    }
+
+    /// The gradients of [`Self::swiglu`] with respect to `gate` and `up`.
+    fn swiglu_grads<const D: usize>(
+        gate: Tensor<Self, D>,
+        up: Tensor<Self, D>,
+        grad: Tensor<Self, D>,
+    ) -> (Tensor<Self, D>, Tensor<Self, D>) {
+        burn_ops::swiglu_grads(gate, up, grad)
+    }
+
+    /// Rotates `x` by the angles whose cosines and sines are tabulated per position; `inverse`
+    /// rotates back (the backward of a rotation is its inverse). The tables hold each frequency
+    /// twice (`[f_0 .. f_{d/2-1}, f_0 .. f_{d/2-1}]`, see [`super::RopeTables`]).
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, heads, seq, head_dim]` (any layout), `cos`, `sin`: `[seq, head_dim]` →
+    ///   `[batch, heads, seq, head_dim]`
+    fn rope(
+        x: Tensor<Self, 4>,
+        cos: Tensor<Self, 2>,
+        sin: Tensor<Self, 2>,
+        inverse: bool,
+    ) -> Tensor<Self, 4> {
+        burn_ops::rope(x, cos, sin, inverse)
+    }
+}
+
+/// The three operations with burn's tensor ops.
+pub mod burn_ops {
+    use burn::tensor::{FloatDType, Tensor, activation, backend::Backend};
+
+    use crate::model::decoder::in_dtype;
+
+    pub fn rms_norm<B: Backend, const D: usize>(
+        x: Tensor<B, D>,
+        weight: Tensor<B, 1>,
+        eps: f64,
+    ) -> Tensor<B, D> {
+        let dtype = x.dtype();
+        let x = x.cast(FloatDType::F32);
+        let normed = x.clone() * inverse_rms(x, eps);
+        normed.cast(dtype) * weight.unsqueeze::<D>()
+    }
+
+    /// `1 / sqrt(mean(x²) + eps)` over the last axis, kept as a size-1 axis.
+    fn inverse_rms<B: Backend, const D: usize>(x: Tensor<B, D>, eps: f64) -> Tensor<B, D> {
+        (x.powi_scalar(2).mean_dim(D - 1) + eps).sqrt().recip()
+    }
+
+    /// With `x̂ = x / rms(x)` and `g = grad * weight`: `dx = (g - x̂ · mean(g x̂)) / rms(x)`.
+    pub fn rms_norm_input_grad<B: Backend, const D: usize>(
+        x: Tensor<B, D>,
+        weight: Tensor<B, 1>,
+        eps: f64,
+        grad: Tensor<B, D>,
+    ) -> Tensor<B, D> {
+        let dtype = x.dtype();
+        let x = x.cast(FloatDType::F32);
+        let g = (grad * weight.unsqueeze::<D>()).cast(FloatDType::F32);
+        let inv = inverse_rms(x.clone(), eps);
+        let normed = x * inv.clone();
+        let mean_dot = (g.clone() * normed.clone()).mean_dim(D - 1);
+        ((g - normed * mean_dot) * inv).cast(dtype)
+    }
+
+    /// `dweight = Σ_rows grad · round(x / rms(x))`, in the weight's dtype `dtype`.
+    pub fn rms_norm_weight_grad<B: Backend, const D: usize>(
+        x: Tensor<B, D>,
+        eps: f64,
+        grad: Tensor<B, D>,
+        dtype: burn::tensor::DType,
+    ) -> Tensor<B, 1> {
+        let x_dtype = x.dtype();
+        let x32 = x.cast(FloatDType::F32);
+        let normed = (x32.clone() * inverse_rms(x32, eps)).cast(x_dtype);
+        let product = (grad * normed).cast(FloatDType::F32);
+        let dim = product.dims()[D - 1];
+        in_dtype(
+            product.reshape([-1, dim as i32]).sum_dim(0).reshape([dim]),
+            dtype,
+        )
+    }
+
+    pub fn swiglu<B: Backend, const D: usize>(
+        gate: Tensor<B, D>,
+        up: Tensor<B, D>,
+    ) -> Tensor<B, D> {
+        activation::silu(gate) * up
+    }
+
+    /// With `s = sigmoid(gate)`: `dup = grad · gate · s`, `dgate = grad · up · s (1 + gate (1 - s))`.
+    pub fn swiglu_grads<B: Backend, const D: usize>(
+        gate: Tensor<B, D>,
+        up: Tensor<B, D>,
+        grad: Tensor<B, D>,
+    ) -> (Tensor<B, D>, Tensor<B, D>) {
+        let dtype = gate.dtype();
+        let [gate, up, grad] = [gate, up, grad].map(|t| t.cast(FloatDType::F32));
+        let s = activation::sigmoid(gate.clone());
+        let d_up = grad.clone() * gate.clone() * s.clone();
+        let d_gate = grad * up * s.clone() * ((s.neg() + 1.0) * gate + 1.0);
+        (d_gate.cast(dtype), d_up.cast(dtype))
+    }
+
+    pub fn rope<B: Backend>(
+        x: Tensor<B, 4>,
+        cos: Tensor<B, 2>,
+        sin: Tensor<B, 2>,
+        inverse: bool,
+    ) -> Tensor<B, 4> {
+        let [_, _, _, dim] = x.dims();
+        let half = dim / 2;
+        let x1 = x.clone().narrow(3, 0, half);
+        let x2 = x.clone().narrow(3, half, half);
+        // rotate_half(x) = [-x2, x1]; the inverse rotation subtracts it.
+        let rotated = if inverse {
+            Tensor::cat(vec![x2, x1.neg()], 3)
+        } else {
+            Tensor::cat(vec![x2.neg(), x1], 3)
+        };
+        // The tables are built in the device's default dtype; the activations may differ.
+        let dtype = x.dtype();
+        let cos = in_dtype(cos, dtype).unsqueeze::<4>();
+        let sin = in_dtype(sin, dtype).unsqueeze::<4>();
+        x * cos + rotated * sin
+    }
+}
+
+/// RMSNorm of `x` with `weight` cast to `x`'s dtype (see [`ElementwiseBackend::rms_norm`]).
+pub fn rms_norm<B: ElementwiseBackend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, D> {
+    let weight = crate::model::decoder::in_dtype(weight, x.dtype());
+    B::rms_norm(x, weight, eps)
+}
+
+/// `silu(gate) * up`.
+pub fn swiglu<B: ElementwiseBackend, const D: usize>(
+    gate: Tensor<B, D>,
+    up: Tensor<B, D>,
+) -> Tensor<B, D> {
+    B::swiglu(gate, up)
+}
+
+/// Rotary embedding of `x` `[batch, heads, seq, head_dim]` with `[seq, head_dim]` tables.
+pub fn rope<B: ElementwiseBackend>(
+    x: Tensor<B, 4>,
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
+) -> Tensor<B, 4> {
+    B::rope(x, cos, sin, false)
+}
+
+impl ElementwiseBackend for crate::backend::Cpu {}
+
+/// CUDA runs each operation as one NVRTC kernel (`super::cuda::elementwise`), and the tensor ops
+/// where that path declines.
+#[cfg(feature = "cuda")]
+impl ElementwiseBackend for crate::backend::Cuda {
+    fn rms_norm<const D: usize>(
+        x: Tensor<Self, D>,
+        weight: Tensor<Self, 1>,
+        eps: f64,
+    ) -> Tensor<Self, D> {
+        super::cuda::elementwise::rms_norm(x.clone(), weight.clone(), eps)
+            .unwrap_or_else(|| burn_ops::rms_norm(x, weight, eps))
+    }
+
+    fn rms_norm_input_grad<const D: usize>(
+        x: Tensor<Self, D>,
+        weight: Tensor<Self, 1>,
+        eps: f64,
+        grad: Tensor<Self, D>,
+    ) -> Tensor<Self, D> {
+        super::cuda::elementwise::rms_norm_input_grad(x.clone(), weight.clone(), eps, grad.clone())
+            .unwrap_or_else(|| burn_ops::rms_norm_input_grad(x, weight, eps, grad))
+    }
+
+    fn swiglu<const D: usize>(gate: Tensor<Self, D>, up: Tensor<Self, D>) -> Tensor<Self, D> {
+        super::cuda::elementwise::swiglu(gate.clone(), up.clone())
+            .unwrap_or_else(|| burn_ops::swiglu(gate, up))
+    }
+
+    fn swiglu_grads<const D: usize>(
+        gate: Tensor<Self, D>,
+        up: Tensor<Self, D>,
+        grad: Tensor<Self, D>,
+    ) -> (Tensor<Self, D>, Tensor<Self, D>) {
+        super::cuda::elementwise::swiglu_grads(gate.clone(), up.clone(), grad.clone())
+            .unwrap_or_else(|| burn_ops::swiglu_grads(gate, up, grad))
+    }
+
+    fn rope(
+        x: Tensor<Self, 4>,
+        cos: Tensor<Self, 2>,
+        sin: Tensor<Self, 2>,
+        inverse: bool,
+    ) -> Tensor<Self, 4> {
+        super::cuda::elementwise::rope(x.clone(), cos.clone(), sin.clone(), inverse)
+            .unwrap_or_else(|| burn_ops::rope(x, cos, sin, inverse))
+    }
+}
+
+/// Under autodiff each operation is one node whose backward calls the inner backend's gradient
+/// operation; the saved state is the inputs only.
+impl<B: ElementwiseBackend, C: CheckpointStrategy> ElementwiseBackend for Autodiff<B, C> {
+    fn rms_norm<const D: usize>(
+        x: Tensor<Self, D>,
+        weight: Tensor<Self, 1>,
+        eps: f64,
+    ) -> Tensor<Self, D> {
+        #[derive(Debug)]
+        struct RmsNormBackward<const D: usize>;
+
+        #[derive(Debug, Clone)]
+        struct Saved<B: Backend> {
+            x: FloatTensor<B>,
+            weight: FloatTensor<B>,
+            eps: f64,
+        }
+
+        impl<B: ElementwiseBackend, const D: usize> Backward<B, 2> for RmsNormBackward<D> {
+            type State = Saved<B>;
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _checkpointer: &mut Checkpointer,
+            ) {
+                let [node_x, node_weight] = ops.parents;
+                let grad = float::<B, D>(grads.consume::<B>(&ops.node));
+                let Saved { x, weight, eps } = ops.state;
+                let (x, weight) = (float::<B, D>(x), float::<B, 1>(weight));
+                if let Some(node) = node_weight {
+                    let dw = burn_ops::rms_norm_weight_grad(
+                        x.clone(),
+                        eps,
+                        grad.clone(),
+                        weight.dtype(),
+                    );
+                    grads.register::<B>(node.id, dw.into_primitive().tensor());
+                }
+                if let Some(node) = node_x {
+                    let dx = B::rms_norm_input_grad(x, weight, eps, grad);
+                    grads.register::<B>(node.id, dx.into_primitive().tensor());
+                }
+            }
+        }
+
+        let (x, weight) = (
+            x.into_primitive().tensor(),
+            weight.into_primitive().tensor(),
+        );
+        let y = B::rms_norm(
+            float::<B, D>(x.primitive.clone()),
+            float::<B, 1>(weight.primitive.clone()),
+            eps,
+        )
+        .into_primitive()
+        .tensor();
+        let output = match RmsNormBackward::<D>
+            .prepare::<C>([x.node.clone(), weight.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(
+                Saved {
+                    x: x.primitive,
+                    weight: weight.primitive,
+                    eps,
+                },
+                y,
+            ),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        float(output)
+    }
+
+    fn swiglu<const D: usize>(gate: Tensor<Self, D>, up: Tensor<Self, D>) -> Tensor<Self, D> {
+        #[derive(Debug)]
+        struct SwigluBackward<const D: usize>;
+
+        impl<B: ElementwiseBackend, const D: usize> Backward<B, 2> for SwigluBackward<D> {
+            type State = (FloatTensor<B>, FloatTensor<B>);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _checkpointer: &mut Checkpointer,
+            ) {
+                let [node_gate, node_up] = ops.parents;
+                let grad = float::<B, D>(grads.consume::<B>(&ops.node));
+                let (gate, up) = ops.state;
+                let (d_gate, d_up) = B::swiglu_grads(float::<B, D>(gate), float::<B, D>(up), grad);
+                for (node, g) in [(node_gate, d_gate), (node_up, d_up)] {
+                    if let Some(node) = node {
+                        grads.register::<B>(node.id, g.into_primitive().tensor());
+                    }
+                }
+            }
+        }
+
+        let (gate, up) = (gate.into_primitive().tensor(), up.into_primitive().tensor());
+        let y = B::swiglu(
+            float::<B, D>(gate.primitive.clone()),
+            float::<B, D>(up.primitive.clone()),
+        )
+        .into_primitive()
+        .tensor();
+        let output = match SwigluBackward::<D>
+            .prepare::<C>([gate.node.clone(), up.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((gate.primitive, up.primitive), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        float(output)
+    }
+
+    fn rope(
+        x: Tensor<Self, 4>,
+        cos: Tensor<Self, 2>,
+        sin: Tensor<Self, 2>,
+        inverse: bool,
+    ) -> Tensor<Self, 4> {
+        #[derive(Debug)]
+        struct RopeBackward {
+            inverse: bool,
+        }
+
+        impl<B: ElementwiseBackend> Backward<B, 1> for RopeBackward {
+            type State = (FloatTensor<B>, FloatTensor<B>);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _checkpointer: &mut Checkpointer,
+            ) {
+                let [node_x] = ops.parents;
+                let grad = float::<B, 4>(grads.consume::<B>(&ops.node));
+                let (cos, sin) = ops.state;
+                if let Some(node) = node_x {
+                    let dx = B::rope(grad, float(cos), float(sin), !self.inverse);
+                    grads.register::<B>(node.id, dx.into_primitive().tensor());
+                }
+            }
+        }
+
+        // The tables are constants: their gradients are never asked for.
+        let inner = |t: Tensor<Self, 2>| t.into_primitive().tensor().primitive;
+        let (cos, sin) = (inner(cos), inner(sin));
+        let x = x.into_primitive().tensor();
+        let y = B::rope(
+            float::<B, 4>(x.primitive.clone()),
+            float(cos.clone()),
+            float(sin.clone()),
+            inverse,
+        )
+        .into_primitive()
+        .tensor();
+        let output = match (RopeBackward { inverse })
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((cos, sin), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        float(output)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{Cpu, CpuAutodiff};
+    use crate::model::RopeTables;
+    use burn::tensor::Distribution;
+
+    type Ad = CpuAutodiff;
+
+    fn random<const D: usize>(shape: [usize; D]) -> Tensor<Cpu, D> {
+        Tensor::random(shape, Distribution::Normal(0.0, 1.5), &Default::default())
+    }
+
+    fn values<const D: usize>(t: Tensor<Cpu, D>) -> Vec<f32> {
+        t.into_data().to_vec::<f32>().unwrap()
+    }
+
+    fn assert_close(what: &str, got: Vec<f32>, want: Vec<f32>) {
+        assert_eq!(got.len(), want.len(), "{what}: lengths");
+        let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 2e-5 * scale,
+                "{what}[{i}]: {g} vs {w} (scale {scale})"
+            );
+        }
+    }
+
+    /// Output and gradients of `op` through the autodiff nodes equal burn's autodiff of the
+    /// tensor-op formulas; `mix` weights the outputs so every element's gradient differs.
+    fn check_node<const D: usize, const N: usize>(
+        what: &str,
+        inputs: [Tensor<Cpu, D>; N],
+        tracked: [bool; N],
+        node: impl Fn([Tensor<Ad, D>; N]) -> Tensor<Ad, D>,
+        reference: impl Fn([Tensor<Ad, D>; N]) -> Tensor<Ad, D>,
+    ) {
+        let run = |op: &dyn Fn([Tensor<Ad, D>; N]) -> Tensor<Ad, D>| {
+            let leaves: [Tensor<Ad, D>; N] = std::array::from_fn(|i| {
+                let t = Tensor::<Ad, D>::from_inner(inputs[i].clone());
+                if tracked[i] { t.require_grad() } else { t }
+            });
+            let y = op(leaves.clone());
+            // The same weights for both runs: a fixed pattern, not random draws.
+            let n = y.shape().num_elements();
+            let pattern: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let mix = Tensor::<Ad, D>::from_data(
+                burn::tensor::TensorData::new(pattern, y.shape()),
+                &Default::default(),
+            );
+            let grads = (y.clone() * mix).sum().backward();
+            let dx: Vec<Option<Vec<f32>>> =
+                leaves.iter().map(|l| l.grad(&grads).map(values)).collect();
+            (values(y.inner()), dx)
+        };
+        let (y, dx) = run(&node);
+        let (y_ref, dx_ref) = run(&reference);
+        assert_close(&format!("{what} output"), y, y_ref);
+        for (i, (g, r)) in dx.into_iter().zip(dx_ref).enumerate() {
+            match (g, r) {
+                (Some(g), Some(r)) => assert_close(&format!("{what} grad {i}"), g, r),
+                (None, None) => assert!(!tracked[i]),
+                (g, r) => panic!("{what} grad {i}: {:?} vs {:?}", g.is_some(), r.is_some()),
+            }
+        }
+    }
+
+    #[test]
+    fn rms_norm_node_matches_burn_autodiff() {
+        for tracked in [[true, true], [true, false], [false, true]] {
+            // The weight is a 1-d tensor: broadcast it through a 3-d wrapper.
+            let x = random([2, 5, 24]);
+            let w = random([24]);
+            let eps = 1e-6;
+            check_node(
+                "rms_norm",
+                [x, w.reshape([1, 1, 24])],
+                tracked,
+                |[x, w]| rms_norm(x, w.reshape([24]), eps),
+                |[x, w]| burn_ops::rms_norm(x, w.reshape([24]), eps),
+            );
+        }
+    }
+
+    #[test]
+    fn swiglu_node_matches_burn_autodiff() {
+        for tracked in [[true, true], [true, false], [false, true]] {
+            check_node(
+                "swiglu",
+                [random([3, 4, 10]), random([3, 4, 10])],
+                tracked,
+                |[g, u]| swiglu(g, u),
+                |[g, u]| burn_ops::swiglu(g, u),
+            );
+        }
+    }
+
+    /// Through a transposed view (as the decoder calls it), for a rotation and its inverse; and
+    /// the inverse undoes the rotation.
+    #[test]
+    fn rope_node_matches_burn_autodiff_and_inverts() {
+        let tables = RopeTables::<Ad>::new(&[1.0, 0.1, 0.01, 0.001], 3, 7, &Default::default());
+        for inverse in [false, true] {
+            let (cos, sin) = (tables.cos.clone(), tables.sin.clone());
+            check_node(
+                "rope",
+                [random([2, 7, 3, 8])],
+                [true],
+                |[x]| Ad::rope(x.swap_dims(1, 2), cos.clone(), sin.clone(), inverse),
+                |[x]| burn_ops::rope(x.swap_dims(1, 2), cos.clone(), sin.clone(), inverse),
+            );
+        }
+        let x = random([1, 2, 7, 8]);
+        let (cos, sin) = (tables.cos.inner(), tables.sin.inner());
+        let back = Cpu::rope(
+            Cpu::rope(x.clone(), cos.clone(), sin.clone(), false),
+            cos,
+            sin,
+            true,
+        );
+        assert_close("rope round trip", values(back), values(x));
+    }
+}
