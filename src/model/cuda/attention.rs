@@ -149,6 +149,25 @@ fn tensor<const D: usize>(t: Cube) -> Tensor<Cuda, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
+/// Query rows per block and threads per block of `flash.cu`.
+const FLASH_ROWS: usize = 64;
+const FLASH_THREADS: u32 = 128;
+
+/// Whether the flash kernel (`flash.cu`) runs the forward: bf16, head_dim 64 or 128, sizes within
+/// its 32-bit indices, and not switched off with `DMS_RETROFIT_FLASH=0` (the GEMM + softmax path
+/// then runs; `bench attention` compares both against the tensor ops).
+fn flash_applies(geo: &Geometry) -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let enabled =
+        *ENABLED.get_or_init(|| std::env::var("DMS_RETROFIT_FLASH").map_or(true, |v| v != "0"));
+    enabled
+        && geo.dtype == DType::BF16
+        && matches!(geo.dim, 64 | 128)
+        && geo.k_len < i32::MAX as usize
+        && geo.heads <= 65_535
+        && geo.batch <= 65_535
+}
+
 /// Output `[batch, heads, q_len, dim]` and log-sum-exp `[batch, kv_heads, group, q_len]` (f32), or
 /// `None` where this path does not apply (dtype other than bf16/f32, cuBLASLt or NVRTC missing).
 /// Per chunk: one batched GEMM for the group's scores (f32, scaled), one fused kernel for bias,
@@ -178,6 +197,39 @@ pub fn attention_forward(
     let lse = geo.empty(&q, vec![batch, kv_heads, group, q_len], DType::F32);
     let mut tensors = vec![&q, &k, &v, &out, &lse];
     tensors.extend(&bias);
+    if flash_applies(&geo) {
+        on_our_stream(&tensors, |context, ptrs| {
+            let kernel = match dim {
+                64 => context.kernels()?.flash_forward_d64.clone(),
+                _ => context.kernels()?.flash_forward_d128.clone(),
+            };
+            context.launch(
+                &kernel,
+                (
+                    q_len.div_ceil(FLASH_ROWS) as u32,
+                    heads as u32,
+                    batch as u32,
+                ),
+                FLASH_THREADS,
+                &[
+                    KernelArg::Pointer(ptrs[0]),
+                    KernelArg::Pointer(ptrs[1]),
+                    KernelArg::Pointer(ptrs[2]),
+                    KernelArg::Pointer(ptrs.get(5).copied().unwrap_or(0)),
+                    KernelArg::Pointer(ptrs[3]),
+                    KernelArg::Pointer(ptrs[4]),
+                    KernelArg::Int(heads as i32),
+                    KernelArg::Int(kv_heads as i32),
+                    KernelArg::Int(q_len as i32),
+                    KernelArg::Int(geo.k_len as i32),
+                    KernelArg::Int(options.offset as i32),
+                    KernelArg::Int(options.window.min(i32::MAX as usize) as i32),
+                    KernelArg::Float(1.0 / (dim as f32).sqrt()),
+                ],
+            )
+        })?;
+        return Some((tensor(out), tensor(lse)));
+    }
     on_our_stream(&tensors, |context, ptrs| {
         let [q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr] =
             <[u64; 5]>::try_from(&ptrs[..5]).map_err(|_| "pointers".to_string())?;

@@ -427,6 +427,9 @@ impl DeviceContext {
         block: u32,
         args: &[KernelArg],
     ) -> Result<(), String> {
+        if grid.0 == 0 || grid.1 > 65_535 || grid.2 > 65_535 {
+            return Err(format!("grid {grid:?} outside CUDA's limits"));
+        }
         let mut launch = self.stream.launch_builder(function);
         for arg in args {
             match arg {
@@ -483,7 +486,8 @@ fn kernel_dtype(dtype: DType) -> bool {
     matches!(dtype, DType::BF16 | DType::F32)
 }
 
-/// The NVRTC kernels: `common.cu` helpers, `softmax.cu` (attention) and `elementwise.cu`.
+/// The NVRTC kernels: `common.cu` helpers, `softmax.cu` and `flash.cu` (attention) and
+/// `elementwise.cu`.
 struct Kernels {
     softmax_rows: Typed,
     attention_grad_rows: Typed,
@@ -493,6 +497,9 @@ struct Kernels {
     swiglu: Typed,
     swiglu_grads: Typed,
     rope: Typed,
+    /// bf16 only, head_dim 64 and 128.
+    flash_forward_d64: CudaFunction,
+    flash_forward_d128: CudaFunction,
 }
 
 impl Kernels {
@@ -520,6 +527,7 @@ impl Kernels {
             include_str!("common.cu"),
             include_str!("softmax.cu"),
             include_str!("elementwise.cu"),
+            include_str!("flash.cu"),
         ]
         .join("\n");
         let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, options)
@@ -547,6 +555,8 @@ impl Kernels {
             swiglu: typed("swiglu")?,
             swiglu_grads: typed("swiglu_grads")?,
             rope: typed("rope")?,
+            flash_forward_d64: function("flash_forward_d64")?,
+            flash_forward_d128: function("flash_forward_d128")?,
         })
     }
 }
