@@ -323,6 +323,98 @@ pub fn attention_backward(
     let with_bias_grad = want_bias_grad && key_bias.is_some();
     let bias = key_bias.map(|b| contiguous(b.cast(FloatDType::F32)));
     let grad_q = geo.empty(&q, vec![batch, heads, q_len, dim], dtype);
+    let scale = 1.0 / (dim as f32).sqrt();
+    if flash_applies(&geo) {
+        let grad_k = geo.empty(&q, vec![batch, kv_heads, k_len, dim], dtype);
+        let grad_v = geo.empty(&q, vec![batch, kv_heads, k_len, dim], dtype);
+        let grad_bias = geo.empty(&q, vec![batch, kv_heads, k_len], DType::F32);
+        let mut tensors = vec![
+            &q,
+            &k,
+            &v,
+            &grad_output,
+            &lse,
+            &delta,
+            &grad_q,
+            &grad_k,
+            &grad_v,
+            &grad_bias,
+        ];
+        tensors.extend(&bias);
+        on_our_stream(&tensors, |context, p| {
+            let kernels = context.kernels()?;
+            let (kv_kernel, q_kernel) = match dim {
+                64 => (
+                    kernels.flash_backward_kv_d64.clone(),
+                    kernels.flash_backward_q_d64.clone(),
+                ),
+                _ => (
+                    kernels.flash_backward_kv_d128.clone(),
+                    kernels.flash_backward_q_d128.clone(),
+                ),
+            };
+            let bias_ptr = KernelArg::Pointer(p.get(10).copied().unwrap_or(0));
+            let inputs = || {
+                [
+                    KernelArg::Pointer(p[0]),
+                    KernelArg::Pointer(p[1]),
+                    KernelArg::Pointer(p[2]),
+                    KernelArg::Pointer(p[3]),
+                    KernelArg::Pointer(p[4]),
+                    KernelArg::Pointer(p[5]),
+                ]
+            };
+            let sizes = [
+                KernelArg::Int(heads as i32),
+                KernelArg::Int(kv_heads as i32),
+                KernelArg::Int(q_len as i32),
+                KernelArg::Int(k_len as i32),
+                KernelArg::Int(options.offset as i32),
+                KernelArg::Int(options.window.min(i32::MAX as usize) as i32),
+                KernelArg::Float(scale),
+            ];
+            let mut kv_args = Vec::from(inputs());
+            kv_args.push(bias_ptr.clone());
+            kv_args.extend([
+                KernelArg::Pointer(p[7]),
+                KernelArg::Pointer(p[8]),
+                KernelArg::Pointer(if with_bias_grad { p[9] } else { 0 }),
+            ]);
+            kv_args.extend(sizes.clone());
+            context.launch(
+                &kv_kernel,
+                (
+                    k_len.div_ceil(FLASH_ROWS) as u32,
+                    kv_heads as u32,
+                    batch as u32,
+                ),
+                FLASH_THREADS,
+                &kv_args,
+            )?;
+            let mut q_args = Vec::from(inputs());
+            q_args.extend([bias_ptr, KernelArg::Pointer(p[6])]);
+            q_args.extend(sizes);
+            context.launch(
+                &q_kernel,
+                (
+                    q_len.div_ceil(FLASH_ROWS) as u32,
+                    heads as u32,
+                    batch as u32,
+                ),
+                FLASH_THREADS,
+                &q_args,
+            )
+        })?;
+        return Some(AttentionGrads {
+            q: tensor(grad_q),
+            k: tensor(grad_k),
+            v: tensor(grad_v),
+            key_bias: match (with_bias_grad, bias_dtype) {
+                (true, Some(bias_dtype)) => Some(tensor::<3>(grad_bias).cast(bias_dtype)),
+                _ => None,
+            },
+        });
+    }
     let grad_k = geo.empty(&q, vec![batch, kv_heads, k_len, dim], DType::F32);
     let grad_v = geo.empty(&q, vec![batch, kv_heads, k_len, dim], DType::F32);
     let grad_bias = geo.empty(&q, vec![batch, kv_heads, k_len], DType::F32);
@@ -339,7 +431,6 @@ pub fn attention_backward(
         &grad_bias,
     ];
     tensors.extend(&bias);
-    let scale = 1.0 / (dim as f32).sqrt();
     on_our_stream(&tensors, |context, ptrs| {
         let [
             q_ptr,

@@ -193,3 +193,308 @@ __device__ void flash_forward(const unsigned short* q, const unsigned short* k,
 
 FLASH_FORWARD(64)
 FLASH_FORWARD(128)
+
+// ---- Backward (FlashAttention-2 style), from the forward's log-sum-exp and
+// delta_i = sum_d dO_id O_id: P = exp(S - lse), dS = P (dP - delta) with dP = dO Vᵀ;
+// dV = Pᵀ dO, dK = scale dSᵀ Q, dQ = scale dS K, d(bias_j) = sum of dS_ij over the rows where
+// the bias applies. Two kernels: one per block of 64 keys of a KV head (dK, dV and the bias
+// gradient, looping over the group's query heads, so no atomics), one per block of 64 query rows
+// (dQ, recomputing S and dP).
+
+#define BWD_QROWS 32
+
+__device__ __forceinline__ unsigned int smem_address(const void* p) {
+    unsigned long long a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (unsigned int)a;
+}
+
+// The B fragment (16 k x 8 n) at rows k0.., column n0 of a row-major [k][n] shared tile.
+__device__ __forceinline__ void load_b_transposed(unsigned int& b0, unsigned int& b1,
+                                                  const unsigned short* tile, int stride, int k0,
+                                                  int n0) {
+    const unsigned short* p = tile + (k0 + (int)(threadIdx.x % 16)) * stride + n0;
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(b0), "=r"(b1)
+                 : "r"(smem_address(p)));
+}
+
+// Rows first .. first + rows of a row-major [*, D] tensor into a padded shared tile (zeros past
+// `limit`).
+template <int D>
+__device__ void load_tile(unsigned short* tile, const unsigned short* src, int first, int rows,
+                          int limit) {
+    for (int w = threadIdx.x; w < rows * D / 2; w += FLASH_THREADS) {
+        const int r = w / (D / 2), c = (w % (D / 2)) * 2;
+        *(unsigned int*)(tile + r * (D + 8) + c) =
+            first + r < limit ? load_pair(src + (index_t)(first + r) * D + c) : 0u;
+    }
+}
+
+// A fragments (16 rows x D) of rows row0.. of a row-major [*, D] tensor in global memory.
+template <int D>
+__device__ void load_a_rows(unsigned int (*frag)[4], const unsigned short* src, int row0,
+                            int limit) {
+    const int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int row = row0 + g + ((i & 1) ? 8 : 0);
+            const int col = kk * 16 + 2 * t + ((i & 2) ? 8 : 0);
+            frag[kk][i] = row < limit ? load_pair(src + (index_t)row * D + col) : 0u;
+        }
+}
+
+template <int D>
+__device__ void flash_backward_kv(const unsigned short* q, const unsigned short* k,
+                                  const unsigned short* v, const unsigned short* dout,
+                                  const float* lse, const float* delta, const float* bias,
+                                  unsigned short* dk, unsigned short* dv, float* dbias, int heads,
+                                  int kv_heads, int q_len, int k_len, int offset, int window,
+                                  float scale) {
+    constexpr int S = D + 8;
+    __shared__ __align__(16) unsigned short qs[BWD_QROWS * S];
+    __shared__ __align__(16) unsigned short dos[BWD_QROWS * S];
+    __shared__ float lse_tile[BWD_QROWS], delta_tile[BWD_QROWS];
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int kb = blockIdx.x * FLASH_KEYS;
+    const int kvh = blockIdx.y, b = blockIdx.z;
+    const int group = heads / kv_heads;
+    const index_t kv_head = ((index_t)b * kv_heads + kvh) * k_len;
+    const int key0 = kb + warp * 16;
+    const float* bias_head = bias ? bias + kv_head : 0;
+
+    unsigned int kf[D / 16][4], vf[D / 16][4];
+    load_a_rows<D>(kf, k + kv_head * D, key0, k_len);
+    load_a_rows<D>(vf, v + kv_head * D, key0, k_len);
+    float key_bias[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int key = key0 + g + 8 * r;
+        key_bias[r] = (bias_head && key < k_len) ? bias_head[key] : 0.0f;
+    }
+    float dk_acc[D / 8][4], dv_acc[D / 8][4];
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk_acc[dt][e] = dv_acc[dt][e] = 0.0f;
+    float db[2] = {0.0f, 0.0f};
+
+    // Queries before position kb see none of these keys.
+    const int first_q = (kb > offset ? kb - offset : 0) / BWD_QROWS * BWD_QROWS;
+    for (int gh = 0; gh < group; ++gh) {
+        const index_t q_head = ((index_t)b * heads + kvh * group + gh) * q_len;
+        for (int q0 = first_q; q0 < q_len; q0 += BWD_QROWS) {
+            __syncthreads();
+            load_tile<D>(qs, q + q_head * D, q0, BWD_QROWS, q_len);
+            load_tile<D>(dos, dout + q_head * D, q0, BWD_QROWS, q_len);
+            if (threadIdx.x < BWD_QROWS) {
+                const int row = q0 + threadIdx.x;
+                lse_tile[threadIdx.x] = row < q_len ? lse[q_head + row] : 0.0f;
+                delta_tile[threadIdx.x] = row < q_len ? delta[q_head + row] : 0.0f;
+            }
+            __syncthreads();
+
+            // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ: this warp's 16 keys x 32 queries.
+            float st[BWD_QROWS / 8][4], dpt[BWD_QROWS / 8][4];
+#pragma unroll
+            for (int nt = 0; nt < BWD_QROWS / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+                for (int nt = 0; nt < BWD_QROWS / 8; ++nt) {
+                    const unsigned short* qr = qs + (nt * 8 + g) * S + kk * 16 + 2 * t;
+                    mma_bf16(st[nt], kf[kk], load_pair(qr), load_pair(qr + 8));
+                    const unsigned short* dr = dos + (nt * 8 + g) * S + kk * 16 + 2 * t;
+                    mma_bf16(dpt[nt], vf[kk], load_pair(dr), load_pair(dr + 8));
+                }
+            // Pᵀ and dSᵀ in place; the bias gradient of this thread's two keys.
+#pragma unroll
+            for (int nt = 0; nt < BWD_QROWS / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int r = e >> 1;
+                    const int key = key0 + g + 8 * r;
+                    const int qi = nt * 8 + 2 * t + (e & 1);
+                    const int qpos = offset + q0 + qi;
+                    float p = 0.0f, ds = 0.0f;
+                    if (q0 + qi < q_len && key < k_len && key <= qpos) {
+                        float x = st[nt][e] * scale;
+                        const bool outside = bias_head && qpos - key > window;
+                        if (outside) x += key_bias[r];
+                        p = expf(x - lse_tile[qi]);
+                        ds = p * (dpt[nt][e] - delta_tile[qi]);
+                        if (outside) db[r] += ds;
+                    }
+                    st[nt][e] = p;
+                    dpt[nt][e] = ds;
+                }
+            // dV += Pᵀ dO, dK += dSᵀ Q (scaled at the end).
+#pragma unroll
+            for (int kk = 0; kk < BWD_QROWS / 16; ++kk) {
+                const unsigned int pa[4] = {
+                    pack_bf16(st[2 * kk][0], st[2 * kk][1]), pack_bf16(st[2 * kk][2], st[2 * kk][3]),
+                    pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]),
+                    pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3])};
+                const unsigned int sa[4] = {
+                    pack_bf16(dpt[2 * kk][0], dpt[2 * kk][1]),
+                    pack_bf16(dpt[2 * kk][2], dpt[2 * kk][3]),
+                    pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
+                    pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+#pragma unroll
+                for (int dt = 0; dt < D / 8; ++dt) {
+                    unsigned int b0, b1;
+                    load_b_transposed(b0, b1, dos, S, kk * 16, dt * 8);
+                    mma_bf16(dv_acc[dt], pa, b0, b1);
+                    load_b_transposed(b0, b1, qs, S, kk * 16, dt * 8);
+                    mma_bf16(dk_acc[dt], sa, b0, b1);
+                }
+            }
+        }
+    }
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const float bias_total = quad_sum(db[r]);
+        const int key = key0 + g + 8 * r;
+        if (key >= k_len) continue;
+        unsigned short* dk_row = dk + (kv_head + key) * D;
+        unsigned short* dv_row = dv + (kv_head + key) * D;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+            *(unsigned int*)(dk_row + dt * 8 + 2 * t) =
+                pack_bf16(dk_acc[dt][2 * r] * scale, dk_acc[dt][2 * r + 1] * scale);
+            *(unsigned int*)(dv_row + dt * 8 + 2 * t) =
+                pack_bf16(dv_acc[dt][2 * r], dv_acc[dt][2 * r + 1]);
+        }
+        if (dbias && t == 0) dbias[kv_head + key] = bias_total;
+    }
+}
+
+template <int D>
+__device__ void flash_backward_q(const unsigned short* q, const unsigned short* k,
+                                 const unsigned short* v, const unsigned short* dout,
+                                 const float* lse, const float* delta, const float* bias,
+                                 unsigned short* dq, int heads, int kv_heads, int q_len, int k_len,
+                                 int offset, int window, float scale) {
+    constexpr int S = D + 8;
+    __shared__ __align__(16) unsigned short ks[FLASH_KEYS * S];
+    __shared__ __align__(16) unsigned short vs[FLASH_KEYS * S];
+    __shared__ float bias_tile[FLASH_KEYS];
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int block = gridDim.x - 1 - blockIdx.x;
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int kvh = h / (heads / kv_heads);
+    const int row0 = block * FLASH_ROWS + warp * 16;
+    const index_t q_head = ((index_t)b * heads + h) * q_len;
+    const index_t kv_head = ((index_t)b * kv_heads + kvh) * k_len;
+    const float* bias_head = bias ? bias + kv_head : 0;
+
+    unsigned int qf[D / 16][4], df[D / 16][4];
+    load_a_rows<D>(qf, q + q_head * D, row0, q_len);
+    load_a_rows<D>(df, dout + q_head * D, row0, q_len);
+    float row_lse[2], row_delta[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = row0 + g + 8 * r;
+        row_lse[r] = row < q_len ? lse[q_head + row] : 0.0f;
+        row_delta[r] = row < q_len ? delta[q_head + row] : 0.0f;
+    }
+    float dq_acc[D / 8][4];
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) dq_acc[dt][0] = dq_acc[dt][1] = dq_acc[dt][2] = dq_acc[dt][3] = 0.0f;
+
+    const int last_row = imin(q_len, (block + 1) * FLASH_ROWS) - 1;
+    const int key_end = imin(k_len, offset + last_row + 1);
+    for (int kb = 0; kb < key_end; kb += FLASH_KEYS) {
+        __syncthreads();
+        load_tile<D>(ks, k + kv_head * D, kb, FLASH_KEYS, k_len);
+        load_tile<D>(vs, v + kv_head * D, kb, FLASH_KEYS, k_len);
+        if (threadIdx.x < FLASH_KEYS)
+            bias_tile[threadIdx.x] =
+                (bias_head && kb + (int)threadIdx.x < k_len) ? bias_head[kb + threadIdx.x] : 0.0f;
+        __syncthreads();
+
+        float s[FLASH_KEYS / 8][4], dp[FLASH_KEYS / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < FLASH_KEYS / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+            for (int nt = 0; nt < FLASH_KEYS / 8; ++nt) {
+                const unsigned short* kr = ks + (nt * 8 + g) * S + kk * 16 + 2 * t;
+                mma_bf16(s[nt], qf[kk], load_pair(kr), load_pair(kr + 8));
+                const unsigned short* vr = vs + (nt * 8 + g) * S + kk * 16 + 2 * t;
+                mma_bf16(dp[nt], df[kk], load_pair(vr), load_pair(vr + 8));
+            }
+#pragma unroll
+        for (int nt = 0; nt < FLASH_KEYS / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int r = e >> 1;
+                const int row = row0 + g + 8 * r, qpos = offset + row;
+                const int key = kb + nt * 8 + 2 * t + (e & 1);
+                float ds = 0.0f;
+                if (row < q_len && key < k_len && key <= qpos) {
+                    float x = s[nt][e] * scale;
+                    if (bias_head && qpos - key > window) x += bias_tile[key - kb];
+                    ds = expf(x - row_lse[r]) * (dp[nt][e] - row_delta[r]);
+                }
+                s[nt][e] = ds;
+            }
+#pragma unroll
+        for (int kk = 0; kk < FLASH_KEYS / 16; ++kk) {
+            const unsigned int sa[4] = {
+                pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int dt = 0; dt < D / 8; ++dt) {
+                unsigned int b0, b1;
+                load_b_transposed(b0, b1, ks, S, kk * 16, dt * 8);
+                mma_bf16(dq_acc[dt], sa, b0, b1);
+            }
+        }
+    }
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = row0 + g + 8 * r;
+        if (row >= q_len) continue;
+        unsigned short* dq_row = dq + (q_head + row) * D;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt)
+            *(unsigned int*)(dq_row + dt * 8 + 2 * t) =
+                pack_bf16(dq_acc[dt][2 * r] * scale, dq_acc[dt][2 * r + 1] * scale);
+    }
+}
+
+#define FLASH_BACKWARD(D)                                                                         \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_kv_d##D(           \
+        const unsigned short* q, const unsigned short* k, const unsigned short* v,                \
+        const unsigned short* dout, const float* lse, const float* delta, const float* bias,      \
+        unsigned short* dk, unsigned short* dv, float* dbias, int heads, int kv_heads, int q_len, \
+        int k_len, int offset, int window, float scale) {                                         \
+        flash_backward_kv<D>(q, k, v, dout, lse, delta, bias, dk, dv, dbias, heads, kv_heads,     \
+                             q_len, k_len, offset, window, scale);                                \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_q_d##D(            \
+        const unsigned short* q, const unsigned short* k, const unsigned short* v,                \
+        const unsigned short* dout, const float* lse, const float* delta, const float* bias,      \
+        unsigned short* dq, int heads, int kv_heads, int q_len, int k_len, int offset,            \
+        int window, float scale) {                                                                \
+        flash_backward_q<D>(q, k, v, dout, lse, delta, bias, dq, heads, kv_heads, q_len, k_len,   \
+                            offset, window, scale);                                               \
+    }
+
+FLASH_BACKWARD(64)
+FLASH_BACKWARD(128)

@@ -457,6 +457,7 @@ impl DeviceContext {
     }
 }
 
+#[derive(Clone)]
 enum KernelArg {
     Pointer(u64),
     Int(i32),
@@ -500,6 +501,10 @@ struct Kernels {
     /// bf16 only, head_dim 64 and 128.
     flash_forward_d64: CudaFunction,
     flash_forward_d128: CudaFunction,
+    flash_backward_kv_d64: CudaFunction,
+    flash_backward_kv_d128: CudaFunction,
+    flash_backward_q_d64: CudaFunction,
+    flash_backward_q_d128: CudaFunction,
 }
 
 impl Kernels {
@@ -557,6 +562,10 @@ impl Kernels {
             rope: typed("rope")?,
             flash_forward_d64: function("flash_forward_d64")?,
             flash_forward_d128: function("flash_forward_d128")?,
+            flash_backward_kv_d64: function("flash_backward_kv_d64")?,
+            flash_backward_kv_d128: function("flash_backward_kv_d128")?,
+            flash_backward_q_d64: function("flash_backward_q_d64")?,
+            flash_backward_q_d128: function("flash_backward_q_d128")?,
         })
     }
 }
