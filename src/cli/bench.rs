@@ -85,6 +85,9 @@ struct StepReport {
     /// Median seconds per phase of the profiled steps (with `--profile`).
     #[serde(skip_serializing_if = "Option::is_none")]
     phases_s: Option<std::collections::BTreeMap<&'static str, f64>>,
+    /// CUDA hand-offs per timed step (count, and seconds waiting for cubecl's queue, enqueueing,
+    /// and waiting for our own stream); absent on the CPU.
+    cuda_handoffs_per_step: Option<HandoffsPerStep>,
     /// Loss and adapter-gradient norm (before clipping) of every step, warm-up first: the same
     /// random weights and tokens give the same numbers up to rounding, whichever GEMM runs.
     losses: Vec<f64>,
@@ -240,9 +243,20 @@ fn step_bench<B: TrainBackend>(
         ..DmsConfig::default()
     };
     let mut source = RandomWeights { format, counter: 0 };
+    let started = Instant::now();
     let base = Decoder::<B>::load(&cfg, &mut source, device)?;
+    B::sync(device)?;
+    tracing::info!(
+        "random weights on the device in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     let model = DmsModel::new(base, &cfg, &dms, None, device)?;
     let mut model = apply_trainable(model, Trainable::Adapter);
+    B::sync(device)?;
+    tracing::info!(
+        "DMS model ready after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     let mut optimizer = AdamWConfig::new()
         .with_beta_1(0.9)
         .with_beta_2(0.95)
@@ -267,11 +281,14 @@ fn step_bench<B: TrainBackend>(
         recompute_layers: args.recompute_layers,
     };
     let mut times = Vec::new();
+    #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
+    let mut handoffs: Option<HandoffsPerStep> = None;
     let (mut losses, mut grad_norms) = (Vec::new(), Vec::new());
     let mut phase_times: std::collections::BTreeMap<&'static str, Vec<f64>> = Default::default();
     let profiled = if args.profile { 2 } else { 0 };
     for step in 0..=args.steps + profiled {
         let profiling = step > args.steps;
+        let _ = take_handoffs();
         let start = Instant::now();
         let mut mark = start;
         let mut lap = |name: &'static str| {
@@ -311,6 +328,15 @@ fn step_bench<B: TrainBackend>(
         tracing::info!("step {step}: {seconds:.3} s, loss {:.4}", stats.loss);
         if !profiling {
             times.push(seconds);
+            #[cfg(feature = "cuda")]
+            if let (Some(h), true) = (take_handoffs(), step > 0) {
+                let total = handoffs.get_or_insert_with(HandoffsPerStep::default);
+                let n = args.steps as f64;
+                total.calls += h.calls as f64 / n;
+                total.cubecl_wait_s += h.cubecl_wait_s / n;
+                total.enqueue_s += h.enqueue_s / n;
+                total.own_wait_s += h.own_wait_s / n;
+            }
         }
     }
     let first = times[0];
@@ -342,9 +368,29 @@ fn step_bench<B: TrainBackend>(
         step_s,
         tokens_per_s: args.seq as f64 / step_s,
         phases_s,
+        cuda_handoffs_per_step: handoffs,
         losses,
         grad_norms,
     })
+}
+
+#[derive(Serialize, Default)]
+struct HandoffsPerStep {
+    calls: f64,
+    cubecl_wait_s: f64,
+    enqueue_s: f64,
+    own_wait_s: f64,
+}
+
+/// Resets the CUDA hand-off statistics and returns what was gathered since the last call.
+#[cfg(feature = "cuda")]
+fn take_handoffs() -> Option<crate::model::cuda::HandoffStats> {
+    Some(crate::model::cuda::take_handoff_stats())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn take_handoffs() -> Option<()> {
+    None
 }
 
 /// A size flag that must be at least 1 (zero-sized tensors panic inside burn's kernels).

@@ -149,8 +149,9 @@ fn tensor<const D: usize>(t: Cube) -> Tensor<Cuda, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
-/// Query rows per block and threads per block of `flash.cu`.
+/// Query rows and keys per block, and threads per block, of `flash.cu`.
 const FLASH_ROWS: usize = 64;
+const FLASH_KEYS: usize = 64;
 const FLASH_THREADS: u32 = 128;
 
 /// Whether the flash kernel (`flash.cu`) runs the forward: bf16, head_dim 64 or 128, sizes within
@@ -325,8 +326,9 @@ pub fn attention_backward(
     let grad_q = geo.empty(&q, vec![batch, heads, q_len, dim], dtype);
     let scale = 1.0 / (dim as f32).sqrt();
     if flash_applies(&geo) {
-        let grad_k = geo.empty(&q, vec![batch, kv_heads, k_len, dim], dtype);
-        let grad_v = geo.empty(&q, vec![batch, kv_heads, k_len, dim], dtype);
+        // f32 sums over each KV head's query heads.
+        let grad_k = geo.empty(&q, vec![batch, kv_heads, k_len, dim], DType::F32);
+        let grad_v = geo.empty(&q, vec![batch, kv_heads, k_len, dim], DType::F32);
         let grad_bias = geo.empty(&q, vec![batch, kv_heads, k_len], DType::F32);
         let mut tensors = vec![
             &q,
@@ -342,6 +344,10 @@ pub fn attention_backward(
         ];
         tensors.extend(&bias);
         on_our_stream(&tensors, |context, p| {
+            let kv_bytes = batch * kv_heads * k_len * dim * 4;
+            context.zero(p[7], kv_bytes)?;
+            context.zero(p[8], kv_bytes)?;
+            context.zero(p[9], batch * kv_heads * k_len * 4)?;
             let kernels = context.kernels()?;
             let (kv_kernel, q_kernel) = match dim {
                 64 => (
@@ -384,8 +390,8 @@ pub fn attention_backward(
             context.launch(
                 &kv_kernel,
                 (
-                    k_len.div_ceil(FLASH_ROWS) as u32,
-                    kv_heads as u32,
+                    k_len.div_ceil(FLASH_KEYS) as u32,
+                    heads as u32,
                     batch as u32,
                 ),
                 FLASH_THREADS,
@@ -407,8 +413,8 @@ pub fn attention_backward(
         })?;
         return Some(AttentionGrads {
             q: tensor(grad_q),
-            k: tensor(grad_k),
-            v: tensor(grad_v),
+            k: tensor::<4>(grad_k).cast(dtype),
+            v: tensor::<4>(grad_v).cast(dtype),
             key_bias: match (with_bias_grad, bias_dtype) {
                 (true, Some(bias_dtype)) => Some(tensor::<3>(grad_bias).cast(bias_dtype)),
                 _ => None,

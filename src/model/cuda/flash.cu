@@ -14,6 +14,8 @@
 #define FLASH_ROWS 64
 #define FLASH_KEYS 64
 #define FLASH_THREADS 128
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
 
 __device__ __forceinline__ unsigned int pack_bf16(float lo, float hi) {
     return (unsigned int)f32_to_bf16(lo) | ((unsigned int)f32_to_bf16(hi) << 16);
@@ -43,6 +45,54 @@ __device__ __forceinline__ float quad_sum(float v) {
     return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
+__device__ __forceinline__ unsigned int smem_address(const void* p) {
+    unsigned long long a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (unsigned int)a;
+}
+
+// The B fragment (16 k x 8 n) at rows k0.., column n0 of a row-major [k][n] shared tile.
+__device__ __forceinline__ void load_b_transposed(unsigned int& b0, unsigned int& b1,
+                                                  const unsigned short* tile, int stride, int k0,
+                                                  int n0) {
+    const unsigned short* p = tile + (k0 + (int)(threadIdx.x % 16)) * stride + n0;
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(b0), "=r"(b1)
+                 : "r"(smem_address(p)));
+}
+
+struct __align__(16) Bytes16 {
+    unsigned int x, y, z, w;
+};
+
+// Rows first .. first + rows of a row-major [*, D] tensor into a padded shared tile (zeros past
+// `limit`), 16 bytes per load.
+template <int D>
+__device__ void load_tile(unsigned short* tile, const unsigned short* src, int first, int rows,
+                          int limit) {
+    for (int w = threadIdx.x; w < rows * D / 8; w += FLASH_THREADS) {
+        const int r = w / (D / 8), c = (w % (D / 8)) * 8;
+        Bytes16 value = {0u, 0u, 0u, 0u};
+        if (first + r < limit) value = *(const Bytes16*)(src + (index_t)(first + r) * D + c);
+        *(Bytes16*)(tile + r * (D + 8) + c) = value;
+    }
+}
+
+// A fragments (16 rows x D) of rows row0.. of a row-major [*, D] tensor in global memory.
+template <int D>
+__device__ void load_a_rows(unsigned int (*frag)[4], const unsigned short* src, int row0,
+                            int limit) {
+    const int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int row = row0 + g + ((i & 1) ? 8 : 0);
+            const int col = kk * 16 + 2 * t + ((i & 2) ? 8 : 0);
+            frag[kk][i] = row < limit ? load_pair(src + (index_t)row * D + col) : 0u;
+        }
+}
+
 // q, out: [batch, heads, q_len, D]; k, v: [batch, kv_heads, k_len, D]; bias: f32
 // [batch, kv_heads, k_len] or null; lse: f32 [batch, heads, q_len]. Queries sit at positions
 // offset .. offset + q_len, keys at 0 .. k_len.
@@ -51,11 +101,12 @@ __device__ void flash_forward(const unsigned short* q, const unsigned short* k,
                               const unsigned short* v, const float* bias, unsigned short* out,
                               float* lse, int heads, int kv_heads, int q_len, int k_len,
                               int offset, int window, float scale) {
-    constexpr int KS = D + 8;           // padded K-tile row (halves): conflict-free B loads
-    constexpr int VS = FLASH_KEYS + 8;  // padded row of the transposed V tile
+    constexpr int KS = D + 8;  // padded tile row (halves): conflict-free fragment loads
     __shared__ __align__(16) unsigned short ks[FLASH_KEYS * KS];
-    __shared__ __align__(16) unsigned short vt[D * VS];
+    __shared__ __align__(16) unsigned short vs[FLASH_KEYS * KS];
     __shared__ float bias_tile[FLASH_KEYS];
+    // exp(x) = exp2(x log2 e): the scores and the bias are kept in log2 units.
+    const float scale2 = scale * LOG2E;
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
@@ -69,14 +120,7 @@ __device__ void flash_forward(const unsigned short* q, const unsigned short* k,
     const float* bias_head = bias ? bias + kv_head : 0;
 
     unsigned int qf[D / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int row = row0 + g + ((i & 1) ? 8 : 0);
-            const int col = kk * 16 + 2 * t + ((i & 2) ? 8 : 0);
-            qf[kk][i] = row < q_len ? load_pair(q + (q_head + row) * D + col) : 0u;
-        }
+    load_a_rows<D>(qf, q + q_head * D, row0, q_len);
 
     float o[D / 8][4];
 #pragma unroll
@@ -87,20 +131,12 @@ __device__ void flash_forward(const unsigned short* q, const unsigned short* k,
     const int key_end = imin(k_len, offset + last_row + 1);
     for (int kb = 0; kb < key_end; kb += FLASH_KEYS) {
         __syncthreads();  // every warp is done with the previous tiles
-        for (int w = threadIdx.x; w < FLASH_KEYS * D / 2; w += FLASH_THREADS) {
-            const int key = w / (D / 2), col = (w % (D / 2)) * 2;
-            unsigned int kv = 0u, vv = 0u;
-            if (kb + key < k_len) {
-                kv = load_pair(k + (kv_head + kb + key) * D + col);
-                vv = load_pair(v + (kv_head + kb + key) * D + col);
-            }
-            *(unsigned int*)(ks + key * KS + col) = kv;
-            vt[col * VS + key] = (unsigned short)(vv & 0xffffu);
-            vt[(col + 1) * VS + key] = (unsigned short)(vv >> 16);
-        }
+        load_tile<D>(ks, k + kv_head * D, kb, FLASH_KEYS, k_len);
+        load_tile<D>(vs, v + kv_head * D, kb, FLASH_KEYS, k_len);
         if (threadIdx.x < FLASH_KEYS)
-            bias_tile[threadIdx.x] =
-                (bias_head && kb + (int)threadIdx.x < k_len) ? bias_head[kb + threadIdx.x] : 0.0f;
+            bias_tile[threadIdx.x] = (bias_head && kb + (int)threadIdx.x < k_len)
+                                         ? bias_head[kb + threadIdx.x] * LOG2E
+                                         : 0.0f;
         __syncthreads();
 
         float s[FLASH_KEYS / 8][4];
@@ -122,7 +158,7 @@ __device__ void flash_forward(const unsigned short* q, const unsigned short* k,
                 const int r = e >> 1;
                 const int qpos = offset + row0 + g + 8 * r;
                 const int key = kb + nt * 8 + 2 * t + (e & 1);
-                float x = s[nt][e] * scale;
+                float x = s[nt][e] * scale2;
                 if (key > qpos || key >= k_len) x = NEG_INF;
                 else if (bias_head && qpos - key > window) x += bias_tile[key - kb];
                 s[nt][e] = x;
@@ -132,7 +168,7 @@ __device__ void flash_forward(const unsigned short* q, const unsigned short* k,
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const float next = fmaxf(m[r], quad_max(mx[r]));
-            alpha[r] = m[r] == NEG_INF ? 0.0f : expf(m[r] - next);
+            alpha[r] = m[r] == NEG_INF ? 0.0f : exp2f(m[r] - next);
             m[r] = next;
         }
 #pragma unroll
@@ -140,7 +176,7 @@ __device__ void flash_forward(const unsigned short* q, const unsigned short* k,
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int r = e >> 1;
-                const float p = m[r] == NEG_INF ? 0.0f : expf(s[nt][e] - m[r]);
+                const float p = m[r] == NEG_INF ? 0.0f : exp2f(s[nt][e] - m[r]);
                 s[nt][e] = p;
                 sum[r] += p;
             }
@@ -161,8 +197,9 @@ __device__ void flash_forward(const unsigned short* q, const unsigned short* k,
                 pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
 #pragma unroll
             for (int dt = 0; dt < D / 8; ++dt) {
-                const unsigned short* vr = vt + (dt * 8 + g) * VS + kk * 16 + 2 * t;
-                mma_bf16(o[dt], pa, load_pair(vr), load_pair(vr + 8));
+                unsigned int b0, b1;
+                load_b_transposed(b0, b1, vs, KS, kk * 16, dt * 8);
+                mma_bf16(o[dt], pa, b0, b1);
             }
         }
     }
@@ -178,7 +215,7 @@ __device__ void flash_forward(const unsigned short* q, const unsigned short* k,
         for (int dt = 0; dt < D / 8; ++dt)
             *(unsigned int*)(orow + dt * 8 + 2 * t) =
                 pack_bf16(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
-        if (t == 0) lse[q_head + row] = m[r] + logf(total);
+        if (t == 0) lse[q_head + row] = m[r] * LN2 + logf(total);
     }
 }
 
@@ -194,65 +231,21 @@ __device__ void flash_forward(const unsigned short* q, const unsigned short* k,
 FLASH_FORWARD(64)
 FLASH_FORWARD(128)
 
+#define BWD_QROWS 32
+
 // ---- Backward (FlashAttention-2 style), from the forward's log-sum-exp and
 // delta_i = sum_d dO_id O_id: P = exp(S - lse), dS = P (dP - delta) with dP = dO Vᵀ;
 // dV = Pᵀ dO, dK = scale dSᵀ Q, dQ = scale dS K, d(bias_j) = sum of dS_ij over the rows where
-// the bias applies. Two kernels: one per block of 64 keys of a KV head (dK, dV and the bias
-// gradient, looping over the group's query heads, so no atomics), one per block of 64 query rows
-// (dQ, recomputing S and dP).
-
-#define BWD_QROWS 32
-
-__device__ __forceinline__ unsigned int smem_address(const void* p) {
-    unsigned long long a;
-    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
-    return (unsigned int)a;
-}
-
-// The B fragment (16 k x 8 n) at rows k0.., column n0 of a row-major [k][n] shared tile.
-__device__ __forceinline__ void load_b_transposed(unsigned int& b0, unsigned int& b1,
-                                                  const unsigned short* tile, int stride, int k0,
-                                                  int n0) {
-    const unsigned short* p = tile + (k0 + (int)(threadIdx.x % 16)) * stride + n0;
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
-                 : "=r"(b0), "=r"(b1)
-                 : "r"(smem_address(p)));
-}
-
-// Rows first .. first + rows of a row-major [*, D] tensor into a padded shared tile (zeros past
-// `limit`).
-template <int D>
-__device__ void load_tile(unsigned short* tile, const unsigned short* src, int first, int rows,
-                          int limit) {
-    for (int w = threadIdx.x; w < rows * D / 2; w += FLASH_THREADS) {
-        const int r = w / (D / 2), c = (w % (D / 2)) * 2;
-        *(unsigned int*)(tile + r * (D + 8) + c) =
-            first + r < limit ? load_pair(src + (index_t)(first + r) * D + c) : 0u;
-    }
-}
-
-// A fragments (16 rows x D) of rows row0.. of a row-major [*, D] tensor in global memory.
-template <int D>
-__device__ void load_a_rows(unsigned int (*frag)[4], const unsigned short* src, int row0,
-                            int limit) {
-    const int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int row = row0 + g + ((i & 1) ? 8 : 0);
-            const int col = kk * 16 + 2 * t + ((i & 2) ? 8 : 0);
-            frag[kk][i] = row < limit ? load_pair(src + (index_t)row * D + col) : 0u;
-        }
-}
+// the bias applies. Two kernels: one per block of 64 keys and one query head (dK, dV and the bias
+// gradient, added in f32 into the group's shared KV head), one per block of 64 query rows (dQ,
+// recomputing S and dP).
 
 template <int D>
 __device__ void flash_backward_kv(const unsigned short* q, const unsigned short* k,
                                   const unsigned short* v, const unsigned short* dout,
                                   const float* lse, const float* delta, const float* bias,
-                                  unsigned short* dk, unsigned short* dv, float* dbias, int heads,
-                                  int kv_heads, int q_len, int k_len, int offset, int window,
-                                  float scale) {
+                                  float* dk, float* dv, float* dbias, int heads, int kv_heads,
+                                  int q_len, int k_len, int offset, int window, float scale) {
     constexpr int S = D + 8;
     __shared__ __align__(16) unsigned short qs[BWD_QROWS * S];
     __shared__ __align__(16) unsigned short dos[BWD_QROWS * S];
@@ -261,9 +254,11 @@ __device__ void flash_backward_kv(const unsigned short* q, const unsigned short*
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
     const int kb = blockIdx.x * FLASH_KEYS;
-    const int kvh = blockIdx.y, b = blockIdx.z;
-    const int group = heads / kv_heads;
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int kvh = h / (heads / kv_heads);
     const index_t kv_head = ((index_t)b * kv_heads + kvh) * k_len;
+    const index_t q_head = ((index_t)b * heads + h) * q_len;
+    const float scale2 = scale * LOG2E;
     const int key0 = kb + warp * 16;
     const float* bias_head = bias ? bias + kv_head : 0;
 
@@ -274,7 +269,7 @@ __device__ void flash_backward_kv(const unsigned short* q, const unsigned short*
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int key = key0 + g + 8 * r;
-        key_bias[r] = (bias_head && key < k_len) ? bias_head[key] : 0.0f;
+        key_bias[r] = (bias_head && key < k_len) ? bias_head[key] * LOG2E : 0.0f;
     }
     float dk_acc[D / 8][4], dv_acc[D / 8][4];
 #pragma unroll
@@ -285,75 +280,72 @@ __device__ void flash_backward_kv(const unsigned short* q, const unsigned short*
 
     // Queries before position kb see none of these keys.
     const int first_q = (kb > offset ? kb - offset : 0) / BWD_QROWS * BWD_QROWS;
-    for (int gh = 0; gh < group; ++gh) {
-        const index_t q_head = ((index_t)b * heads + kvh * group + gh) * q_len;
-        for (int q0 = first_q; q0 < q_len; q0 += BWD_QROWS) {
-            __syncthreads();
-            load_tile<D>(qs, q + q_head * D, q0, BWD_QROWS, q_len);
-            load_tile<D>(dos, dout + q_head * D, q0, BWD_QROWS, q_len);
-            if (threadIdx.x < BWD_QROWS) {
-                const int row = q0 + threadIdx.x;
-                lse_tile[threadIdx.x] = row < q_len ? lse[q_head + row] : 0.0f;
-                delta_tile[threadIdx.x] = row < q_len ? delta[q_head + row] : 0.0f;
-            }
-            __syncthreads();
+    for (int q0 = first_q; q0 < q_len; q0 += BWD_QROWS) {
+        __syncthreads();
+        load_tile<D>(qs, q + q_head * D, q0, BWD_QROWS, q_len);
+        load_tile<D>(dos, dout + q_head * D, q0, BWD_QROWS, q_len);
+        if (threadIdx.x < BWD_QROWS) {
+            const int row = q0 + threadIdx.x;
+            lse_tile[threadIdx.x] = row < q_len ? lse[q_head + row] * LOG2E : 0.0f;
+            delta_tile[threadIdx.x] = row < q_len ? delta[q_head + row] : 0.0f;
+        }
+        __syncthreads();
 
-            // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ: this warp's 16 keys x 32 queries.
-            float st[BWD_QROWS / 8][4], dpt[BWD_QROWS / 8][4];
+        // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ: this warp's 16 keys x 32 queries.
+        float st[BWD_QROWS / 8][4], dpt[BWD_QROWS / 8][4];
 #pragma unroll
-            for (int nt = 0; nt < BWD_QROWS / 8; ++nt)
+        for (int nt = 0; nt < BWD_QROWS / 8; ++nt)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.0f;
+            for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.0f;
 #pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk)
+        for (int kk = 0; kk < D / 16; ++kk)
 #pragma unroll
-                for (int nt = 0; nt < BWD_QROWS / 8; ++nt) {
-                    const unsigned short* qr = qs + (nt * 8 + g) * S + kk * 16 + 2 * t;
-                    mma_bf16(st[nt], kf[kk], load_pair(qr), load_pair(qr + 8));
-                    const unsigned short* dr = dos + (nt * 8 + g) * S + kk * 16 + 2 * t;
-                    mma_bf16(dpt[nt], vf[kk], load_pair(dr), load_pair(dr + 8));
+            for (int nt = 0; nt < BWD_QROWS / 8; ++nt) {
+                const unsigned short* qr = qs + (nt * 8 + g) * S + kk * 16 + 2 * t;
+                mma_bf16(st[nt], kf[kk], load_pair(qr), load_pair(qr + 8));
+                const unsigned short* dr = dos + (nt * 8 + g) * S + kk * 16 + 2 * t;
+                mma_bf16(dpt[nt], vf[kk], load_pair(dr), load_pair(dr + 8));
+            }
+        // Pᵀ and dSᵀ in place; the bias gradient of this thread's two keys.
+#pragma unroll
+        for (int nt = 0; nt < BWD_QROWS / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int r = e >> 1;
+                const int key = key0 + g + 8 * r;
+                const int qi = nt * 8 + 2 * t + (e & 1);
+                const int qpos = offset + q0 + qi;
+                float p = 0.0f, ds = 0.0f;
+                if (q0 + qi < q_len && key < k_len && key <= qpos) {
+                    float x = st[nt][e] * scale2;
+                    const bool outside = bias_head && qpos - key > window;
+                    if (outside) x += key_bias[r];
+                    p = exp2f(x - lse_tile[qi]);
+                    ds = p * (dpt[nt][e] - delta_tile[qi]);
+                    if (outside) db[r] += ds;
                 }
-            // Pᵀ and dSᵀ in place; the bias gradient of this thread's two keys.
+                st[nt][e] = p;
+                dpt[nt][e] = ds;
+            }
+        // dV += Pᵀ dO, dK += dSᵀ Q (scaled at the end).
 #pragma unroll
-            for (int nt = 0; nt < BWD_QROWS / 8; ++nt)
+        for (int kk = 0; kk < BWD_QROWS / 16; ++kk) {
+            const unsigned int pa[4] = {
+                pack_bf16(st[2 * kk][0], st[2 * kk][1]), pack_bf16(st[2 * kk][2], st[2 * kk][3]),
+                pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]),
+                pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3])};
+            const unsigned int sa[4] = {
+                pack_bf16(dpt[2 * kk][0], dpt[2 * kk][1]),
+                pack_bf16(dpt[2 * kk][2], dpt[2 * kk][3]),
+                pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
+                pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int r = e >> 1;
-                    const int key = key0 + g + 8 * r;
-                    const int qi = nt * 8 + 2 * t + (e & 1);
-                    const int qpos = offset + q0 + qi;
-                    float p = 0.0f, ds = 0.0f;
-                    if (q0 + qi < q_len && key < k_len && key <= qpos) {
-                        float x = st[nt][e] * scale;
-                        const bool outside = bias_head && qpos - key > window;
-                        if (outside) x += key_bias[r];
-                        p = expf(x - lse_tile[qi]);
-                        ds = p * (dpt[nt][e] - delta_tile[qi]);
-                        if (outside) db[r] += ds;
-                    }
-                    st[nt][e] = p;
-                    dpt[nt][e] = ds;
-                }
-            // dV += Pᵀ dO, dK += dSᵀ Q (scaled at the end).
-#pragma unroll
-            for (int kk = 0; kk < BWD_QROWS / 16; ++kk) {
-                const unsigned int pa[4] = {
-                    pack_bf16(st[2 * kk][0], st[2 * kk][1]), pack_bf16(st[2 * kk][2], st[2 * kk][3]),
-                    pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]),
-                    pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3])};
-                const unsigned int sa[4] = {
-                    pack_bf16(dpt[2 * kk][0], dpt[2 * kk][1]),
-                    pack_bf16(dpt[2 * kk][2], dpt[2 * kk][3]),
-                    pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
-                    pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
-#pragma unroll
-                for (int dt = 0; dt < D / 8; ++dt) {
-                    unsigned int b0, b1;
-                    load_b_transposed(b0, b1, dos, S, kk * 16, dt * 8);
-                    mma_bf16(dv_acc[dt], pa, b0, b1);
-                    load_b_transposed(b0, b1, qs, S, kk * 16, dt * 8);
-                    mma_bf16(dk_acc[dt], sa, b0, b1);
-                }
+            for (int dt = 0; dt < D / 8; ++dt) {
+                unsigned int b0, b1;
+                load_b_transposed(b0, b1, dos, S, kk * 16, dt * 8);
+                mma_bf16(dv_acc[dt], pa, b0, b1);
+                load_b_transposed(b0, b1, qs, S, kk * 16, dt * 8);
+                mma_bf16(dk_acc[dt], sa, b0, b1);
             }
         }
     }
@@ -363,16 +355,16 @@ __device__ void flash_backward_kv(const unsigned short* q, const unsigned short*
         const float bias_total = quad_sum(db[r]);
         const int key = key0 + g + 8 * r;
         if (key >= k_len) continue;
-        unsigned short* dk_row = dk + (kv_head + key) * D;
-        unsigned short* dv_row = dv + (kv_head + key) * D;
+        float* dk_row = dk + (kv_head + key) * D;
+        float* dv_row = dv + (kv_head + key) * D;
 #pragma unroll
-        for (int dt = 0; dt < D / 8; ++dt) {
-            *(unsigned int*)(dk_row + dt * 8 + 2 * t) =
-                pack_bf16(dk_acc[dt][2 * r] * scale, dk_acc[dt][2 * r + 1] * scale);
-            *(unsigned int*)(dv_row + dt * 8 + 2 * t) =
-                pack_bf16(dv_acc[dt][2 * r], dv_acc[dt][2 * r + 1]);
-        }
-        if (dbias && t == 0) dbias[kv_head + key] = bias_total;
+        for (int dt = 0; dt < D / 8; ++dt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                atomicAdd(dk_row + dt * 8 + 2 * t + e, dk_acc[dt][2 * r + e] * scale);
+                atomicAdd(dv_row + dt * 8 + 2 * t + e, dv_acc[dt][2 * r + e]);
+            }
+        if (dbias && t == 0 && bias_total != 0.0f) atomicAdd(dbias + kv_head + key, bias_total);
     }
 }
 
@@ -396,6 +388,7 @@ __device__ void flash_backward_q(const unsigned short* q, const unsigned short* 
     const index_t q_head = ((index_t)b * heads + h) * q_len;
     const index_t kv_head = ((index_t)b * kv_heads + kvh) * k_len;
     const float* bias_head = bias ? bias + kv_head : 0;
+    const float scale2 = scale * LOG2E;
 
     unsigned int qf[D / 16][4], df[D / 16][4];
     load_a_rows<D>(qf, q + q_head * D, row0, q_len);
@@ -404,7 +397,7 @@ __device__ void flash_backward_q(const unsigned short* q, const unsigned short* 
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int row = row0 + g + 8 * r;
-        row_lse[r] = row < q_len ? lse[q_head + row] : 0.0f;
+        row_lse[r] = row < q_len ? lse[q_head + row] * LOG2E : 0.0f;
         row_delta[r] = row < q_len ? delta[q_head + row] : 0.0f;
     }
     float dq_acc[D / 8][4];
@@ -418,8 +411,9 @@ __device__ void flash_backward_q(const unsigned short* q, const unsigned short* 
         load_tile<D>(ks, k + kv_head * D, kb, FLASH_KEYS, k_len);
         load_tile<D>(vs, v + kv_head * D, kb, FLASH_KEYS, k_len);
         if (threadIdx.x < FLASH_KEYS)
-            bias_tile[threadIdx.x] =
-                (bias_head && kb + (int)threadIdx.x < k_len) ? bias_head[kb + threadIdx.x] : 0.0f;
+            bias_tile[threadIdx.x] = (bias_head && kb + (int)threadIdx.x < k_len)
+                                         ? bias_head[kb + threadIdx.x] * LOG2E
+                                         : 0.0f;
         __syncthreads();
 
         float s[FLASH_KEYS / 8][4], dp[FLASH_KEYS / 8][4];
@@ -445,9 +439,9 @@ __device__ void flash_backward_q(const unsigned short* q, const unsigned short* 
                 const int key = kb + nt * 8 + 2 * t + (e & 1);
                 float ds = 0.0f;
                 if (row < q_len && key < k_len && key <= qpos) {
-                    float x = s[nt][e] * scale;
+                    float x = s[nt][e] * scale2;
                     if (bias_head && qpos - key > window) x += bias_tile[key - kb];
-                    ds = expf(x - row_lse[r]) * (dp[nt][e] - row_delta[r]);
+                    ds = exp2f(x - row_lse[r]) * (dp[nt][e] - row_delta[r]);
                 }
                 s[nt][e] = ds;
             }
@@ -482,8 +476,8 @@ __device__ void flash_backward_q(const unsigned short* q, const unsigned short* 
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_kv_d##D(           \
         const unsigned short* q, const unsigned short* k, const unsigned short* v,                \
         const unsigned short* dout, const float* lse, const float* delta, const float* bias,      \
-        unsigned short* dk, unsigned short* dv, float* dbias, int heads, int kv_heads, int q_len, \
-        int k_len, int offset, int window, float scale) {                                         \
+        float* dk, float* dv, float* dbias, int heads, int kv_heads, int q_len, int k_len,        \
+        int offset, int window, float scale) {                                                    \
         flash_backward_kv<D>(q, k, v, dout, lse, delta, bias, dk, dv, dbias, heads, kv_heads,     \
                              q_len, k_len, offset, window, scale);                                \
     }                                                                                             \

@@ -21,6 +21,7 @@ pub mod linear;
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 
 use burn::tensor::DType;
 use burn_cubecl::cubecl::cuda::CudaRuntime;
@@ -56,22 +57,31 @@ fn on_our_stream<R>(
         return None;
     }
     let client = first.client.clone();
+    let started = Instant::now();
     // The producers of every input (and the outputs' allocations) must be done before our stream
     // touches them.
     if let Err(e) = block_on(client.sync()) {
         fallback_once(&format!("cubecl sync failed: {e:?}"));
         return None;
     }
+    let synced = Instant::now();
     let mut resources = Vec::with_capacity(tensors.len());
     for t in tensors {
         resources.push(client.get_resource(t.handle.clone()).ok()?);
     }
     let pointers: Vec<u64> = resources.iter().map(|r| r.resource().ptr).collect();
     let result = work(&mut context, &pointers);
+    let enqueued = Instant::now();
     // Wait even after an error: part of the work may be queued. The resources (and so the
     // buffers) stay alive until then.
     let waited = context.stream.synchronize();
     drop(resources);
+    if let Ok(mut stats) = STATS.lock() {
+        stats.calls += 1;
+        stats.cubecl_wait_s += (synced - started).as_secs_f64();
+        stats.enqueue_s += (enqueued - synced).as_secs_f64();
+        stats.own_wait_s += enqueued.elapsed().as_secs_f64();
+    }
     match (result, waited) {
         (Ok(r), Ok(())) => Some(r),
         (Err(why), _) => {
@@ -83,6 +93,32 @@ fn on_our_stream<R>(
             None
         }
     }
+}
+
+/// Where the hand-offs' time went since the last [`take_handoff_stats`]: waiting for cubecl's
+/// queued work, enqueueing ours (device addresses, launches), and waiting for ours to finish.
+/// The GPU idles for part of each hand-off, which is the cost of not sharing cubecl's stream.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct HandoffStats {
+    pub calls: u64,
+    pub cubecl_wait_s: f64,
+    pub enqueue_s: f64,
+    pub own_wait_s: f64,
+}
+
+static STATS: Mutex<HandoffStats> = Mutex::new(HandoffStats {
+    calls: 0,
+    cubecl_wait_s: 0.0,
+    enqueue_s: 0.0,
+    own_wait_s: 0.0,
+});
+
+/// The statistics gathered since the last call, which resets them.
+pub fn take_handoff_stats() -> HandoffStats {
+    STATS
+        .lock()
+        .map(|mut s| std::mem::take(&mut *s))
+        .unwrap_or_default()
 }
 
 /// Says once, at warn level, why burn's ops are used instead.
