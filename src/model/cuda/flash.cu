@@ -51,13 +51,26 @@ __device__ __forceinline__ unsigned int smem_address(const void* p) {
     return (unsigned int)a;
 }
 
-// The B fragment (16 k x 8 n) at rows k0.., column n0 of a row-major [k][n] shared tile.
-__device__ __forceinline__ void load_b_transposed(unsigned int& b0, unsigned int& b1,
-                                                  const unsigned short* tile, int stride, int k0,
-                                                  int n0) {
-    const unsigned short* p = tile + (k0 + (int)(threadIdx.x % 16)) * stride + n0;
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
-                 : "=r"(b0), "=r"(b1)
+// B fragments of two adjacent n-tiles (n0 and n0 + 8; b[0..1] and b[2..3]) at column k0 of a
+// row-major [n][k] shared tile (keys x head_dim, as K is stored), one ldmatrix.x4.
+__device__ __forceinline__ void load_b_pair(unsigned int* b, const unsigned short* tile, int stride,
+                                            int n0, int k0) {
+    const int lane = threadIdx.x % 32;
+    const unsigned short* p =
+        tile + (n0 + (lane & 7) + ((lane & 16) ? 8 : 0)) * stride + k0 + ((lane & 8) ? 8 : 0);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                 : "r"(smem_address(p)));
+}
+
+// The same for a row-major [k][n] tile read transposed (V: keys x head_dim, keys as k).
+__device__ __forceinline__ void load_b_pair_transposed(unsigned int* b, const unsigned short* tile,
+                                                       int stride, int k0, int n0) {
+    const int lane = threadIdx.x % 32;
+    const unsigned short* p =
+        tile + (k0 + (lane & 7) + ((lane & 8) ? 8 : 0)) * stride + n0 + ((lane & 16) ? 8 : 0);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
                  : "r"(smem_address(p)));
 }
 
@@ -145,9 +158,11 @@ __device__ void flash_forward(const unsigned short* q, const unsigned short* k,
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk)
 #pragma unroll
-            for (int nt = 0; nt < FLASH_KEYS / 8; ++nt) {
-                const unsigned short* kr = ks + (nt * 8 + g) * KS + kk * 16 + 2 * t;
-                mma_bf16(s[nt], qf[kk], load_pair(kr), load_pair(kr + 8));
+            for (int nt = 0; nt < FLASH_KEYS / 8; nt += 2) {
+                unsigned int kb4[4];
+                load_b_pair(kb4, ks, KS, nt * 8, kk * 16);
+                mma_bf16(s[nt], qf[kk], kb4[0], kb4[1]);
+                mma_bf16(s[nt + 1], qf[kk], kb4[2], kb4[3]);
             }
 
         float mx[2] = {NEG_INF, NEG_INF};
@@ -196,10 +211,11 @@ __device__ void flash_forward(const unsigned short* q, const unsigned short* k,
                 pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
                 pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
 #pragma unroll
-            for (int dt = 0; dt < D / 8; ++dt) {
-                unsigned int b0, b1;
-                load_b_transposed(b0, b1, vs, KS, kk * 16, dt * 8);
-                mma_bf16(o[dt], pa, b0, b1);
+            for (int dt = 0; dt < D / 8; dt += 2) {
+                unsigned int vb[4];
+                load_b_pair_transposed(vb, vs, KS, kk * 16, dt * 8);
+                mma_bf16(o[dt], pa, vb[0], vb[1]);
+                mma_bf16(o[dt + 1], pa, vb[2], vb[3]);
             }
         }
     }
@@ -300,11 +316,14 @@ __device__ void flash_backward_kv(const unsigned short* q, const unsigned short*
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk)
 #pragma unroll
-            for (int nt = 0; nt < BWD_QROWS / 8; ++nt) {
-                const unsigned short* qr = qs + (nt * 8 + g) * S + kk * 16 + 2 * t;
-                mma_bf16(st[nt], kf[kk], load_pair(qr), load_pair(qr + 8));
-                const unsigned short* dr = dos + (nt * 8 + g) * S + kk * 16 + 2 * t;
-                mma_bf16(dpt[nt], vf[kk], load_pair(dr), load_pair(dr + 8));
+            for (int nt = 0; nt < BWD_QROWS / 8; nt += 2) {
+                unsigned int b4[4];
+                load_b_pair(b4, qs, S, nt * 8, kk * 16);
+                mma_bf16(st[nt], kf[kk], b4[0], b4[1]);
+                mma_bf16(st[nt + 1], kf[kk], b4[2], b4[3]);
+                load_b_pair(b4, dos, S, nt * 8, kk * 16);
+                mma_bf16(dpt[nt], vf[kk], b4[0], b4[1]);
+                mma_bf16(dpt[nt + 1], vf[kk], b4[2], b4[3]);
             }
         // Pᵀ and dSᵀ in place; the bias gradient of this thread's two keys.
 #pragma unroll
@@ -340,12 +359,14 @@ __device__ void flash_backward_kv(const unsigned short* q, const unsigned short*
                 pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
                 pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
 #pragma unroll
-            for (int dt = 0; dt < D / 8; ++dt) {
-                unsigned int b0, b1;
-                load_b_transposed(b0, b1, dos, S, kk * 16, dt * 8);
-                mma_bf16(dv_acc[dt], pa, b0, b1);
-                load_b_transposed(b0, b1, qs, S, kk * 16, dt * 8);
-                mma_bf16(dk_acc[dt], sa, b0, b1);
+            for (int dt = 0; dt < D / 8; dt += 2) {
+                unsigned int b4[4];
+                load_b_pair_transposed(b4, dos, S, kk * 16, dt * 8);
+                mma_bf16(dv_acc[dt], pa, b4[0], b4[1]);
+                mma_bf16(dv_acc[dt + 1], pa, b4[2], b4[3]);
+                load_b_pair_transposed(b4, qs, S, kk * 16, dt * 8);
+                mma_bf16(dk_acc[dt], sa, b4[0], b4[1]);
+                mma_bf16(dk_acc[dt + 1], sa, b4[2], b4[3]);
             }
         }
     }
@@ -424,11 +445,14 @@ __device__ void flash_backward_q(const unsigned short* q, const unsigned short* 
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk)
 #pragma unroll
-            for (int nt = 0; nt < FLASH_KEYS / 8; ++nt) {
-                const unsigned short* kr = ks + (nt * 8 + g) * S + kk * 16 + 2 * t;
-                mma_bf16(s[nt], qf[kk], load_pair(kr), load_pair(kr + 8));
-                const unsigned short* vr = vs + (nt * 8 + g) * S + kk * 16 + 2 * t;
-                mma_bf16(dp[nt], df[kk], load_pair(vr), load_pair(vr + 8));
+            for (int nt = 0; nt < FLASH_KEYS / 8; nt += 2) {
+                unsigned int b4[4];
+                load_b_pair(b4, ks, S, nt * 8, kk * 16);
+                mma_bf16(s[nt], qf[kk], b4[0], b4[1]);
+                mma_bf16(s[nt + 1], qf[kk], b4[2], b4[3]);
+                load_b_pair(b4, vs, S, nt * 8, kk * 16);
+                mma_bf16(dp[nt], df[kk], b4[0], b4[1]);
+                mma_bf16(dp[nt + 1], df[kk], b4[2], b4[3]);
             }
 #pragma unroll
         for (int nt = 0; nt < FLASH_KEYS / 8; ++nt)
@@ -452,10 +476,11 @@ __device__ void flash_backward_q(const unsigned short* q, const unsigned short* 
                 pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
                 pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
 #pragma unroll
-            for (int dt = 0; dt < D / 8; ++dt) {
-                unsigned int b0, b1;
-                load_b_transposed(b0, b1, ks, S, kk * 16, dt * 8);
-                mma_bf16(dq_acc[dt], sa, b0, b1);
+            for (int dt = 0; dt < D / 8; dt += 2) {
+                unsigned int b4[4];
+                load_b_pair_transposed(b4, ks, S, kk * 16, dt * 8);
+                mma_bf16(dq_acc[dt], sa, b4[0], b4[1]);
+                mma_bf16(dq_acc[dt + 1], sa, b4[2], b4[3]);
             }
         }
     }
