@@ -55,6 +55,10 @@ pub struct StepArgs {
     pub device: String,
     #[arg(long, default_value_t = 512)]
     pub window: usize,
+    /// Keep the MLPs' gate and up projections for the backward instead of recomputing them
+    /// (`train.recompute_mlp = false`): faster, more memory.
+    #[arg(long)]
+    pub keep_mlp_activations: bool,
     /// Tokens per chunk of the distillation loss (the recipes' default): each chunk's
     /// `[chunk, vocab]` logits exist once in bf16 and a few times in f32.
     #[arg(long, default_value_t = 1024)]
@@ -81,6 +85,8 @@ struct StepReport {
     parameters: u64,
     checkpointing: String,
     recompute_layers: bool,
+    /// The MLPs' gate and up projections recomputed in the backward (`train.recompute_mlp`).
+    recompute_mlp: bool,
     first_step_s: f64,
     step_s: f64,
     tokens_per_s: f64,
@@ -254,6 +260,9 @@ fn step_bench<B: TrainBackend>(
     );
     let model = DmsModel::new(base, &cfg, &dms, None, device)?;
     let mut model = apply_trainable(model, Trainable::Adapter);
+    model
+        .base
+        .recompute_mlp(!args.keep_mlp_activations && !args.recompute_layers);
     B::sync(device)?;
     tracing::info!(
         "DMS model ready after {:.1} s",
@@ -366,6 +375,7 @@ fn step_bench<B: TrainBackend>(
         parameters: cfg.parameter_count(),
         checkpointing: args.checkpointing.clone(),
         recompute_layers: args.recompute_layers,
+        recompute_mlp: !args.keep_mlp_activations && !args.recompute_layers,
         first_step_s: first,
         step_s,
         tokens_per_s: args.seq as f64 / step_s,

@@ -50,9 +50,7 @@ impl AttentionOptions {
 
 /// Backends that run [`delayed_attention`]. The default method is the chunked tensor-op version;
 /// the autodiff backend overrides it with a single graph node whose backward recomputes chunks.
-pub trait AttentionBackend:
-    super::linear::LinearBackend + super::elementwise::ElementwiseBackend
-{
+pub trait AttentionBackend: super::mlp::MlpBackend {
     /// # Shapes
     /// - `q`: `[batch, heads, q_len, head_dim]`; `k`, `v`: `[batch, kv_heads, k_len, head_dim]`
     /// - `key_bias`: `[batch, kv_heads, k_len]`

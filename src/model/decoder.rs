@@ -12,6 +12,7 @@ use super::attention::{AttentionBackend, AttentionOptions, delayed_attention};
 use super::config::ModelConfig;
 use super::elementwise::{ElementwiseBackend, rms_norm, swiglu};
 use super::linear::{LinearBackend, linear};
+use super::mlp::{MlpBackend, swiglu_mlp};
 use super::rope::RopeTables;
 use super::weights::{LayerNorm, ParamSlot, Projection, WeightKey, WeightSource};
 
@@ -148,12 +149,21 @@ pub struct Mlp<B: Backend> {
     pub gate_proj: Linear<B>,
     pub up_proj: Linear<B>,
     pub down_proj: Linear<B>,
+    /// Under autodiff, keep only the input and recompute the gate and up projections in the
+    /// backward ([`super::mlp`]); set for training by [`Decoder::recompute_mlp`].
+    pub recompute: bool,
 }
 
-impl<B: LinearBackend + ElementwiseBackend> Mlp<B> {
+impl<B: MlpBackend> Mlp<B> {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` → same
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let projections = [&self.gate_proj, &self.up_proj, &self.down_proj];
+        if self.recompute && projections.iter().all(|p| p.bias.is_none()) {
+            let dtype = x.dtype();
+            let [gate, up, down] = projections.map(|p| in_dtype(p.weight.val(), dtype));
+            return swiglu_mlp(x, gate, up, down);
+        }
         let gate = self.gate_proj.forward(x.clone());
         self.down_proj
             .forward(swiglu(gate, self.up_proj.forward(x)))
@@ -348,6 +358,7 @@ impl<B: Backend> DecoderLayer<B> {
                 gate_proj: linear(source, Projection::Gate)?,
                 up_proj: linear(source, Projection::Up)?,
                 down_proj: linear(source, Projection::Down)?,
+                recompute: false,
             },
         })
     }
@@ -387,6 +398,14 @@ pub struct Decoder<B: Backend> {
 }
 
 impl<B: Backend> Decoder<B> {
+    /// Whether training keeps only each MLP's input and recomputes its gate and up projections
+    /// in the backward (see [`super::mlp`]); off after loading.
+    pub fn recompute_mlp(&mut self, on: bool) {
+        for layer in &mut self.layers {
+            layer.mlp.recompute = on;
+        }
+    }
+
     /// Builds the decoder from a weight source, checking every tensor's shape against `cfg`.
     pub fn load(
         cfg: &ModelConfig,

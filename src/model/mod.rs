@@ -7,6 +7,7 @@ pub mod cuda;
 pub mod decoder;
 pub mod elementwise;
 pub mod linear;
+pub mod mlp;
 pub mod rope;
 pub mod weights;
 

@@ -711,6 +711,9 @@ pub fn train<B: TrainBackend>(
     let mut store = ckpt.store(format)?;
     let model = DmsModel::new(base, &cfg, &dms, Some(&mut store), device)?;
     let mut model = apply_trainable(model, t.trainable);
+    model
+        .base
+        .recompute_mlp(t.recompute_mlp && !t.recompute_layers);
     let (trainable_count, frozen_count) = count_params(&mut model);
     tracing::info!(
         "{} parameters trainable ({:?}), {} frozen",
