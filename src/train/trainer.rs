@@ -1159,8 +1159,9 @@ mod tests {
         Some(data.to_vec::<f32>().unwrap())
     }
 
-    /// Per-layer recomputation gives the one-graph step's gradients and statistics, for both
-    /// variants and with every parameter trainable (embedding and head included).
+    /// Per-layer recomputation, and recomputing the MLPs' projections, give the one-graph step's
+    /// gradients and statistics, for both variants and with every parameter trainable (embedding
+    /// and head included, so the MLP node's weight gradients are compared too).
     #[test]
     fn recomputed_layers_give_the_same_gradients() {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/qwen3");
@@ -1209,7 +1210,9 @@ mod tests {
                 ],
                 &device,
             );
-            let step = |recompute_layers: bool| {
+            let mut mlp_model = model.clone();
+            mlp_model.base.recompute_mlp(true);
+            let step_of = |model: &DmsModel<B>, recompute_layers: bool| {
                 let setup = StepSetup {
                     cfg,
                     dms: &dms,
@@ -1226,8 +1229,9 @@ mod tests {
                     micro_batch: 0,
                     rank: 0,
                 };
-                distillation_micro_step(&model, None, &batch, noise, &setup, &mut |_| {})
+                distillation_micro_step(model, None, &batch, noise, &setup, &mut |_| {})
             };
+            let step = |recompute_layers: bool| step_of(&model, recompute_layers);
             let (want, want_stats) = step(false);
             let frac = want_stats.frac_closed;
             assert!(
@@ -1237,26 +1241,31 @@ mod tests {
             let (got, got_stats) = step(true);
             assert!((want_stats.loss - got_stats.loss).abs() < 1e-6);
             assert_eq!(want_stats.frac_closed, got_stats.frac_closed);
+            // Recomputing the MLPs' projections in the backward (the model::mlp node).
+            let (got_mlp, mlp_stats) = step_of(&mlp_model, false);
+            assert!((want_stats.loss - mlp_stats.loss).abs() < 1e-6);
             let mut compared = 0;
-            for (key, slot) in model.params_mut() {
-                let Some(id) = trained_id(&slot) else {
-                    continue;
-                };
-                let w = grad_values(&want, id, &slot).expect("one-graph gradient");
-                let g = grad_values(&got, id, &slot)
-                    .unwrap_or_else(|| panic!("{key:?}: no recomputed gradient"));
-                let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
-                assert!(
-                    scale > 1e-6,
-                    "{variant:?} {key:?}: gradient ~0, nothing compared"
-                );
-                for (a, b) in w.iter().zip(&g) {
+            for got in [&got, &got_mlp] {
+                for (key, slot) in model.params_mut() {
+                    let Some(id) = trained_id(&slot) else {
+                        continue;
+                    };
+                    let w = grad_values(&want, id, &slot).expect("one-graph gradient");
+                    let g = grad_values(got, id, &slot)
+                        .unwrap_or_else(|| panic!("{key:?}: no recomputed gradient"));
+                    let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
                     assert!(
-                        (a - b).abs() <= 1e-4 * scale,
-                        "{variant:?} {key:?}: {a} vs {b}"
+                        scale > 1e-6,
+                        "{variant:?} {key:?}: gradient ~0, nothing compared"
                     );
+                    for (a, b) in w.iter().zip(&g) {
+                        assert!(
+                            (a - b).abs() <= 1e-4 * scale,
+                            "{variant:?} {key:?}: {a} vs {b}"
+                        );
+                    }
+                    compared += 1;
                 }
-                compared += 1;
             }
             assert!(compared > 0, "{variant:?}: some gradients compared");
         }
