@@ -204,7 +204,7 @@ pub fn attention_forward(
                 64 => context.kernels()?.flash_forward_d64.clone(),
                 _ => context.kernels()?.flash_forward_d128.clone(),
             };
-            context.launch(
+            context.launch_with_shared(
                 &kernel,
                 (
                     q_len.div_ceil(FLASH_ROWS) as u32,
@@ -212,6 +212,7 @@ pub fn attention_forward(
                     batch as u32,
                 ),
                 FLASH_THREADS,
+                super::flash_forward_shared_bytes(dim),
                 &[
                     KernelArg::Pointer(ptrs[0]),
                     KernelArg::Pointer(ptrs[1]),

@@ -91,6 +91,28 @@ __device__ void load_tile(unsigned short* tile, const unsigned short* src, int f
     }
 }
 
+// The same with cp.async (16 bytes per copy, zero-filled past `limit`): the copies run while the
+// block computes on the other buffer; cp.async.wait_group + __syncthreads make them visible.
+template <int D>
+__device__ void load_tile_async(unsigned short* tile, const unsigned short* src, int first,
+                                int rows, int limit) {
+    for (int w = threadIdx.x; w < rows * D / 8; w += FLASH_THREADS) {
+        const int r = w / (D / 8), c = (w % (D / 8)) * 8;
+        const bool valid = first + r < limit;
+        const unsigned short* from = src + (index_t)(valid ? first + r : 0) * D + c;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                         smem_address(tile + r * (D + 8) + c)),
+                     "l"(from), "r"(valid ? 16 : 0));
+    }
+}
+
+__device__ __forceinline__ void async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
 // A fragments (16 rows x D) of rows row0.. of a row-major [*, D] tensor in global memory.
 template <int D>
 __device__ void load_a_rows(unsigned int (*frag)[4], const unsigned short* src, int row0,
@@ -115,9 +137,10 @@ __device__ void flash_forward(const unsigned short* q, const unsigned short* k,
                               float* lse, int heads, int kv_heads, int q_len, int k_len,
                               int offset, int window, float scale) {
     constexpr int KS = D + 8;  // padded tile row (halves): conflict-free fragment loads
-    __shared__ __align__(16) unsigned short ks[FLASH_KEYS * KS];
-    __shared__ __align__(16) unsigned short vs[FLASH_KEYS * KS];
-    __shared__ float bias_tile[FLASH_KEYS];
+    constexpr int TILE = FLASH_KEYS * KS;
+    // Two buffers of (K tile, V tile), then two bias tiles: flash_forward_shared_bytes(D).
+    extern __shared__ __align__(16) unsigned short flash_shared[];
+    float* bias_tiles = (float*)(flash_shared + 4 * TILE);
     // exp(x) = exp2(x log2 e): the scores and the bias are kept in log2 units.
     const float scale2 = scale * LOG2E;
 
@@ -142,15 +165,31 @@ __device__ void flash_forward(const unsigned short* q, const unsigned short* k,
 
     const int last_row = imin(q_len, (block + 1) * FLASH_ROWS) - 1;
     const int key_end = imin(k_len, offset + last_row + 1);
-    for (int kb = 0; kb < key_end; kb += FLASH_KEYS) {
-        __syncthreads();  // every warp is done with the previous tiles
-        load_tile<D>(ks, k + kv_head * D, kb, FLASH_KEYS, k_len);
-        load_tile<D>(vs, v + kv_head * D, kb, FLASH_KEYS, k_len);
+    // This warp's query positions (rows past q_len are computed but never stored).
+    const int first_pos = offset + row0, last_pos = offset + row0 + 15;
+    // Tile i+1's copies are in flight while tile i is computed.
+    auto issue = [&](int kb, int buffer) {
+        unsigned short* ks = flash_shared + 2 * buffer * TILE;
+        load_tile_async<D>(ks, k + kv_head * D, kb, FLASH_KEYS, k_len);
+        load_tile_async<D>(ks + TILE, v + kv_head * D, kb, FLASH_KEYS, k_len);
         if (threadIdx.x < FLASH_KEYS)
-            bias_tile[threadIdx.x] = (bias_head && kb + (int)threadIdx.x < k_len)
-                                         ? bias_head[kb + threadIdx.x] * LOG2E
-                                         : 0.0f;
-        __syncthreads();
+            bias_tiles[buffer * FLASH_KEYS + threadIdx.x] =
+                (bias_head && kb + (int)threadIdx.x < k_len) ? bias_head[kb + threadIdx.x] * LOG2E
+                                                             : 0.0f;
+        async_commit();
+    };
+    issue(0, 0);
+    for (int kb = 0, buffer = 0; kb < key_end; kb += FLASH_KEYS, buffer ^= 1) {
+        if (kb + FLASH_KEYS < key_end) {
+            issue(kb + FLASH_KEYS, buffer ^ 1);
+            async_wait<1>();
+        } else {
+            async_wait<0>();
+        }
+        __syncthreads();  // tile kb has landed for every thread
+        const unsigned short* ks = flash_shared + 2 * buffer * TILE;
+        const unsigned short* vs = ks + TILE;
+        const float* bias_tile = bias_tiles + buffer * FLASH_KEYS;
 
         float s[FLASH_KEYS / 8][4];
 #pragma unroll
@@ -166,19 +205,36 @@ __device__ void flash_forward(const unsigned short* q, const unsigned short* k,
             }
 
         float mx[2] = {NEG_INF, NEG_INF};
+        // Tiles wholly below the diagonal, inside k_len and wholly on one side of the window
+        // need no per-score tests (all but the diagonal and window-edge tiles).
+        const bool plain = kb + FLASH_KEYS - 1 <= first_pos && kb + FLASH_KEYS <= k_len;
+        const bool all_biased = bias_head && first_pos - (kb + FLASH_KEYS - 1) > window;
+        const bool none_biased = !bias_head || last_pos - kb <= window;
+        if (plain && (all_biased || none_biased)) {
 #pragma unroll
-        for (int nt = 0; nt < FLASH_KEYS / 8; ++nt)
+            for (int nt = 0; nt < FLASH_KEYS / 8; ++nt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int r = e >> 1;
-                const int qpos = offset + row0 + g + 8 * r;
-                const int key = kb + nt * 8 + 2 * t + (e & 1);
-                float x = s[nt][e] * scale2;
-                if (key > qpos || key >= k_len) x = NEG_INF;
-                else if (bias_head && qpos - key > window) x += bias_tile[key - kb];
-                s[nt][e] = x;
-                mx[r] = fmaxf(mx[r], x);
-            }
+                for (int e = 0; e < 4; ++e) {
+                    float x = s[nt][e] * scale2;
+                    if (all_biased) x += bias_tile[nt * 8 + 2 * t + (e & 1)];
+                    s[nt][e] = x;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], x);
+                }
+        } else {
+#pragma unroll
+            for (int nt = 0; nt < FLASH_KEYS / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int r = e >> 1;
+                    const int qpos = offset + row0 + g + 8 * r;
+                    const int key = kb + nt * 8 + 2 * t + (e & 1);
+                    float x = s[nt][e] * scale2;
+                    if (key > qpos || key >= k_len) x = NEG_INF;
+                    else if (bias_head && qpos - key > window) x += bias_tile[key - kb];
+                    s[nt][e] = x;
+                    mx[r] = fmaxf(mx[r], x);
+                }
+        }
         float alpha[2], sum[2] = {0.0f, 0.0f};
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -218,6 +274,7 @@ __device__ void flash_forward(const unsigned short* q, const unsigned short* k,
                 mma_bf16(o[dt + 1], pa, vb[2], vb[3]);
             }
         }
+        __syncthreads();  // every warp is done with this buffer before it is refilled
     }
 
 #pragma unroll

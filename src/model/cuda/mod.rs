@@ -463,6 +463,18 @@ impl DeviceContext {
         block: u32,
         args: &[KernelArg],
     ) -> Result<(), String> {
+        self.launch_with_shared(function, grid, block, 0, args)
+    }
+
+    /// [`Self::launch`] with `shared_bytes` of dynamic shared memory.
+    fn launch_with_shared(
+        &self,
+        function: &CudaFunction,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared_bytes: u32,
+        args: &[KernelArg],
+    ) -> Result<(), String> {
         if grid.0 == 0 || grid.1 > 65_535 || grid.2 > 65_535 {
             return Err(format!("grid {grid:?} outside CUDA's limits"));
         }
@@ -479,7 +491,7 @@ impl DeviceContext {
             launch.launch(LaunchConfig {
                 grid_dim: grid,
                 block_dim: (block, 1, 1),
-                shared_mem_bytes: 0,
+                shared_mem_bytes: shared_bytes,
             })
         }
         .map(|_| ())
@@ -596,14 +608,38 @@ impl Kernels {
             swiglu: typed("swiglu")?,
             swiglu_grads: typed("swiglu_grads")?,
             rope: typed("rope")?,
-            flash_forward_d64: function("flash_forward_d64")?,
-            flash_forward_d128: function("flash_forward_d128")?,
+            flash_forward_d64: with_shared(
+                function("flash_forward_d64")?,
+                flash_forward_shared_bytes(64),
+            )?,
+            flash_forward_d128: with_shared(
+                function("flash_forward_d128")?,
+                flash_forward_shared_bytes(128),
+            )?,
             flash_backward_kv_d64: function("flash_backward_kv_d64")?,
             flash_backward_kv_d128: function("flash_backward_kv_d128")?,
             flash_backward_q_d64: function("flash_backward_q_d64")?,
             flash_backward_q_d128: function("flash_backward_q_d128")?,
         })
     }
+}
+
+/// Dynamic shared memory of `flash_forward` at `head_dim`: two buffers of a K and a V tile
+/// (64 keys, rows padded by 8 halves) and two bias tiles (`flash.cu`).
+pub(crate) fn flash_forward_shared_bytes(head_dim: usize) -> u32 {
+    (4 * 64 * (head_dim + 8) * 2 + 2 * 64 * 4) as u32
+}
+
+/// Lets `function` use `bytes` of dynamic shared memory (above 48 KB needs the opt-in).
+fn with_shared(function: CudaFunction, bytes: u32) -> Result<CudaFunction, String> {
+    use cudarc::driver::sys::CUfunction_attribute_enum as A;
+    function
+        .set_attribute(
+            A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+        .map_err(|e| format!("shared memory of {bytes} bytes: {e:?}"))?;
+    Ok(function)
 }
 
 /// Owners that free cuBLASLt descriptors.
