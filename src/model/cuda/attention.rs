@@ -212,7 +212,7 @@ pub fn attention_forward(
                     batch as u32,
                 ),
                 FLASH_THREADS,
-                super::flash_forward_shared_bytes(dim),
+                super::flash_tile_shared_bytes(dim),
                 &[
                     KernelArg::Pointer(ptrs[0]),
                     KernelArg::Pointer(ptrs[1]),
@@ -401,7 +401,7 @@ pub fn attention_backward(
             let mut q_args = Vec::from(inputs());
             q_args.extend([bias_ptr, KernelArg::Pointer(p[6])]);
             q_args.extend(sizes);
-            context.launch(
+            context.launch_with_shared(
                 &q_kernel,
                 (
                     q_len.div_ceil(FLASH_ROWS) as u32,
@@ -409,6 +409,7 @@ pub fn attention_backward(
                     batch as u32,
                 ),
                 FLASH_THREADS,
+                super::flash_tile_shared_bytes(dim),
                 &q_args,
             )
         })?;

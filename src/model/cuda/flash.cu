@@ -128,6 +128,44 @@ __device__ void load_a_rows(unsigned int (*frag)[4], const unsigned short* src, 
         }
 }
 
+// Runs body(kb, k_tile, v_tile, bias_tile) for the key tiles 0, 64, .. < key_end of one KV
+// head, with each next tile's copies (cp.async) in flight while the body computes on the current
+// one. `shared` is the dynamic shared memory: two buffers of a K and a V tile ([64][D + 8]
+// halves), then two bias tiles (64 f32, already in log2 units; 0 without a bias) -
+// flash_tile_shared_bytes(D) on the host.
+template <int D, typename Body>
+__device__ void for_each_kv_tile(unsigned short* shared, const unsigned short* k_head,
+                                 const unsigned short* v_head, const float* bias_head, int k_len,
+                                 int key_end, Body body) {
+    constexpr int TILE = FLASH_KEYS * (D + 8);
+    float* bias_tiles = (float*)(shared + 4 * TILE);
+    auto issue = [&](int kb, int buffer) {
+        unsigned short* tile = shared + 2 * buffer * TILE;
+        load_tile_async<D>(tile, k_head, kb, FLASH_KEYS, k_len);
+        load_tile_async<D>(tile + TILE, v_head, kb, FLASH_KEYS, k_len);
+        if (threadIdx.x < FLASH_KEYS)
+            bias_tiles[buffer * FLASH_KEYS + threadIdx.x] =
+                (bias_head && kb + (int)threadIdx.x < k_len) ? bias_head[kb + threadIdx.x] * LOG2E
+                                                             : 0.0f;
+        async_commit();
+    };
+    if (key_end <= 0) return;
+    issue(0, 0);
+    for (int kb = 0, buffer = 0; kb < key_end; kb += FLASH_KEYS, buffer ^= 1) {
+        // The other buffer was released by the __syncthreads ending the previous iteration.
+        if (kb + FLASH_KEYS < key_end) {
+            issue(kb + FLASH_KEYS, buffer ^ 1);
+            async_wait<1>();
+        } else {
+            async_wait<0>();
+        }
+        __syncthreads();  // tile kb has landed for every thread
+        const unsigned short* k_tile = shared + 2 * buffer * TILE;
+        body(kb, k_tile, k_tile + TILE, bias_tiles + buffer * FLASH_KEYS);
+        __syncthreads();  // every warp is done with this buffer before it is refilled
+    }
+}
+
 // q, out: [batch, heads, q_len, D]; k, v: [batch, kv_heads, k_len, D]; bias: f32
 // [batch, kv_heads, k_len] or null; lse: f32 [batch, heads, q_len]. Queries sit at positions
 // offset .. offset + q_len, keys at 0 .. k_len.
@@ -137,10 +175,7 @@ __device__ void flash_forward(const unsigned short* q, const unsigned short* k,
                               float* lse, int heads, int kv_heads, int q_len, int k_len,
                               int offset, int window, float scale) {
     constexpr int KS = D + 8;  // padded tile row (halves): conflict-free fragment loads
-    constexpr int TILE = FLASH_KEYS * KS;
-    // Two buffers of (K tile, V tile), then two bias tiles: flash_forward_shared_bytes(D).
     extern __shared__ __align__(16) unsigned short flash_shared[];
-    float* bias_tiles = (float*)(flash_shared + 4 * TILE);
     // exp(x) = exp2(x log2 e): the scores and the bias are kept in log2 units.
     const float scale2 = scale * LOG2E;
 
@@ -167,30 +202,9 @@ __device__ void flash_forward(const unsigned short* q, const unsigned short* k,
     const int key_end = imin(k_len, offset + last_row + 1);
     // This warp's query positions (rows past q_len are computed but never stored).
     const int first_pos = offset + row0, last_pos = offset + row0 + 15;
-    // Tile i+1's copies are in flight while tile i is computed.
-    auto issue = [&](int kb, int buffer) {
-        unsigned short* ks = flash_shared + 2 * buffer * TILE;
-        load_tile_async<D>(ks, k + kv_head * D, kb, FLASH_KEYS, k_len);
-        load_tile_async<D>(ks + TILE, v + kv_head * D, kb, FLASH_KEYS, k_len);
-        if (threadIdx.x < FLASH_KEYS)
-            bias_tiles[buffer * FLASH_KEYS + threadIdx.x] =
-                (bias_head && kb + (int)threadIdx.x < k_len) ? bias_head[kb + threadIdx.x] * LOG2E
-                                                             : 0.0f;
-        async_commit();
-    };
-    issue(0, 0);
-    for (int kb = 0, buffer = 0; kb < key_end; kb += FLASH_KEYS, buffer ^= 1) {
-        if (kb + FLASH_KEYS < key_end) {
-            issue(kb + FLASH_KEYS, buffer ^ 1);
-            async_wait<1>();
-        } else {
-            async_wait<0>();
-        }
-        __syncthreads();  // tile kb has landed for every thread
-        const unsigned short* ks = flash_shared + 2 * buffer * TILE;
-        const unsigned short* vs = ks + TILE;
-        const float* bias_tile = bias_tiles + buffer * FLASH_KEYS;
-
+    for_each_kv_tile<D>(flash_shared, k + kv_head * D, v + kv_head * D, bias_head, k_len, key_end,
+                        [&](int kb, const unsigned short* ks, const unsigned short* vs,
+                            const float* bias_tile) {
         float s[FLASH_KEYS / 8][4];
 #pragma unroll
         for (int nt = 0; nt < FLASH_KEYS / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
@@ -274,8 +288,7 @@ __device__ void flash_forward(const unsigned short* q, const unsigned short* k,
                 mma_bf16(o[dt + 1], pa, vb[2], vb[3]);
             }
         }
-        __syncthreads();  // every warp is done with this buffer before it is refilled
-    }
+    });
 
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -453,9 +466,7 @@ __device__ void flash_backward_q(const unsigned short* q, const unsigned short* 
                                  unsigned short* dq, int heads, int kv_heads, int q_len, int k_len,
                                  int offset, int window, float scale) {
     constexpr int S = D + 8;
-    __shared__ __align__(16) unsigned short ks[FLASH_KEYS * S];
-    __shared__ __align__(16) unsigned short vs[FLASH_KEYS * S];
-    __shared__ float bias_tile[FLASH_KEYS];
+    extern __shared__ __align__(16) unsigned short flash_shared[];
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
@@ -484,16 +495,9 @@ __device__ void flash_backward_q(const unsigned short* q, const unsigned short* 
 
     const int last_row = imin(q_len, (block + 1) * FLASH_ROWS) - 1;
     const int key_end = imin(k_len, offset + last_row + 1);
-    for (int kb = 0; kb < key_end; kb += FLASH_KEYS) {
-        __syncthreads();
-        load_tile<D>(ks, k + kv_head * D, kb, FLASH_KEYS, k_len);
-        load_tile<D>(vs, v + kv_head * D, kb, FLASH_KEYS, k_len);
-        if (threadIdx.x < FLASH_KEYS)
-            bias_tile[threadIdx.x] = (bias_head && kb + (int)threadIdx.x < k_len)
-                                         ? bias_head[kb + threadIdx.x] * LOG2E
-                                         : 0.0f;
-        __syncthreads();
-
+    for_each_kv_tile<D>(flash_shared, k + kv_head * D, v + kv_head * D, bias_head, k_len, key_end,
+                        [&](int kb, const unsigned short* ks, const unsigned short* vs,
+                            const float* bias_tile) {
         float s[FLASH_KEYS / 8][4], dp[FLASH_KEYS / 8][4];
 #pragma unroll
         for (int nt = 0; nt < FLASH_KEYS / 8; ++nt)
@@ -540,7 +544,7 @@ __device__ void flash_backward_q(const unsigned short* q, const unsigned short* 
                 mma_bf16(dq_acc[dt + 1], sa, b4[2], b4[3]);
             }
         }
-    }
+    });
 
 #pragma unroll
     for (int r = 0; r < 2; ++r) {

@@ -610,23 +610,30 @@ impl Kernels {
             rope: typed("rope")?,
             flash_forward_d64: with_shared(
                 function("flash_forward_d64")?,
-                flash_forward_shared_bytes(64),
+                flash_tile_shared_bytes(64),
             )?,
             flash_forward_d128: with_shared(
                 function("flash_forward_d128")?,
-                flash_forward_shared_bytes(128),
+                flash_tile_shared_bytes(128),
             )?,
             flash_backward_kv_d64: function("flash_backward_kv_d64")?,
             flash_backward_kv_d128: function("flash_backward_kv_d128")?,
-            flash_backward_q_d64: function("flash_backward_q_d64")?,
-            flash_backward_q_d128: function("flash_backward_q_d128")?,
+            flash_backward_q_d64: with_shared(
+                function("flash_backward_q_d64")?,
+                flash_tile_shared_bytes(64),
+            )?,
+            flash_backward_q_d128: with_shared(
+                function("flash_backward_q_d128")?,
+                flash_tile_shared_bytes(128),
+            )?,
         })
     }
 }
 
-/// Dynamic shared memory of `flash_forward` at `head_dim`: two buffers of a K and a V tile
-/// (64 keys, rows padded by 8 halves) and two bias tiles (`flash.cu`).
-pub(crate) fn flash_forward_shared_bytes(head_dim: usize) -> u32 {
+/// Dynamic shared memory of the flash kernels that stream K/V tiles (`for_each_kv_tile` in
+/// `flash.cu`: the forward and the dQ backward) at `head_dim`: two buffers of a K and a V tile
+/// (64 keys, rows padded by 8 halves) and two bias tiles.
+pub(crate) fn flash_tile_shared_bytes(head_dim: usize) -> u32 {
     (4 * 64 * (head_dim + 8) * 2 + 2 * 64 * 4) as u32
 }
 
