@@ -24,6 +24,23 @@ use crate::model::attention::{
 use crate::model::elementwise::{self, ElementwiseBackend};
 use crate::model::linear::{LinearBackend, burn_ops};
 
+/// `$measure::<B>(&$args, &device)` on the backend `$spec` names: f32 on the CPU, bf16 on CUDA.
+macro_rules! measure_on {
+    ($spec:expr, $measure:ident, $args:expr) => {
+        match $spec {
+            DeviceSpec::Cpu => $measure::<Cpu>(&$args, &Default::default())?,
+            #[cfg(feature = "cuda")]
+            DeviceSpec::Cuda(index) => {
+                let device = burn::backend::cuda::CudaDevice::new(index);
+                crate::backend::init_cuda(&device, FloatFormat::Bf16)?;
+                $measure::<crate::backend::Cuda>(&$args, &device)?
+            }
+            #[cfg(not(feature = "cuda"))]
+            DeviceSpec::Cuda(_) => unreachable!("ensure_available fails without the cuda feature"),
+        }
+    };
+}
+
 #[derive(Args, Debug)]
 pub struct LinearArgs {
     /// Model shape whose projections are measured (see `bench step --shape`).
@@ -62,17 +79,7 @@ pub fn run(args: LinearArgs) -> Result<()> {
     require_positive("--tokens", args.tokens)?;
     let spec: DeviceSpec = args.device.parse()?;
     spec.ensure_available()?;
-    let rows = match spec {
-        DeviceSpec::Cpu => measure::<Cpu>(&args, &Default::default())?,
-        #[cfg(feature = "cuda")]
-        DeviceSpec::Cuda(index) => {
-            let device = burn::backend::cuda::CudaDevice::new(index);
-            crate::backend::init_cuda(&device, FloatFormat::Bf16)?;
-            measure::<crate::backend::Cuda>(&args, &device)?
-        }
-        #[cfg(not(feature = "cuda"))]
-        DeviceSpec::Cuda(_) => unreachable!("ensure_available fails without the cuda feature"),
-    };
+    let rows = measure_on!(spec, measure, args);
     let dtype = match spec {
         DeviceSpec::Cpu => FloatFormat::F32,
         DeviceSpec::Cuda(_) => FloatFormat::Bf16,
@@ -267,17 +274,7 @@ pub fn run_attention(args: AttentionArgs) -> Result<()> {
     }
     let spec: DeviceSpec = args.device.parse()?;
     spec.ensure_available()?;
-    let rows = match spec {
-        DeviceSpec::Cpu => measure_attention::<Cpu>(&args, &Default::default())?,
-        #[cfg(feature = "cuda")]
-        DeviceSpec::Cuda(index) => {
-            let device = burn::backend::cuda::CudaDevice::new(index);
-            crate::backend::init_cuda(&device, FloatFormat::Bf16)?;
-            measure_attention::<crate::backend::Cuda>(&args, &device)?
-        }
-        #[cfg(not(feature = "cuda"))]
-        DeviceSpec::Cuda(_) => unreachable!("ensure_available fails without the cuda feature"),
-    };
+    let rows = measure_on!(spec, measure_attention, args);
     println!(
         "attention forward, {} heads, window {}, with key bias, on {}:",
         args.shape, args.window, args.device
@@ -439,17 +436,7 @@ pub fn run_elementwise(args: ElementwiseArgs) -> Result<()> {
     require_positive("--tokens", args.tokens)?;
     let spec: DeviceSpec = args.device.parse()?;
     spec.ensure_available()?;
-    let rows = match spec {
-        DeviceSpec::Cpu => measure_elementwise::<Cpu>(&args, &Default::default())?,
-        #[cfg(feature = "cuda")]
-        DeviceSpec::Cuda(index) => {
-            let device = burn::backend::cuda::CudaDevice::new(index);
-            crate::backend::init_cuda(&device, FloatFormat::Bf16)?;
-            measure_elementwise::<crate::backend::Cuda>(&args, &device)?
-        }
-        #[cfg(not(feature = "cuda"))]
-        DeviceSpec::Cuda(_) => unreachable!("ensure_available fails without the cuda feature"),
-    };
+    let rows = measure_on!(spec, measure_elementwise, args);
     println!(
         "RMSNorm / SwiGLU / RoPE, {} sizes, {} tokens, on {}:",
         args.shape, args.tokens, args.device

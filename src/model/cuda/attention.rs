@@ -307,7 +307,6 @@ pub fn attention_backward(
         k_len,
         dim,
         dtype,
-        elem,
         ..
     } = geo;
     // delta_i = sum_d dO_id O_id, the softmax backward's row term, in f32.
@@ -326,24 +325,24 @@ pub fn attention_backward(
     let bias = key_bias.map(|b| contiguous(b.cast(FloatDType::F32)));
     let grad_q = geo.empty(&q, vec![batch, heads, q_len, dim], dtype);
     let scale = 1.0 / (dim as f32).sqrt();
+    // dK, dV and the bias gradient are f32 sums (over each KV head's query heads, or chunks).
+    let grad_k = geo.empty(&q, vec![batch, kv_heads, k_len, dim], DType::F32);
+    let grad_v = geo.empty(&q, vec![batch, kv_heads, k_len, dim], DType::F32);
+    let grad_bias = geo.empty(&q, vec![batch, kv_heads, k_len], DType::F32);
+    let mut tensors = vec![
+        &q,
+        &k,
+        &v,
+        &grad_output,
+        &lse,
+        &delta,
+        &grad_q,
+        &grad_k,
+        &grad_v,
+        &grad_bias,
+    ];
+    tensors.extend(&bias);
     if flash_applies(&geo) {
-        // f32 sums over each KV head's query heads.
-        let grad_k = geo.empty(&q, vec![batch, kv_heads, k_len, dim], DType::F32);
-        let grad_v = geo.empty(&q, vec![batch, kv_heads, k_len, dim], DType::F32);
-        let grad_bias = geo.empty(&q, vec![batch, kv_heads, k_len], DType::F32);
-        let mut tensors = vec![
-            &q,
-            &k,
-            &v,
-            &grad_output,
-            &lse,
-            &delta,
-            &grad_q,
-            &grad_k,
-            &grad_v,
-            &grad_bias,
-        ];
-        tensors.extend(&bias);
         on_our_stream(&tensors, |context, p| {
             let kv_bytes = batch * kv_heads * k_len * dim * 4;
             context.zero(p[7], kv_bytes)?;
@@ -413,33 +412,42 @@ pub fn attention_backward(
                 &q_args,
             )
         })?;
-        return Some(AttentionGrads {
-            q: tensor(grad_q),
-            k: tensor::<4>(grad_k).cast(dtype),
-            v: tensor::<4>(grad_v).cast(dtype),
-            key_bias: match (with_bias_grad, bias_dtype) {
-                (true, Some(bias_dtype)) => Some(tensor::<3>(grad_bias).cast(bias_dtype)),
-                _ => None,
-            },
-        });
+    } else {
+        gemm_backward(&geo, &tensors, with_bias_grad, options)?;
     }
-    let grad_k = geo.empty(&q, vec![batch, kv_heads, k_len, dim], DType::F32);
-    let grad_v = geo.empty(&q, vec![batch, kv_heads, k_len, dim], DType::F32);
-    let grad_bias = geo.empty(&q, vec![batch, kv_heads, k_len], DType::F32);
-    let mut tensors = vec![
-        &q,
-        &k,
-        &v,
-        &grad_output,
-        &lse,
-        &delta,
-        &grad_q,
-        &grad_k,
-        &grad_v,
-        &grad_bias,
-    ];
-    tensors.extend(&bias);
-    on_our_stream(&tensors, |context, ptrs| {
+    Some(AttentionGrads {
+        q: tensor(grad_q),
+        k: tensor::<4>(grad_k).cast(dtype),
+        v: tensor::<4>(grad_v).cast(dtype),
+        key_bias: match (with_bias_grad, bias_dtype) {
+            (true, Some(bias_dtype)) => Some(tensor::<3>(grad_bias).cast(bias_dtype)),
+            _ => None,
+        },
+    })
+}
+
+/// The backward as cuBLASLt GEMMs around the `softmax.cu` row kernels, chunk by chunk, into the
+/// zeroed f32 `dK`, `dV` and bias-gradient accumulators. `tensors`: q, k, v, dO, lse, delta, dQ,
+/// dK, dV, d(bias) and the bias if any.
+fn gemm_backward(
+    geo: &Geometry,
+    tensors: &[&Cube],
+    with_bias_grad: bool,
+    options: &AttentionOptions,
+) -> Option<()> {
+    let Geometry {
+        batch,
+        kv_heads,
+        group,
+        q_len,
+        k_len,
+        dim,
+        dtype,
+        elem,
+        ..
+    } = *geo;
+    let scale = 1.0 / (dim as f32).sqrt();
+    on_our_stream(tensors, |context, ptrs| {
         let [
             q_ptr,
             k_ptr,
@@ -552,14 +560,5 @@ pub fn attention_backward(
             }
         }
         Ok(())
-    })?;
-    Some(AttentionGrads {
-        q: tensor(grad_q),
-        k: tensor::<4>(grad_k).cast(dtype),
-        v: tensor::<4>(grad_v).cast(dtype),
-        key_bias: match (with_bias_grad, bias_dtype) {
-            (true, Some(bias_dtype)) => Some(tensor::<3>(grad_bias).cast(bias_dtype)),
-            _ => None,
-        },
     })
 }

@@ -6,7 +6,7 @@ use burn::tensor::{DType, FloatDType, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 
-use super::{BLOCK, Cube, KernelArg, kernel_dtype, on_our_stream};
+use super::{BLOCK, Cube, KernelArg, Kernels, Typed, kernel_dtype, on_our_stream};
 use crate::backend::Cuda;
 
 fn contiguous<const D: usize>(t: Tensor<Cuda, D>) -> Cube {
@@ -46,6 +46,29 @@ fn applies(tensors: &[&Cube], rows: usize, dim: usize) -> bool {
         && rows * dim > 0
 }
 
+/// Runs the `elementwise.cu` kernel `kernel` (in `tensors[0]`'s dtype) with the device addresses
+/// of `tensors` (inputs, then outputs) followed by `sizes`.
+fn run(
+    kernel: fn(&Kernels) -> &Typed,
+    tensors: &[&Cube],
+    grid: (u32, u32, u32),
+    sizes: &[KernelArg],
+) -> Option<()> {
+    let dtype = tensors[0].dtype;
+    on_our_stream(tensors, |context, pointers| {
+        let function = kernel(context.kernels()?).of(dtype);
+        let mut args: Vec<KernelArg> = pointers.iter().map(|&p| KernelArg::Pointer(p)).collect();
+        args.extend_from_slice(sizes);
+        context.launch(&function, grid, BLOCK, &args)
+    })
+}
+
+/// Rows and row length of `x` seen as `[rows, last dim]`.
+fn rows_of(x: &Cube) -> Option<(usize, usize)> {
+    let dim = *x.meta.shape().last()?;
+    Some((x.meta.shape().iter().product::<usize>() / dim.max(1), dim))
+}
+
 /// `round(x / rms(x)) * weight` over the last axis; `weight` in `x`'s dtype.
 pub fn rms_norm<const D: usize>(
     x: Tensor<Cuda, D>,
@@ -53,29 +76,21 @@ pub fn rms_norm<const D: usize>(
     eps: f64,
 ) -> Option<Tensor<Cuda, D>> {
     let (x, weight) = (contiguous(x), contiguous(weight));
-    let dim = *x.meta.shape().last()?;
-    let rows = x.meta.shape().iter().product::<usize>() / dim.max(1);
+    let (rows, dim) = rows_of(&x)?;
     if !applies(&[&x, &weight], rows, dim) || weight.meta.shape()[0] != dim {
         return None;
     }
     let out = empty_like(&x);
-    let dtype = x.dtype;
-    on_our_stream(&[&x, &weight, &out], |context, p| {
-        let kernel = context.kernels()?.rms_norm_rows.of(dtype);
-        context.launch(
-            &kernel,
-            grid_for_rows(rows),
-            BLOCK,
-            &[
-                KernelArg::Pointer(p[0]),
-                KernelArg::Pointer(p[1]),
-                KernelArg::Pointer(p[2]),
-                KernelArg::Int(rows as i32),
-                KernelArg::Int(dim as i32),
-                KernelArg::Float(eps as f32),
-            ],
-        )
-    })?;
+    run(
+        |k| &k.rms_norm_rows,
+        &[&x, &weight, &out],
+        grid_for_rows(rows),
+        &[
+            KernelArg::Int(rows as i32),
+            KernelArg::Int(dim as i32),
+            KernelArg::Float(eps as f32),
+        ],
+    )?;
     Some(tensor(out))
 }
 
@@ -87,31 +102,33 @@ pub fn rms_norm_input_grad<const D: usize>(
     grad: Tensor<Cuda, D>,
 ) -> Option<Tensor<Cuda, D>> {
     let (x, weight, grad) = (contiguous(x), contiguous(weight), contiguous(grad));
-    let dim = *x.meta.shape().last()?;
-    let rows = x.meta.shape().iter().product::<usize>() / dim.max(1);
+    let (rows, dim) = rows_of(&x)?;
     if !applies(&[&x, &weight, &grad], rows, dim) || grad.meta.shape() != x.meta.shape() {
         return None;
     }
     let dx = empty_like(&x);
-    let dtype = x.dtype;
-    on_our_stream(&[&x, &weight, &grad, &dx], |context, p| {
-        let kernel = context.kernels()?.rms_norm_grad_rows.of(dtype);
-        context.launch(
-            &kernel,
-            grid_for_rows(rows),
-            BLOCK,
-            &[
-                KernelArg::Pointer(p[0]),
-                KernelArg::Pointer(p[1]),
-                KernelArg::Pointer(p[2]),
-                KernelArg::Pointer(p[3]),
-                KernelArg::Int(rows as i32),
-                KernelArg::Int(dim as i32),
-                KernelArg::Float(eps as f32),
-            ],
-        )
-    })?;
+    run(
+        |k| &k.rms_norm_grad_rows,
+        &[&x, &weight, &grad, &dx],
+        grid_for_rows(rows),
+        &[
+            KernelArg::Int(rows as i32),
+            KernelArg::Int(dim as i32),
+            KernelArg::Float(eps as f32),
+        ],
+    )?;
     Some(tensor(dx))
+}
+
+/// Contiguous copies of `tensors` when they share one shape and kernel dtype, and their size.
+fn same_shape<const N: usize>(tensors: [Cube; N]) -> Option<([Cube; N], usize)> {
+    let tensors = tensors.map(into_contiguous);
+    let n = tensors[0].meta.shape().iter().product::<usize>();
+    let refs: Vec<&Cube> = tensors.iter().collect();
+    let shapes_match = tensors
+        .iter()
+        .all(|t| t.meta.shape() == tensors[0].meta.shape());
+    (shapes_match && applies(&refs, 1, n)).then_some((tensors, n))
 }
 
 /// `round(silu(gate)) * up`.
@@ -119,27 +136,14 @@ pub fn swiglu<const D: usize>(
     gate: Tensor<Cuda, D>,
     up: Tensor<Cuda, D>,
 ) -> Option<Tensor<Cuda, D>> {
-    let (gate, up) = (contiguous(gate), contiguous(up));
-    let n = gate.meta.shape().iter().product::<usize>();
-    if !applies(&[&gate, &up], 1, n) || gate.meta.shape() != up.meta.shape() {
-        return None;
-    }
+    let ([gate, up], n) = same_shape([gate, up].map(|t| t.into_primitive().tensor()))?;
     let out = empty_like(&gate);
-    let dtype = gate.dtype;
-    on_our_stream(&[&gate, &up, &out], |context, p| {
-        let kernel = context.kernels()?.swiglu.of(dtype);
-        context.launch(
-            &kernel,
-            grid_for(n),
-            BLOCK,
-            &[
-                KernelArg::Pointer(p[0]),
-                KernelArg::Pointer(p[1]),
-                KernelArg::Pointer(p[2]),
-                KernelArg::Long(n as i64),
-            ],
-        )
-    })?;
+    run(
+        |k| &k.swiglu,
+        &[&gate, &up, &out],
+        grid_for(n),
+        &[KernelArg::Long(n as i64)],
+    )?;
     Some(tensor(out))
 }
 
@@ -149,32 +153,14 @@ pub fn swiglu_grads<const D: usize>(
     up: Tensor<Cuda, D>,
     grad: Tensor<Cuda, D>,
 ) -> Option<(Tensor<Cuda, D>, Tensor<Cuda, D>)> {
-    let (gate, up, grad) = (contiguous(gate), contiguous(up), contiguous(grad));
-    let n = gate.meta.shape().iter().product::<usize>();
-    if !applies(&[&gate, &up, &grad], 1, n)
-        || gate.meta.shape() != up.meta.shape()
-        || gate.meta.shape() != grad.meta.shape()
-    {
-        return None;
-    }
+    let ([gate, up, grad], n) = same_shape([gate, up, grad].map(|t| t.into_primitive().tensor()))?;
     let (d_gate, d_up) = (empty_like(&gate), empty_like(&gate));
-    let dtype = gate.dtype;
-    on_our_stream(&[&gate, &up, &grad, &d_gate, &d_up], |context, p| {
-        let kernel = context.kernels()?.swiglu_grads.of(dtype);
-        context.launch(
-            &kernel,
-            grid_for(n),
-            BLOCK,
-            &[
-                KernelArg::Pointer(p[0]),
-                KernelArg::Pointer(p[1]),
-                KernelArg::Pointer(p[2]),
-                KernelArg::Pointer(p[3]),
-                KernelArg::Pointer(p[4]),
-                KernelArg::Long(n as i64),
-            ],
-        )
-    })?;
+    run(
+        |k| &k.swiglu_grads,
+        &[&gate, &up, &grad, &d_gate, &d_up],
+        grid_for(n),
+        &[KernelArg::Long(n as i64)],
+    )?;
     Some((tensor(d_gate), tensor(d_up)))
 }
 
@@ -206,29 +192,21 @@ pub fn rope(
         Shape::from(vec![batch, heads, seq, dim]),
         x.dtype,
     );
-    let dtype = x.dtype;
-    on_our_stream(&[&x, &out, &cos, &sin], |context, p| {
-        let kernel = context.kernels()?.rope.of(dtype);
-        context.launch(
-            &kernel,
-            grid_for(n),
-            BLOCK,
-            &[
-                KernelArg::Pointer(p[0]),
-                KernelArg::Pointer(p[1]),
-                KernelArg::Pointer(p[2]),
-                KernelArg::Pointer(p[3]),
-                KernelArg::Int(heads as i32),
-                KernelArg::Int(seq as i32),
-                KernelArg::Int(dim as i32),
-                KernelArg::Long(strides[0]),
-                KernelArg::Long(strides[1]),
-                KernelArg::Long(strides[2]),
-                KernelArg::Long(strides[3]),
-                KernelArg::Long(n as i64),
-                KernelArg::Float(if inverse { -1.0 } else { 1.0 }),
-            ],
-        )
-    })?;
+    run(
+        |k| &k.rope,
+        &[&x, &out, &cos, &sin],
+        grid_for(n),
+        &[
+            KernelArg::Int(heads as i32),
+            KernelArg::Int(seq as i32),
+            KernelArg::Int(dim as i32),
+            KernelArg::Long(strides[0]),
+            KernelArg::Long(strides[1]),
+            KernelArg::Long(strides[2]),
+            KernelArg::Long(strides[3]),
+            KernelArg::Long(n as i64),
+            KernelArg::Float(if inverse { -1.0 } else { 1.0 }),
+        ],
+    )?;
     Some(tensor(out))
 }

@@ -21,6 +21,15 @@ __device__ __forceinline__ unsigned int pack_bf16(float lo, float hi) {
     return (unsigned int)f32_to_bf16(lo) | ((unsigned int)f32_to_bf16(hi) << 16);
 }
 
+// The A fragment (16 x 16, k = columns 16 kk ..) formed by two adjacent C tiles (2 kk, 2 kk + 1)
+// rounded to bf16: a C tile's layout is exactly one half of an A fragment's.
+__device__ __forceinline__ void c_tiles_to_a(unsigned int* a, float (*c)[4], int kk) {
+    a[0] = pack_bf16(c[2 * kk][0], c[2 * kk][1]);
+    a[1] = pack_bf16(c[2 * kk][2], c[2 * kk][3]);
+    a[2] = pack_bf16(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+    a[3] = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+}
+
 __device__ __forceinline__ unsigned int load_pair(const unsigned short* p) {
     return *(const unsigned int*)p;
 }
@@ -276,10 +285,8 @@ __device__ void flash_forward(const unsigned short* q, const unsigned short* k,
         }
 #pragma unroll
         for (int kk = 0; kk < FLASH_KEYS / 16; ++kk) {
-            const unsigned int pa[4] = {
-                pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
-                pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            unsigned int pa[4];
+            c_tiles_to_a(pa, s, kk);
 #pragma unroll
             for (int dt = 0; dt < D / 8; dt += 2) {
                 unsigned int vb[4];
@@ -419,15 +426,10 @@ __device__ void flash_backward_kv(const unsigned short* q, const unsigned short*
         // dV += Pᵀ dO, dK += dSᵀ Q (scaled at the end).
 #pragma unroll
         for (int kk = 0; kk < BWD_QROWS / 16; ++kk) {
-            const unsigned int pa[4] = {
-                pack_bf16(st[2 * kk][0], st[2 * kk][1]), pack_bf16(st[2 * kk][2], st[2 * kk][3]),
-                pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]),
-                pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3])};
-            const unsigned int sa[4] = {
-                pack_bf16(dpt[2 * kk][0], dpt[2 * kk][1]),
-                pack_bf16(dpt[2 * kk][2], dpt[2 * kk][3]),
-                pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
-                pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+            unsigned int pa[4];
+            c_tiles_to_a(pa, st, kk);
+            unsigned int sa[4];
+            c_tiles_to_a(sa, dpt, kk);
 #pragma unroll
             for (int dt = 0; dt < D / 8; dt += 2) {
                 unsigned int b4[4];
@@ -532,10 +534,8 @@ __device__ void flash_backward_q(const unsigned short* q, const unsigned short* 
             }
 #pragma unroll
         for (int kk = 0; kk < FLASH_KEYS / 16; ++kk) {
-            const unsigned int sa[4] = {
-                pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
-                pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            unsigned int sa[4];
+            c_tiles_to_a(sa, s, kk);
 #pragma unroll
             for (int dt = 0; dt < D / 8; dt += 2) {
                 unsigned int b4[4];
