@@ -324,6 +324,31 @@ __device__ void flash_forward(const unsigned short* q, const unsigned short* k,
 FLASH_FORWARD(64)
 FLASH_FORWARD(128)
 
+// c1 = a1 tile1ᵀ and c2 = a2 tile2ᵀ for N rows of two [N][D + 8] shared tiles (zeroed first):
+// the scores and their gradient's dO Vᵀ (or Sᵀ and dPᵀ) of one tile.
+template <int D, int N>
+__device__ __forceinline__ void two_products(float (*c1)[4], const unsigned int (*a1)[4],
+                                             const unsigned short* tile1, float (*c2)[4],
+                                             const unsigned int (*a2)[4],
+                                             const unsigned short* tile2) {
+#pragma unroll
+    for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) c1[nt][e] = c2[nt][e] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+        for (int nt = 0; nt < N / 8; nt += 2) {
+            unsigned int b4[4];
+            load_b_pair(b4, tile1, D + 8, nt * 8, kk * 16);
+            mma_bf16(c1[nt], a1[kk], b4[0], b4[1]);
+            mma_bf16(c1[nt + 1], a1[kk], b4[2], b4[3]);
+            load_b_pair(b4, tile2, D + 8, nt * 8, kk * 16);
+            mma_bf16(c2[nt], a2[kk], b4[0], b4[1]);
+            mma_bf16(c2[nt + 1], a2[kk], b4[2], b4[3]);
+        }
+}
+
 #define BWD_QROWS 32
 
 // ---- Backward (FlashAttention-2 style), from the forward's log-sum-exp and
@@ -386,22 +411,7 @@ __device__ void flash_backward_kv(const unsigned short* q, const unsigned short*
 
         // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ: this warp's 16 keys x 32 queries.
         float st[BWD_QROWS / 8][4], dpt[BWD_QROWS / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < BWD_QROWS / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.0f;
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk)
-#pragma unroll
-            for (int nt = 0; nt < BWD_QROWS / 8; nt += 2) {
-                unsigned int b4[4];
-                load_b_pair(b4, qs, S, nt * 8, kk * 16);
-                mma_bf16(st[nt], kf[kk], b4[0], b4[1]);
-                mma_bf16(st[nt + 1], kf[kk], b4[2], b4[3]);
-                load_b_pair(b4, dos, S, nt * 8, kk * 16);
-                mma_bf16(dpt[nt], vf[kk], b4[0], b4[1]);
-                mma_bf16(dpt[nt + 1], vf[kk], b4[2], b4[3]);
-            }
+        two_products<D, BWD_QROWS>(st, kf, qs, dpt, vf, dos);
         // Pᵀ and dSᵀ in place; the bias gradient of this thread's two keys.
 #pragma unroll
         for (int nt = 0; nt < BWD_QROWS / 8; ++nt)
@@ -501,22 +511,7 @@ __device__ void flash_backward_q(const unsigned short* q, const unsigned short* 
                         [&](int kb, const unsigned short* ks, const unsigned short* vs,
                             const float* bias_tile) {
         float s[FLASH_KEYS / 8][4], dp[FLASH_KEYS / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < FLASH_KEYS / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.0f;
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk)
-#pragma unroll
-            for (int nt = 0; nt < FLASH_KEYS / 8; nt += 2) {
-                unsigned int b4[4];
-                load_b_pair(b4, ks, S, nt * 8, kk * 16);
-                mma_bf16(s[nt], qf[kk], b4[0], b4[1]);
-                mma_bf16(s[nt + 1], qf[kk], b4[2], b4[3]);
-                load_b_pair(b4, vs, S, nt * 8, kk * 16);
-                mma_bf16(dp[nt], df[kk], b4[0], b4[1]);
-                mma_bf16(dp[nt + 1], df[kk], b4[2], b4[3]);
-            }
+        two_products<D, FLASH_KEYS>(s, qf, ks, dp, df, vs);
 #pragma unroll
         for (int nt = 0; nt < FLASH_KEYS / 8; ++nt)
 #pragma unroll
