@@ -374,6 +374,7 @@ seq_len = 64
         assert_eq!(r.train.lr, 3e-5);
         assert_eq!(r.train.betas, [0.9, 0.95]);
         assert_eq!(r.dms.schedule().final_step, 700);
+        assert!(r.train.recompute_mlp && !r.train.recompute_layers);
     }
 
     #[test]
@@ -384,9 +385,11 @@ seq_len = 64
             "train.trainable=\"adapter+attention\"".to_string(),
             "run.device=cpu".to_string(),
             "dms.steps_per_cr=34".to_string(),
+            "train.recompute_mlp=false".to_string(),
         ];
         let r = Recipe::parse(MINIMAL, &sets).unwrap();
         assert_eq!(r.train.lr, 1e-5);
+        assert!(!r.train.recompute_mlp);
         assert_eq!(r.dms.variant, Variant::QNeuron);
         assert_eq!(r.dms.schedule().final_step, 238);
     }
