@@ -260,9 +260,8 @@ fn step_bench<B: TrainBackend>(
     );
     let model = DmsModel::new(base, &cfg, &dms, None, device)?;
     let mut model = apply_trainable(model, Trainable::Adapter);
-    model
-        .base
-        .recompute_mlp(!args.keep_mlp_activations && !args.recompute_layers);
+    let recompute_mlp = !args.keep_mlp_activations && !args.recompute_layers;
+    model.base.recompute_mlp(recompute_mlp);
     B::sync(device)?;
     tracing::info!(
         "DMS model ready after {:.1} s",
@@ -375,7 +374,7 @@ fn step_bench<B: TrainBackend>(
         parameters: cfg.parameter_count(),
         checkpointing: args.checkpointing.clone(),
         recompute_layers: args.recompute_layers,
-        recompute_mlp: !args.keep_mlp_activations && !args.recompute_layers,
+        recompute_mlp,
         first_step_s: first,
         step_s,
         tokens_per_s: args.seq as f64 / step_s,
