@@ -131,6 +131,29 @@ impl Geometry {
         ]
     }
 
+    /// The arguments every flash kernel ends with: heads, KV heads, query and key lengths, the
+    /// first query's position, the window and the score scale.
+    fn flash_args(&self, options: &AttentionOptions) -> [KernelArg; 7] {
+        [
+            KernelArg::Int(self.heads as i32),
+            KernelArg::Int(self.kv_heads as i32),
+            KernelArg::Int(self.q_len as i32),
+            KernelArg::Int(self.k_len as i32),
+            KernelArg::Int(options.offset as i32),
+            KernelArg::Int(options.window.min(i32::MAX as usize) as i32),
+            KernelArg::Float(1.0 / (self.dim as f32).sqrt()),
+        ]
+    }
+
+    /// Grid of the flash kernels with one block per `FLASH_ROWS` query rows of a query head.
+    fn flash_query_grid(&self) -> (u32, u32, u32) {
+        (
+            self.q_len.div_ceil(FLASH_ROWS) as u32,
+            self.heads as u32,
+            self.batch as u32,
+        )
+    }
+
     fn empty(&self, like: &Cube, shape: Vec<usize>, dtype: DType) -> Cube {
         empty_device_contiguous_dtype(
             like.client.clone(),
@@ -204,30 +227,21 @@ pub fn attention_forward(
                 64 => context.kernels()?.flash_forward_d64.clone(),
                 _ => context.kernels()?.flash_forward_d128.clone(),
             };
+            let mut args = vec![
+                KernelArg::Pointer(ptrs[0]),
+                KernelArg::Pointer(ptrs[1]),
+                KernelArg::Pointer(ptrs[2]),
+                KernelArg::Pointer(ptrs.get(5).copied().unwrap_or(0)),
+                KernelArg::Pointer(ptrs[3]),
+                KernelArg::Pointer(ptrs[4]),
+            ];
+            args.extend(geo.flash_args(options));
             context.launch_with_shared(
                 &kernel,
-                (
-                    q_len.div_ceil(FLASH_ROWS) as u32,
-                    heads as u32,
-                    batch as u32,
-                ),
+                geo.flash_query_grid(),
                 FLASH_THREADS,
                 super::flash_tile_shared_bytes(dim),
-                &[
-                    KernelArg::Pointer(ptrs[0]),
-                    KernelArg::Pointer(ptrs[1]),
-                    KernelArg::Pointer(ptrs[2]),
-                    KernelArg::Pointer(ptrs.get(5).copied().unwrap_or(0)),
-                    KernelArg::Pointer(ptrs[3]),
-                    KernelArg::Pointer(ptrs[4]),
-                    KernelArg::Int(heads as i32),
-                    KernelArg::Int(kv_heads as i32),
-                    KernelArg::Int(q_len as i32),
-                    KernelArg::Int(geo.k_len as i32),
-                    KernelArg::Int(options.offset as i32),
-                    KernelArg::Int(options.window.min(i32::MAX as usize) as i32),
-                    KernelArg::Float(1.0 / (dim as f32).sqrt()),
-                ],
+                &args,
             )
         })?;
         return Some((tensor(out), tensor(lse)));
@@ -324,7 +338,6 @@ pub fn attention_backward(
     let with_bias_grad = want_bias_grad && key_bias.is_some();
     let bias = key_bias.map(|b| contiguous(b.cast(FloatDType::F32)));
     let grad_q = geo.empty(&q, vec![batch, heads, q_len, dim], dtype);
-    let scale = 1.0 / (dim as f32).sqrt();
     // dK, dV and the bias gradient are f32 sums (over each KV head's query heads, or chunks).
     let grad_k = geo.empty(&q, vec![batch, kv_heads, k_len, dim], DType::F32);
     let grad_v = geo.empty(&q, vec![batch, kv_heads, k_len, dim], DType::F32);
@@ -370,15 +383,7 @@ pub fn attention_backward(
                     KernelArg::Pointer(p[5]),
                 ]
             };
-            let sizes = [
-                KernelArg::Int(heads as i32),
-                KernelArg::Int(kv_heads as i32),
-                KernelArg::Int(q_len as i32),
-                KernelArg::Int(k_len as i32),
-                KernelArg::Int(options.offset as i32),
-                KernelArg::Int(options.window.min(i32::MAX as usize) as i32),
-                KernelArg::Float(scale),
-            ];
+            let sizes = geo.flash_args(options);
             let mut kv_args = Vec::from(inputs());
             kv_args.push(bias_ptr.clone());
             kv_args.extend([
@@ -402,11 +407,7 @@ pub fn attention_backward(
             q_args.extend(sizes);
             context.launch_with_shared(
                 &q_kernel,
-                (
-                    q_len.div_ceil(FLASH_ROWS) as u32,
-                    heads as u32,
-                    batch as u32,
-                ),
+                geo.flash_query_grid(),
                 FLASH_THREADS,
                 super::flash_tile_shared_bytes(dim),
                 &q_args,
