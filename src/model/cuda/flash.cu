@@ -137,6 +137,20 @@ __device__ void load_a_rows(unsigned int (*frag)[4], const unsigned short* src, 
         }
 }
 
+// acc += a · tile[k0 .. k0 + 16][0 .. D]: one 16-wide k step of a product whose right operand is
+// a row-major [k][D + 8] shared tile read transposed (V, dO, Q or K as stored).
+template <int D>
+__device__ __forceinline__ void accumulate_product(float (*acc)[4], const unsigned int* a,
+                                                   const unsigned short* tile, int k0) {
+#pragma unroll
+    for (int dt = 0; dt < D / 8; dt += 2) {
+        unsigned int b4[4];
+        load_b_pair_transposed(b4, tile, D + 8, k0, dt * 8);
+        mma_bf16(acc[dt], a, b4[0], b4[1]);
+        mma_bf16(acc[dt + 1], a, b4[2], b4[3]);
+    }
+}
+
 // Runs body(kb, k_tile, v_tile, bias_tile) for the key tiles 0, 64, .. < key_end of one KV
 // head, with each next tile's copies (cp.async) in flight while the body computes on the current
 // one. `shared` is the dynamic shared memory: two buffers of a K and a V tile ([64][D + 8]
@@ -287,13 +301,7 @@ __device__ void flash_forward(const unsigned short* q, const unsigned short* k,
         for (int kk = 0; kk < FLASH_KEYS / 16; ++kk) {
             unsigned int pa[4];
             c_tiles_to_a(pa, s, kk);
-#pragma unroll
-            for (int dt = 0; dt < D / 8; dt += 2) {
-                unsigned int vb[4];
-                load_b_pair_transposed(vb, vs, KS, kk * 16, dt * 8);
-                mma_bf16(o[dt], pa, vb[0], vb[1]);
-                mma_bf16(o[dt + 1], pa, vb[2], vb[3]);
-            }
+            accumulate_product<D>(o, pa, vs, kk * 16);
         }
     });
 
@@ -440,16 +448,8 @@ __device__ void flash_backward_kv(const unsigned short* q, const unsigned short*
             c_tiles_to_a(pa, st, kk);
             unsigned int sa[4];
             c_tiles_to_a(sa, dpt, kk);
-#pragma unroll
-            for (int dt = 0; dt < D / 8; dt += 2) {
-                unsigned int b4[4];
-                load_b_pair_transposed(b4, dos, S, kk * 16, dt * 8);
-                mma_bf16(dv_acc[dt], pa, b4[0], b4[1]);
-                mma_bf16(dv_acc[dt + 1], pa, b4[2], b4[3]);
-                load_b_pair_transposed(b4, qs, S, kk * 16, dt * 8);
-                mma_bf16(dk_acc[dt], sa, b4[0], b4[1]);
-                mma_bf16(dk_acc[dt + 1], sa, b4[2], b4[3]);
-            }
+            accumulate_product<D>(dv_acc, pa, dos, kk * 16);
+            accumulate_product<D>(dk_acc, sa, qs, kk * 16);
         }
     }
 
@@ -477,7 +477,6 @@ __device__ void flash_backward_q(const unsigned short* q, const unsigned short* 
                                  const float* lse, const float* delta, const float* bias,
                                  unsigned short* dq, int heads, int kv_heads, int q_len, int k_len,
                                  int offset, int window, float scale) {
-    constexpr int S = D + 8;
     extern __shared__ __align__(16) unsigned short flash_shared[];
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -531,13 +530,7 @@ __device__ void flash_backward_q(const unsigned short* q, const unsigned short* 
         for (int kk = 0; kk < FLASH_KEYS / 16; ++kk) {
             unsigned int sa[4];
             c_tiles_to_a(sa, s, kk);
-#pragma unroll
-            for (int dt = 0; dt < D / 8; dt += 2) {
-                unsigned int b4[4];
-                load_b_pair_transposed(b4, ks, S, kk * 16, dt * 8);
-                mma_bf16(dq_acc[dt], sa, b4[0], b4[1]);
-                mma_bf16(dq_acc[dt + 1], sa, b4[2], b4[3]);
-            }
+            accumulate_product<D>(dq_acc, sa, ks, kk * 16);
         }
     });
 
