@@ -95,6 +95,7 @@ struct StepReport {
     phases_s: Option<std::collections::BTreeMap<&'static str, f64>>,
     /// CUDA hand-offs per timed step (count, and seconds waiting for cubecl's queue, enqueueing,
     /// and waiting for our own stream); absent on the CPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
     cuda_handoffs_per_step: Option<HandoffsPerStep>,
     /// Loss and adapter-gradient norm (before clipping) of every step, warm-up first: the same
     /// random weights and tokens give the same numbers up to rounding, whichever GEMM runs.
