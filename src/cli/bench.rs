@@ -93,8 +93,8 @@ struct StepReport {
     /// Median seconds per phase of the profiled steps (with `--profile`).
     #[serde(skip_serializing_if = "Option::is_none")]
     phases_s: Option<std::collections::BTreeMap<&'static str, f64>>,
-    /// CUDA hand-offs per timed step (count, and seconds waiting for cubecl's queue, enqueueing,
-    /// and waiting for our own stream); absent on the CPU.
+    /// CUDA hand-offs per timed step (count, and the host seconds they took: looking up
+    /// buffers, choosing GEMM algorithms, enqueueing); absent on the CPU.
     #[serde(skip_serializing_if = "Option::is_none")]
     cuda_handoffs_per_step: Option<HandoffsPerStep>,
     /// Loss and adapter-gradient norm (before clipping) of every step, warm-up first: the same
@@ -344,9 +344,7 @@ fn step_bench<B: TrainBackend>(
                 let total = handoffs.get_or_insert_with(HandoffsPerStep::default);
                 let n = args.steps as f64;
                 total.calls += h.calls as f64 / n;
-                total.cubecl_wait_s += h.cubecl_wait_s / n;
-                total.enqueue_s += h.enqueue_s / n;
-                total.own_wait_s += h.own_wait_s / n;
+                total.host_s += h.host_s / n;
             }
         }
     }
@@ -389,9 +387,7 @@ fn step_bench<B: TrainBackend>(
 #[derive(Serialize, Default)]
 struct HandoffsPerStep {
     calls: f64,
-    cubecl_wait_s: f64,
-    enqueue_s: f64,
-    own_wait_s: f64,
+    host_s: f64,
 }
 
 /// Resets the CUDA hand-off statistics and returns what was gathered since the last call.

@@ -7,7 +7,7 @@ use burn::tensor::{DType, FloatDType, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 
-use super::{BLOCK, Cube, Gemm, KernelArg, Matrix, on_our_stream};
+use super::{BLOCK, Cube, Gemm, KernelArg, Matrix, on_cubecl_stream};
 use crate::backend::Cuda;
 use crate::model::attention::{AttentionGrads, AttentionOptions};
 
@@ -222,7 +222,7 @@ pub fn attention_forward(
     let mut tensors = vec![&q, &k, &v, &out, &lse];
     tensors.extend(&bias);
     if flash_applies(&geo) {
-        on_our_stream(&tensors, |context, ptrs| {
+        on_cubecl_stream(&tensors, |context, ptrs| {
             let kernel = match dim {
                 64 => context.kernels()?.flash_forward_d64.clone(),
                 _ => context.kernels()?.flash_forward_d128.clone(),
@@ -246,7 +246,7 @@ pub fn attention_forward(
         })?;
         return Some((tensor(out), tensor(lse)));
     }
-    on_our_stream(&tensors, |context, ptrs| {
+    on_cubecl_stream(&tensors, |context, ptrs| {
         let [q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr] =
             <[u64; 5]>::try_from(&ptrs[..5]).map_err(|_| "pointers".to_string())?;
         let bias_ptr = ptrs.get(5).copied();
@@ -356,7 +356,7 @@ pub fn attention_backward(
     ];
     tensors.extend(&bias);
     if flash_applies(&geo) {
-        on_our_stream(&tensors, |context, p| {
+        on_cubecl_stream(&tensors, |context, p| {
             let kv_bytes = batch * kv_heads * k_len * dim * 4;
             context.zero(p[7], kv_bytes)?;
             context.zero(p[8], kv_bytes)?;
@@ -448,7 +448,7 @@ fn gemm_backward(
         ..
     } = *geo;
     let scale = 1.0 / (dim as f32).sqrt();
-    on_our_stream(tensors, |context, ptrs| {
+    on_cubecl_stream(tensors, |context, ptrs| {
         let [
             q_ptr,
             k_ptr,

@@ -6,7 +6,7 @@ use burn::tensor::{DType, FloatDType, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 
-use super::{BLOCK, Cube, KernelArg, Kernels, Typed, kernel_dtype, on_our_stream};
+use super::{BLOCK, Cube, KernelArg, Kernels, Typed, kernel_dtype, on_cubecl_stream};
 use crate::backend::Cuda;
 
 fn contiguous<const D: usize>(t: Tensor<Cuda, D>) -> Cube {
@@ -55,7 +55,7 @@ fn run(
     sizes: &[KernelArg],
 ) -> Option<()> {
     let dtype = tensors[0].dtype;
-    on_our_stream(tensors, |context, pointers| {
+    on_cubecl_stream(tensors, |context, pointers| {
         let function = kernel(context.kernels()?).of(dtype);
         let mut args: Vec<KernelArg> = pointers.iter().map(|&p| KernelArg::Pointer(p)).collect();
         args.extend_from_slice(sizes);

@@ -4,7 +4,7 @@ use burn::tensor::{Shape, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 
-use super::{Cube, Gemm, Matrix, data_type, on_our_stream};
+use super::{Cube, Gemm, Matrix, data_type, on_cubecl_stream};
 use crate::backend::Cuda;
 
 /// Which GEMM of a linear layer.
@@ -110,7 +110,7 @@ pub fn linear_gemm<const DA: usize, const DB: usize, const DO: usize>(
         a.tensor.dtype,
     );
     let dtype = a.tensor.dtype;
-    on_our_stream(&[&a.tensor, &b.tensor, &out], |context, ptrs| {
+    on_cubecl_stream(&[&a.tensor, &b.tensor, &out], |context, ptrs| {
         context.gemm(&Gemm {
             a: a.matrix(ptrs[0]),
             a_transposed: a_t,

@@ -1,4 +1,4 @@
-//! CUDA work that burn-cuda 0.21 does slowly, run on our own stream: the linear layers' GEMMs
+//! CUDA work that burn-cuda 0.21 does slowly, enqueued on cubecl's stream: the linear layers' GEMMs
 //! through cuBLASLt (`linear`), the attention as cuBLASLt GEMMs around fused softmax kernels
 //! (`attention`), and RMSNorm, SwiGLU and RoPE as one kernel each (`elementwise`).
 //!
@@ -9,10 +9,11 @@
 //! NVRTC on first use; where either is unavailable, or `DMS_RETROFIT_GEMM=burn` is set, the callers
 //! fall back to burn's ops.
 //!
-//! Hand-off ([`on_our_stream`]): cubecl keeps its CUDA stream private, so each call waits for
-//! cubecl's queued work (`client.sync()`), enqueues everything on our stream, and waits for that
-//! before returning tensors to burn: two host round-trips per call. Exposing cubecl's stream (a
-//! patched cubecl-cuda) would remove both.
+//! Hand-off ([`on_cubecl_stream`]): our work is enqueued on cubecl's own CUDA stream, which the
+//! vendored cubecl-cuda exposes (`vendor/cubecl-cuda/DMS-RETROFIT.md`), so it is ordered after the
+//! producers of its inputs and before burn's next kernels and any reuse of the buffers, with no
+//! host wait. (Before the patch each hand-off waited for cubecl's queue and then for our own
+//! stream: two host round-trips, ~1,900 per Qwen3-8B step.)
 
 pub mod attention;
 pub mod elementwise;
@@ -25,7 +26,6 @@ use std::time::Instant;
 
 use burn::tensor::DType;
 use burn_cubecl::cubecl::cuda::CudaRuntime;
-use burn_cubecl::cubecl::future::block_on;
 use burn_cubecl::tensor::CubeTensor;
 use cudarc::cublaslt::{result as lt, sys};
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
@@ -35,10 +35,10 @@ type Cube = CubeTensor<CudaRuntime>;
 /// Threads per block of every kernel (`BLOCK` in common.cu).
 const BLOCK: u32 = 256;
 
-/// Runs `work` on our stream with the device addresses of `tensors`, after cubecl's queued work
-/// and before burn sees the results. `None` (after saying why once) where our path is unavailable
-/// or fails; the caller then computes the result with burn's ops.
-fn on_our_stream<R>(
+/// Enqueues `work` on cubecl's stream with the device addresses of `tensors`: ordered after
+/// the work that produced them and before burn's next kernels. `None` (after saying why once)
+/// where our path is unavailable or fails; the caller then computes the result with burn's ops.
+fn on_cubecl_stream<R>(
     tensors: &[&Cube],
     work: impl FnOnce(&mut DeviceContext, &[u64]) -> Result<R, String>,
 ) -> Option<R> {
@@ -56,61 +56,41 @@ fn on_our_stream<R>(
         fallback_once(&format!("binding the CUDA context: {e:?}"));
         return None;
     }
-    let client = first.client.clone();
     let started = Instant::now();
-    // The producers of every input (and the outputs' allocations) must be done before our stream
-    // touches them.
-    if let Err(e) = block_on(client.sync()) {
-        fallback_once(&format!("cubecl sync failed: {e:?}"));
-        return None;
-    }
-    let synced = Instant::now();
     let mut resources = Vec::with_capacity(tensors.len());
     for t in tensors {
-        resources.push(client.get_resource(t.handle.clone()).ok()?);
+        resources.push(first.client.get_resource(t.handle.clone()).ok()?);
+    }
+    // Every resource of one call names the caller's current cubecl stream.
+    let stream = resources.first()?.resource().stream;
+    if let Err(why) = context.use_stream(stream) {
+        fallback_once(&why);
+        return None;
     }
     let pointers: Vec<u64> = resources.iter().map(|r| r.resource().ptr).collect();
     let result = work(&mut context, &pointers);
-    let enqueued = Instant::now();
-    // Wait even after an error: part of the work may be queued. The resources (and so the
-    // buffers) stay alive until then.
-    let waited = context.stream.synchronize();
+    // Releasing the buffers now is safe: cubecl reuses them only for work enqueued later on the
+    // same stream, i.e. after ours.
     drop(resources);
     if let Ok(mut stats) = STATS.lock() {
         stats.calls += 1;
-        stats.cubecl_wait_s += (synced - started).as_secs_f64();
-        stats.enqueue_s += (enqueued - synced).as_secs_f64();
-        stats.own_wait_s += enqueued.elapsed().as_secs_f64();
+        stats.host_s += started.elapsed().as_secs_f64();
     }
-    match (result, waited) {
-        (Ok(r), Ok(())) => Some(r),
-        (Err(why), _) => {
-            fallback_once(&why);
-            None
-        }
-        (_, Err(e)) => {
-            fallback_once(&format!("waiting for our stream: {e:?}"));
-            None
-        }
-    }
+    result.map_err(|why| fallback_once(&why)).ok()
 }
 
-/// Where the hand-offs' time went since the last [`take_handoff_stats`]: waiting for cubecl's
-/// queued work, enqueueing ours (device addresses, launches), and waiting for ours to finish.
-/// The GPU idles for part of each hand-off, which is the cost of not sharing cubecl's stream.
+/// The hand-offs since the last [`take_handoff_stats`]: how many, and the host time they took
+/// (looking up cubecl's buffers, choosing GEMM algorithms, enqueueing); the GPU work itself runs
+/// asynchronously, in stream order with burn's.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct HandoffStats {
     pub calls: u64,
-    pub cubecl_wait_s: f64,
-    pub enqueue_s: f64,
-    pub own_wait_s: f64,
+    pub host_s: f64,
 }
 
 static STATS: Mutex<HandoffStats> = Mutex::new(HandoffStats {
     calls: 0,
-    cubecl_wait_s: 0.0,
-    enqueue_s: 0.0,
-    own_wait_s: 0.0,
+    host_s: 0.0,
 });
 
 /// The statistics gathered since the last call, which resets them.
@@ -199,8 +179,9 @@ fn alignment(ptr: u64) -> u32 {
     1 << ptr.trailing_zeros().min(8)
 }
 
-/// Our state on one GPU: a stream, a cuBLASLt handle and workspace, the algorithms chosen so far,
-/// the compiled kernels, and scratch memory for attention chunks.
+/// Our state on one GPU: the stream we enqueue on (cubecl's, borrowed), a cuBLASLt handle and
+/// workspace, the algorithms chosen so far, the compiled kernels, and scratch memory for
+/// attention chunks.
 pub struct DeviceContext {
     context: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -245,9 +226,8 @@ impl DeviceContext {
         }
         // The primary context, the one cubecl retains: same address space.
         let context = CudaContext::new(ordinal).map_err(|e| format!("CUDA context: {e:?}"))?;
-        let stream = context
-            .new_stream()
-            .map_err(|e| format!("CUDA stream: {e:?}"))?;
+        // Replaced by cubecl's stream at the first hand-off (`use_stream`).
+        let stream = context.default_stream();
         let handle = lt::create_handle().map_err(|e| format!("cublasLtCreate: {e:?}"))?;
         let workspace = unsafe { cudarc::driver::result::malloc_sync(WORKSPACE_BYTES) }
             .map_err(|e| format!("cuBLASLt workspace: {e:?}"))?;
@@ -262,8 +242,28 @@ impl DeviceContext {
         })
     }
 
+    /// Makes `stream` (cubecl's current stream, from the patched `GpuResource`) the one we
+    /// enqueue on. One host thread drives a GPU, so it changes only at the first call; if it ever
+    /// does again, the previous stream is drained first because the workspace and scratch
+    /// buffers are shared.
+    fn use_stream(&mut self, stream: cudarc::driver::sys::CUstream) -> Result<(), String> {
+        if stream.is_null() {
+            return Err("cubecl-cuda does not expose its stream (build with the vendored, patched copy: vendor/cubecl-cuda)".into());
+        }
+        if self.stream.cu_stream() != stream {
+            self.stream
+                .synchronize()
+                .map_err(|e| format!("draining the previous stream: {e:?}"))?;
+            // SAFETY: cubecl created this stream in our (primary) context and keeps it for the
+            // device's lifetime; the wrapper does not destroy it.
+            self.stream = unsafe { self.context.wrap_borrowed_stream(stream) };
+        }
+        Ok(())
+    }
+
     /// Device memory of at least `bytes` for scratch slot `slot`, kept and grown across calls.
-    /// Safe to reuse: every call waits for its work before returning.
+    /// Safe to reuse: all our work is ordered on one stream. Growing it waits for that stream
+    /// before freeing the old buffer, which queued work may still use.
     fn scratch(&mut self, slot: usize, bytes: usize) -> Result<u64, String> {
         while self.scratch.len() <= slot {
             self.scratch.push((0, 0));
@@ -273,6 +273,9 @@ impl DeviceContext {
             return Ok(ptr);
         }
         if ptr != 0 {
+            self.stream
+                .synchronize()
+                .map_err(|e| format!("waiting before growing scratch: {e:?}"))?;
             unsafe { cudarc::driver::result::free_sync(ptr) }
                 .map_err(|e| format!("freeing scratch: {e:?}"))?;
         }
@@ -282,7 +285,7 @@ impl DeviceContext {
         Ok(ptr)
     }
 
-    /// Enqueues one (batched) GEMM on our stream.
+    /// Enqueues one (batched) GEMM on the current stream.
     fn gemm(&mut self, g: &Gemm) -> Result<(), String> {
         let ab_type = data_type(g.a.dtype).ok_or("unsupported dtype")?;
         let c_type = data_type(g.c.dtype).ok_or("unsupported dtype")?;
@@ -455,7 +458,7 @@ impl DeviceContext {
         }
     }
 
-    /// Launches `function` on our stream with `args` (device addresses and integers).
+    /// Launches `function` on the current stream with `args` (device addresses and integers).
     fn launch(
         &self,
         function: &CudaFunction,
@@ -498,7 +501,7 @@ impl DeviceContext {
         .map_err(|e| format!("kernel launch: {e:?}"))
     }
 
-    /// Zeroes `bytes` at `ptr` on our stream.
+    /// Zeroes `bytes` at `ptr` on the current stream.
     fn zero(&self, ptr: u64, bytes: usize) -> Result<(), String> {
         unsafe { cudarc::driver::result::memset_d8_async(ptr, 0, bytes, self.stream.cu_stream()) }
             .map_err(|e| format!("memset: {e:?}"))
