@@ -3,8 +3,8 @@
 //! - `bench linear`: the linear layers' three GEMMs (forward, input gradient, weight gradient) at
 //!   a model shape's projection sizes (cuBLASLt on CUDA).
 //! - `bench attention`: the DMS attention forward (fused on CUDA) against the chunked tensor ops.
-//! - `bench elementwise`: RMSNorm, SwiGLU and RoPE, forward and backward (one kernel each on CUDA)
-//!   against burn's tensor-op formulas.
+//! - `bench elementwise`: RMSNorm, SwiGLU, RoPE and the distillation KL, forward and backward (one
+//!   kernel each on CUDA) against burn's tensor-op formulas.
 //!
 //! Each prints a table, then one JSON line per row.
 
@@ -416,6 +416,9 @@ pub struct ElementwiseArgs {
     /// Rows (tokens) of the activations.
     #[arg(long, default_value_t = 4096)]
     pub tokens: usize,
+    /// Tokens per chunk of the distillation KL's logits (`train.kl_chunk`).
+    #[arg(long, default_value_t = 1024)]
+    pub kl_chunk: usize,
     #[arg(long, default_value_t = 10)]
     pub repeats: usize,
     #[arg(long, default_value = "cpu")]
@@ -434,11 +437,12 @@ struct ElementwiseRow {
 
 pub fn run_elementwise(args: ElementwiseArgs) -> Result<()> {
     require_positive("--tokens", args.tokens)?;
+    require_positive("--kl-chunk", args.kl_chunk)?;
     let spec: DeviceSpec = args.device.parse()?;
     spec.ensure_available()?;
     let rows = measure_on!(spec, measure_elementwise, args);
     println!(
-        "RMSNorm / SwiGLU / RoPE, {} sizes, {} tokens, on {}:",
+        "RMSNorm / SwiGLU / RoPE / KL, {} sizes, {} tokens, on {}:",
         args.shape, args.tokens, args.device
     );
     println!(
@@ -578,5 +582,42 @@ fn measure_elementwise<B: ElementwiseBackend>(
             &|| rope(false),
         )?;
     }
+    // The distillation KL over one chunk of `--kl-chunk` tokens' logits (logit-like spread).
+    let chunk = args.kl_chunk.min(t);
+    let logits_shape = vec![1, chunk, cfg.vocab_size];
+    let logits =
+        || Tensor::<B, 3>::random(logits_shape.clone(), Distribution::Normal(0.0, 3.0), device);
+    let (student, teacher) = (logits(), logits());
+    let per_token = Tensor::<B, 2>::random([1, chunk], normal, device);
+    let rows_of = |kl: Tensor<B, 2>| vec![kl.unsqueeze_dim::<3>(2)];
+    row(
+        "token_kl",
+        logits_shape.clone(),
+        &|| rows_of(B::token_kl(student.clone(), teacher.clone())),
+        &|| {
+            rows_of(elementwise::burn_ops::token_kl(
+                student.clone(),
+                teacher.clone(),
+            ))
+        },
+    )?;
+    row(
+        "token_kl student grad",
+        logits_shape,
+        &|| {
+            vec![B::token_kl_student_grad(
+                student.clone(),
+                teacher.clone(),
+                per_token.clone(),
+            )]
+        },
+        &|| {
+            vec![elementwise::burn_ops::token_kl_student_grad(
+                student.clone(),
+                teacher.clone(),
+                per_token.clone(),
+            )]
+        },
+    )?;
     Ok(rows)
 }

@@ -1,21 +1,21 @@
 //! Distillation and compression losses (spec §3.1-3.2).
 
+use crate::model::elementwise::ElementwiseBackend;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{FloatDType, Int, Tensor, TensorData, activation};
 
 /// KL(student ‖ teacher) at temperature 1 for every token, over the full vocabulary, in f32:
 /// `Σ_v p_s (log p_s - log p_t)`. (The official code labels this "forward KL"; the formula is
-/// what is replicated.)
+/// what is replicated.) One backend operation ([`ElementwiseBackend::token_kl`]): a fused kernel
+/// on CUDA, and under autodiff a node that keeps only the two logits tensors.
 ///
 /// # Shapes
 /// - `student`, `teacher`: `[batch, seq, vocab]` → `[batch, seq]`
-pub fn token_kl<B: Backend>(student: Tensor<B, 3>, teacher: Tensor<B, 3>) -> Tensor<B, 2> {
-    let log_s = activation::log_softmax(student.cast(FloatDType::F32), 2);
-    let log_t = activation::log_softmax(teacher.cast(FloatDType::F32), 2);
-    let [batch, seq, _] = log_s.dims();
-    (log_s.clone().exp() * (log_s - log_t))
-        .sum_dim(2)
-        .reshape([batch, seq])
+pub fn token_kl<B: ElementwiseBackend>(
+    student: Tensor<B, 3>,
+    teacher: Tensor<B, 3>,
+) -> Tensor<B, 2> {
+    crate::model::elementwise::token_kl(student, teacher)
 }
 
 /// Which tokens count in the distillation loss: `attention_mask == 1` and not an EOS id.
@@ -46,7 +46,7 @@ pub fn loss_mask<B: Backend>(
 ///
 /// # Shapes
 /// - `student_hidden`, `teacher_hidden`: `[batch, seq, hidden]`; `mask`: `[batch, seq]` → `[1]`
-pub fn distillation_loss<B: Backend>(
+pub fn distillation_loss<B: ElementwiseBackend>(
     student_hidden: Tensor<B, 3>,
     teacher_hidden: Tensor<B, 3>,
     logits: &dyn Fn(Tensor<B, 3>) -> Tensor<B, 3>,
@@ -83,7 +83,7 @@ pub fn distillation_loss<B: Backend>(
 ///
 /// # Shapes
 /// - as [`distillation_loss`]; the gradient is `[batch, seq, hidden]`
-pub fn distillation_loss_chunked_backward<B: AutodiffBackend>(
+pub fn distillation_loss_chunked_backward<B: AutodiffBackend + ElementwiseBackend>(
     student_hidden: &Tensor<B, 3>,
     teacher_hidden: Tensor<B, 3>,
     logits: &dyn Fn(Tensor<B, 3>) -> Tensor<B, 3>,

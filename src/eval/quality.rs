@@ -52,7 +52,7 @@ fn input<B: Backend>(seq: &Sequence, device: &B::Device) -> Tensor<B, 2, Int> {
 ///
 /// # Shapes
 /// - `logits`, `teacher`: `[1, seq, vocab]`
-pub fn score<B: Backend>(
+pub fn score<B: crate::model::elementwise::ElementwiseBackend>(
     logits: Tensor<B, 3>,
     teacher: Tensor<B, 3>,
     seq: &Sequence,

@@ -1,4 +1,5 @@
-//! RMSNorm, SwiGLU and RoPE as backend operations, so a backend can run each as one fused kernel:
+//! RMSNorm, SwiGLU, RoPE and the per-token distillation KL as backend operations, so a backend can
+//! run each as one fused kernel:
 //! - burn without kernel fusion runs them as 5-10 separate elementwise passes each (f32 casts,
 //!   powers, means, reciprocals, products). On CUDA they are one NVRTC kernel each
 //!   (`super::cuda::elementwise`), forward and backward;
@@ -6,6 +7,8 @@
 //!   bf16 inputs; nothing for RoPE) and recomputes the rest in its backward. burn's graph of the
 //!   same formulas kept ~40 hidden-sized vectors per token and layer (f32 norm copies, SwiGLU's
 //!   intermediates), 3x the memory of the official step at 4K tokens (docs/performance.md).
+//!   The KL node keeps the two logits tensors only; burn's graph kept four f32 copies of them
+//!   (casts, log-softmaxes, their product).
 //!
 //! The defaults ([`burn_ops`]) are the tensor-op formulas: the CPU's path, CUDA's fallback, and the
 //! reference the fused kernels are compared against (`bench elementwise`).
@@ -20,7 +23,8 @@ use burn::tensor::{Tensor, backend::Backend};
 
 use super::linear::float;
 
-/// Backends that run [`rms_norm`], [`swiglu`] and [`rope`]. The defaults are [`burn_ops`].
+/// Backends that run [`rms_norm`], [`swiglu`], [`rope`] and [`token_kl`]. The defaults are
+/// [`burn_ops`].
 pub trait ElementwiseBackend: Backend {
     /// `weight * round(x / rms(x))`, statistics in f32 whatever the activation dtype (as
     /// transformers does); `weight` is in `x`'s dtype.
@@ -73,6 +77,25 @@ pub trait ElementwiseBackend: Backend {
         inverse: bool,
     ) -> Tensor<Self, 4> {
         burn_ops::rope(x, cos, sin, inverse)
+    }
+
+    /// `KL(softmax(student) ‖ softmax(teacher))` over the last axis, in f32 whatever the logits'
+    /// dtype: `Σ_v p_s (log p_s - log p_t)`.
+    ///
+    /// # Shapes
+    /// - `student`, `teacher`: `[batch, seq, vocab]` → f32 `[batch, seq]`
+    fn token_kl(student: Tensor<Self, 3>, teacher: Tensor<Self, 3>) -> Tensor<Self, 2> {
+        burn_ops::token_kl(student, teacher)
+    }
+
+    /// The gradient of [`Self::token_kl`] with respect to `student` for the per-token gradient
+    /// `grad`: `grad · p_s (log p_s - log p_t - KL)`, in `student`'s dtype.
+    fn token_kl_student_grad(
+        student: Tensor<Self, 3>,
+        teacher: Tensor<Self, 3>,
+        grad: Tensor<Self, 2>,
+    ) -> Tensor<Self, 3> {
+        burn_ops::token_kl_student_grad(student, teacher, grad)
     }
 }
 
@@ -175,6 +198,43 @@ pub mod burn_ops {
         let sin = in_dtype(sin, dtype).unsqueeze::<4>();
         x * cos + rotated * sin
     }
+
+    pub fn token_kl<B: Backend>(student: Tensor<B, 3>, teacher: Tensor<B, 3>) -> Tensor<B, 2> {
+        let log_s = activation::log_softmax(student.cast(FloatDType::F32), 2);
+        let log_t = activation::log_softmax(teacher.cast(FloatDType::F32), 2);
+        let [batch, seq, _] = log_s.dims();
+        (log_s.clone().exp() * (log_s - log_t))
+            .sum_dim(2)
+            .reshape([batch, seq])
+    }
+
+    pub fn token_kl_student_grad<B: Backend>(
+        student: Tensor<B, 3>,
+        teacher: Tensor<B, 3>,
+        grad: Tensor<B, 2>,
+    ) -> Tensor<B, 3> {
+        let dtype = student.dtype();
+        let log_s = activation::log_softmax(student.cast(FloatDType::F32), 2);
+        let log_t = activation::log_softmax(teacher.cast(FloatDType::F32), 2);
+        let log_ratio = log_s.clone() - log_t;
+        let kl = (log_s.clone().exp() * log_ratio.clone()).sum_dim(2);
+        let grad = grad.cast(FloatDType::F32).unsqueeze_dim::<3>(2);
+        (log_s.exp() * (log_ratio - kl) * grad).cast(dtype)
+    }
+
+    /// The teacher's gradient, `grad · (p_t - p_s)`: only for callers that track the teacher
+    /// (distillation never does), so it has no fused kernel.
+    pub fn token_kl_teacher_grad<B: Backend>(
+        student: Tensor<B, 3>,
+        teacher: Tensor<B, 3>,
+        grad: Tensor<B, 2>,
+    ) -> Tensor<B, 3> {
+        let dtype = teacher.dtype();
+        let p_s = activation::softmax(student.cast(FloatDType::F32), 2);
+        let p_t = activation::softmax(teacher.cast(FloatDType::F32), 2);
+        let grad = grad.cast(FloatDType::F32).unsqueeze_dim::<3>(2);
+        ((p_t - p_s) * grad).cast(dtype)
+    }
 }
 
 /// RMSNorm of `x` with `weight` cast to `x`'s dtype (see [`ElementwiseBackend::rms_norm`]).
@@ -193,6 +253,14 @@ pub fn swiglu<B: ElementwiseBackend, const D: usize>(
     up: Tensor<B, D>,
 ) -> Tensor<B, D> {
     B::swiglu(gate, up)
+}
+
+/// KL(student ‖ teacher) per token, in f32 (see [`ElementwiseBackend::token_kl`]).
+pub fn token_kl<B: ElementwiseBackend>(
+    student: Tensor<B, 3>,
+    teacher: Tensor<B, 3>,
+) -> Tensor<B, 2> {
+    B::token_kl(student, teacher)
 }
 
 /// Rotary embedding of `x` `[batch, heads, seq, head_dim]` with `[seq, head_dim]` tables.
@@ -251,6 +319,24 @@ impl ElementwiseBackend for crate::backend::Cuda {
     ) -> Tensor<Self, 4> {
         super::cuda::elementwise::rope(x.clone(), cos.clone(), sin.clone(), inverse)
             .unwrap_or_else(|| burn_ops::rope(x, cos, sin, inverse))
+    }
+
+    fn token_kl(student: Tensor<Self, 3>, teacher: Tensor<Self, 3>) -> Tensor<Self, 2> {
+        super::cuda::elementwise::token_kl(student.clone(), teacher.clone())
+            .unwrap_or_else(|| burn_ops::token_kl(student, teacher))
+    }
+
+    fn token_kl_student_grad(
+        student: Tensor<Self, 3>,
+        teacher: Tensor<Self, 3>,
+        grad: Tensor<Self, 2>,
+    ) -> Tensor<Self, 3> {
+        super::cuda::elementwise::token_kl_student_grad(
+            student.clone(),
+            teacher.clone(),
+            grad.clone(),
+        )
+        .unwrap_or_else(|| burn_ops::token_kl_student_grad(student, teacher, grad))
     }
 }
 
@@ -425,6 +511,58 @@ impl<B: ElementwiseBackend, C: CheckpointStrategy> ElementwiseBackend for Autodi
         };
         float(output)
     }
+
+    fn token_kl(student: Tensor<Self, 3>, teacher: Tensor<Self, 3>) -> Tensor<Self, 2> {
+        #[derive(Debug)]
+        struct TokenKlBackward;
+
+        impl<B: ElementwiseBackend> Backward<B, 2> for TokenKlBackward {
+            type State = (FloatTensor<B>, FloatTensor<B>);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _checkpointer: &mut Checkpointer,
+            ) {
+                let [node_student, node_teacher] = ops.parents;
+                let grad = float::<B, 2>(grads.consume::<B>(&ops.node));
+                let (student, teacher) = (float::<B, 3>(ops.state.0), float::<B, 3>(ops.state.1));
+                if let Some(node) = node_teacher {
+                    let dt = burn_ops::token_kl_teacher_grad(
+                        student.clone(),
+                        teacher.clone(),
+                        grad.clone(),
+                    );
+                    grads.register::<B>(node.id, dt.into_primitive().tensor());
+                }
+                if let Some(node) = node_student {
+                    let ds = B::token_kl_student_grad(student, teacher, grad);
+                    grads.register::<B>(node.id, ds.into_primitive().tensor());
+                }
+            }
+        }
+
+        let (student, teacher) = (
+            student.into_primitive().tensor(),
+            teacher.into_primitive().tensor(),
+        );
+        let y = B::token_kl(
+            float::<B, 3>(student.primitive.clone()),
+            float::<B, 3>(teacher.primitive.clone()),
+        )
+        .into_primitive()
+        .tensor();
+        let output = match TokenKlBackward
+            .prepare::<C>([student.node.clone(), teacher.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((student.primitive, teacher.primitive), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        float(output)
+    }
 }
 
 #[cfg(test)]
@@ -520,6 +658,21 @@ mod tests {
                 tracked,
                 |[g, u]| swiglu(g, u),
                 |[g, u]| burn_ops::swiglu(g, u),
+            );
+        }
+    }
+
+    /// Student and teacher gradients (the teacher's only where it is tracked) against burn's
+    /// autodiff of the log-softmax formula.
+    #[test]
+    fn token_kl_node_matches_burn_autodiff() {
+        for tracked in [[true, false], [true, true], [false, true]] {
+            check_node(
+                "token_kl",
+                [random([2, 3, 17]), random([2, 3, 17])],
+                tracked,
+                |[s, t]| token_kl(s, t).unsqueeze_dim(2),
+                |[s, t]| burn_ops::token_kl(s, t).unsqueeze_dim(2),
             );
         }
     }

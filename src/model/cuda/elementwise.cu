@@ -138,3 +138,110 @@ extern "C" __global__ void rope_f32(const float* x, float* out, const float* cos
                                     index_t n, float sign) {
     rope(x, out, cos, sin, heads, seq, dim, stride_b, stride_h, stride_t, stride_d, n, sign);
 }
+
+// The distillation KL per token, KL(p_s ‖ p_t) = Σ_v p_s,v (log p_s,v - log p_t,v) with
+// p = softmax over the vocabulary, in f32 from logits in T; one block per row. Its student
+// gradient, g · p_s,j (log p_s,j - log p_t,j - KL), recomputes the row's statistics (a third
+// sweep) instead of keeping anything: the logits are the only saved state.
+
+// Running (max, sum of exp(x - max)), merged across threads.
+struct LogSumExp {
+    float max, sum;
+};
+
+__device__ __forceinline__ LogSumExp lse_merge(LogSumExp a, LogSumExp b) {
+    const float m = fmaxf(a.max, b.max);
+    if (m == NEG_INF) return a;
+    return {m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m)};
+}
+
+// One element into a running (max, sum): a single exp per element.
+__device__ __forceinline__ void lse_add(LogSumExp& a, float x) {
+    if (x > a.max) {
+        a.sum = a.sum * expf(a.max - x) + 1.0f;
+        a.max = x;
+    } else {
+        a.sum += expf(x - a.max);
+    }
+}
+
+__device__ LogSumExp block_lse(LogSumExp v, float* shared) {
+    for (int o = 16; o > 0; o >>= 1)
+        v = lse_merge(v, {__shfl_xor_sync(0xffffffffu, v.max, o),
+                          __shfl_xor_sync(0xffffffffu, v.sum, o)});
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) {
+        shared[2 * warp] = v.max;
+        shared[2 * warp + 1] = v.sum;
+    }
+    __syncthreads();
+    LogSumExp all = {NEG_INF, 0.0f};
+    for (int w = 0; w < BLOCK / 32; w++) all = lse_merge(all, {shared[2 * w], shared[2 * w + 1]});
+    __syncthreads();
+    return all;
+}
+
+// log Σ exp over the row of s and of t, then the row's KL: what both kernels start with.
+template <typename T>
+__device__ void row_kl(const T* s, const T* t, int vocab, float* shared, float* lse_s,
+                       float* lse_t, float* kl) {
+    LogSumExp ls = {NEG_INF, 0.0f}, lt = {NEG_INF, 0.0f};
+    for (int v = threadIdx.x; v < vocab; v += BLOCK) {
+        lse_add(ls, load(s, v));
+        lse_add(lt, load(t, v));
+    }
+    ls = block_lse(ls, shared);
+    lt = block_lse(lt, shared);
+    *lse_s = ls.max + logf(ls.sum);
+    *lse_t = lt.max + logf(lt.sum);
+    float sum = 0.0f;
+    for (int v = threadIdx.x; v < vocab; v += BLOCK) {
+        const float log_s = load(s, v) - *lse_s;
+        sum += expf(log_s) * (log_s - (load(t, v) - *lse_t));
+    }
+    *kl = block_reduce(sum, false, shared);
+}
+
+template <typename T>
+__device__ void kl_rows(const T* student, const T* teacher, float* kl, int vocab) {
+    __shared__ float shared[2 * BLOCK / 32];
+    const index_t at = (index_t)blockIdx.x * vocab;
+    float lse_s, lse_t, row;
+    row_kl(student + at, teacher + at, vocab, shared, &lse_s, &lse_t, &row);
+    if (threadIdx.x == 0) kl[blockIdx.x] = row;
+}
+
+template <typename T>
+__device__ void kl_student_grad_rows(const T* student, const T* teacher, const float* grad,
+                                     T* d_student, int vocab) {
+    __shared__ float shared[2 * BLOCK / 32];
+    const index_t at = (index_t)blockIdx.x * vocab;
+    const T *s = student + at, *t = teacher + at;
+    float lse_s, lse_t, kl;
+    row_kl(s, t, vocab, shared, &lse_s, &lse_t, &kl);
+    const float g = grad[blockIdx.x];
+    for (int v = threadIdx.x; v < vocab; v += BLOCK) {
+        const float log_s = load(s, v) - lse_s;
+        store(d_student + at, v, g * expf(log_s) * (log_s - (load(t, v) - lse_t) - kl));
+    }
+}
+
+extern "C" __global__ void kl_rows_bf16(const unsigned short* student, const unsigned short* teacher,
+                                        float* kl, int vocab) {
+    kl_rows(student, teacher, kl, vocab);
+}
+extern "C" __global__ void kl_rows_f32(const float* student, const float* teacher, float* kl,
+                                       int vocab) {
+    kl_rows(student, teacher, kl, vocab);
+}
+extern "C" __global__ void kl_student_grad_rows_bf16(const unsigned short* student,
+                                                     const unsigned short* teacher,
+                                                     const float* grad, unsigned short* d_student,
+                                                     int vocab) {
+    kl_student_grad_rows(student, teacher, grad, d_student, vocab);
+}
+extern "C" __global__ void kl_student_grad_rows_f32(const float* student, const float* teacher,
+                                                    const float* grad, float* d_student,
+                                                    int vocab) {
+    kl_student_grad_rows(student, teacher, grad, d_student, vocab);
+}

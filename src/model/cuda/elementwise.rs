@@ -1,4 +1,5 @@
-//! RMSNorm, SwiGLU and RoPE as one NVRTC kernel each (`elementwise.cu`), forward and backward.
+//! RMSNorm, SwiGLU, RoPE and the per-token distillation KL as one NVRTC kernel each
+//! (`elementwise.cu`), forward and backward.
 //! Each function returns `None` (nothing run) where the kernels do not apply (a dtype other than
 //! bf16/f32, NVRTC unavailable); the caller then uses burn's tensor ops.
 
@@ -209,4 +210,59 @@ pub fn rope(
         ],
     )?;
     Some(tensor(out))
+}
+
+/// Logits `[batch, seq, vocab]` pairs for the KL kernels: contiguous, one kernel dtype, same shape.
+fn kl_operands(student: Tensor<Cuda, 3>, teacher: Tensor<Cuda, 3>) -> Option<(Cube, Cube, usize)> {
+    let (student, teacher) = (contiguous(student), contiguous(teacher));
+    let (rows, vocab) = rows_of(&student)?;
+    (applies(&[&student, &teacher], rows, vocab) && student.meta.shape() == teacher.meta.shape())
+        .then_some((student, teacher, vocab))
+}
+
+/// f32 `[batch, seq]` for the rows of `like` `[batch, seq, vocab]`.
+fn empty_rows(like: &Cube) -> Cube {
+    let shape = like.meta.shape();
+    empty_device_contiguous_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::from(vec![shape[0], shape[1]]),
+        DType::F32,
+    )
+}
+
+/// KL(softmax(student) ‖ softmax(teacher)) per token, in f32: one block per token.
+pub fn token_kl(student: Tensor<Cuda, 3>, teacher: Tensor<Cuda, 3>) -> Option<Tensor<Cuda, 2>> {
+    let (student, teacher, vocab) = kl_operands(student, teacher)?;
+    let kl = empty_rows(&student);
+    let rows = kl.meta.shape().iter().product::<usize>();
+    run(
+        |k| &k.kl_rows,
+        &[&student, &teacher, &kl],
+        (rows as u32, 1, 1),
+        &[KernelArg::Int(vocab as i32)],
+    )?;
+    Some(tensor(kl))
+}
+
+/// The student gradient of [`token_kl`] for the per-token gradient `grad` (f32 `[batch, seq]`).
+pub fn token_kl_student_grad(
+    student: Tensor<Cuda, 3>,
+    teacher: Tensor<Cuda, 3>,
+    grad: Tensor<Cuda, 2>,
+) -> Option<Tensor<Cuda, 3>> {
+    let (student, teacher, vocab) = kl_operands(student, teacher)?;
+    let grad = contiguous(grad.cast(FloatDType::F32));
+    let rows = grad.meta.shape().iter().product::<usize>();
+    if grad.meta.shape().to_vec() != student.meta.shape()[..2] {
+        return None;
+    }
+    let d_student = empty_like(&student);
+    run(
+        |k| &k.kl_student_grad_rows,
+        &[&student, &teacher, &grad, &d_student],
+        (rows as u32, 1, 1),
+        &[KernelArg::Int(vocab as i32)],
+    )?;
+    Some(tensor(d_student))
 }

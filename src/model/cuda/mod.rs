@@ -549,6 +549,8 @@ struct Kernels {
     swiglu: Typed,
     swiglu_grads: Typed,
     rope: Typed,
+    kl_rows: Typed,
+    kl_student_grad_rows: Typed,
     /// bf16 only, head_dim 64 and 128.
     flash_forward_d64: CudaFunction,
     flash_forward_d128: CudaFunction,
@@ -611,6 +613,8 @@ impl Kernels {
             swiglu: typed("swiglu")?,
             swiglu_grads: typed("swiglu_grads")?,
             rope: typed("rope")?,
+            kl_rows: typed("kl_rows")?,
+            kl_student_grad_rows: typed("kl_student_grad_rows")?,
             flash_forward_d64: with_shared(
                 function("flash_forward_d64")?,
                 flash_tile_shared_bytes(64),
