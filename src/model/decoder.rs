@@ -17,6 +17,12 @@ use super::rope::RopeTables;
 use super::weights::{LayerNorm, ParamSlot, Projection, WeightKey, WeightSource};
 
 /// Builds a parameter from a [`WeightSource`], checking its shape against the config.
+///
+/// The upload is a persistent allocation: on cubecl backends each weight gets a buffer of its exact
+/// size instead of a slice of a shared page. The pages are sized for transient tensors (the one
+/// for 0.55-4.4 GB allocations is 8.8 GB on a 141 GB card), so an embedding or LM head alone
+/// reserved most of such a page for the whole run. Later tensors of a weight's exact size reuse
+/// that size's free buffers. Other backends ignore the mode.
 fn load_param<B: Backend, const D: usize>(
     cfg: &ModelConfig,
     source: &mut dyn WeightSource,
@@ -24,7 +30,9 @@ fn load_param<B: Backend, const D: usize>(
     device: &B::Device,
 ) -> Result<Param<Tensor<B, D>>> {
     let data = source.load(key, &cfg.weight_shape(key))?;
-    Ok(keyed_param(key, Tensor::from_data(data, device)))
+    let tensor =
+        B::memory_persistent_allocations(device, data, |data| Tensor::from_data(data, device));
+    Ok(keyed_param(key, tensor))
 }
 
 /// `weight` in the activations' dtype. Trained DMS parameters are f32 master weights beside bf16
