@@ -72,8 +72,9 @@ pub fn distillation_loss<B: ElementwiseBackend>(
 }
 
 /// [`distillation_loss`] for training, back-propagated one chunk at a time so that only one
-/// chunk's `batch x chunk x vocab` logits (and their softmax intermediates) ever exist: at 32K tokens
-/// and a 152K vocabulary the whole-sequence graph would hold ~20 GB per f32 copy.
+/// chunk's `batch x chunk x vocab` logits (and, with burn's formula, their softmax intermediates)
+/// ever exist: at 32K tokens and a 152K vocabulary the whole-sequence graph would hold ~20 GB per
+/// f32 copy.
 ///
 /// Each chunk's logits are computed from a detached slice of the student's hidden states and
 /// differentiated at once; `chunk_grads` receives each chunk's gradients (the final norm and LM

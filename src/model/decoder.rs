@@ -21,8 +21,11 @@ use super::weights::{LayerNorm, ParamSlot, Projection, WeightKey, WeightSource};
 /// The upload is a persistent allocation: on cubecl backends each weight gets a buffer of its exact
 /// size instead of a slice of a shared page. The pages are sized for transient tensors (the one
 /// for 0.55-4.4 GB allocations is 8.8 GB on a 141 GB card), so an embedding or LM head alone
-/// reserved most of such a page for the whole run. Later tensors of a weight's exact size reuse
-/// that size's free buffers. Other backends ignore the mode.
+/// reserved most of such a page for the whole run. Side effect: cubecl then serves every later
+/// tensor of a weight's exact byte size (at 4K tokens, e.g. a `[4096, 4096]` bf16 activation and
+/// Qwen3-8B's q projection) from exact-size buffers too, kept for reuse at that size's peak count
+/// for the rest of the run; measured, the peak still fell (docs/performance.md, Memory). Other
+/// backends ignore the mode.
 fn load_param<B: Backend, const D: usize>(
     cfg: &ModelConfig,
     source: &mut dyn WeightSource,

@@ -80,7 +80,7 @@ pub trait ElementwiseBackend: Backend {
     }
 
     /// `KL(softmax(student) ‖ softmax(teacher))` over the last axis, in f32 whatever the logits'
-    /// dtype: `Σ_v p_s (log p_s - log p_t)`.
+    /// dtype: `Σ_v p_s (log p_s - log p_t)`, where entries with `p_s = 0` count 0.
     ///
     /// # Shapes
     /// - `student`, `teacher`: `[batch, seq, vocab]` → f32 `[batch, seq]`
@@ -99,7 +99,7 @@ pub trait ElementwiseBackend: Backend {
     }
 }
 
-/// The three operations with burn's tensor ops.
+/// The operations with burn's tensor ops.
 pub mod burn_ops {
     use burn::tensor::{FloatDType, Tensor, activation, backend::Backend};
 
@@ -203,9 +203,15 @@ pub mod burn_ops {
         let log_s = activation::log_softmax(student.cast(FloatDType::F32), 2);
         let log_t = activation::log_softmax(teacher.cast(FloatDType::F32), 2);
         let [batch, seq, _] = log_s.dims();
-        (log_s.clone().exp() * (log_s - log_t))
-            .sum_dim(2)
-            .reshape([batch, seq])
+        kl_terms(log_s, log_t).sum_dim(2).reshape([batch, seq])
+    }
+
+    /// `p_s (log p_s - log p_t)`, with 0 where `p_s` is 0 (a `-inf` student logit would otherwise
+    /// give `0 · -inf`, NaN), as the CUDA kernel does.
+    fn kl_terms<B: Backend>(log_s: Tensor<B, 3>, log_t: Tensor<B, 3>) -> Tensor<B, 3> {
+        let p = log_s.clone().exp();
+        let impossible = p.clone().equal_elem(0.0);
+        (p * (log_s - log_t)).mask_fill(impossible, 0.0)
     }
 
     pub fn token_kl_student_grad<B: Backend>(
@@ -216,10 +222,13 @@ pub mod burn_ops {
         let dtype = student.dtype();
         let log_s = activation::log_softmax(student.cast(FloatDType::F32), 2);
         let log_t = activation::log_softmax(teacher.cast(FloatDType::F32), 2);
-        let log_ratio = log_s.clone() - log_t;
-        let kl = (log_s.clone().exp() * log_ratio.clone()).sum_dim(2);
+        let kl = kl_terms(log_s.clone(), log_t.clone()).sum_dim(2);
+        let p = log_s.clone().exp();
+        let impossible = p.clone().equal_elem(0.0);
         let grad = grad.cast(FloatDType::F32).unsqueeze_dim::<3>(2);
-        (log_s.exp() * (log_ratio - kl) * grad).cast(dtype)
+        (p * (log_s - log_t - kl) * grad)
+            .mask_fill(impossible, 0.0)
+            .cast(dtype)
     }
 
     /// The teacher's gradient, `grad · (p_t - p_s)`: only for callers that track the teacher
@@ -658,6 +667,54 @@ mod tests {
                 tracked,
                 |[g, u]| swiglu(g, u),
                 |[g, u]| burn_ops::swiglu(g, u),
+            );
+        }
+    }
+
+    /// The definition computed in f64 by hand, including a student logit of `-inf` (that token
+    /// counts 0, not NaN) and the student gradient's value there (0).
+    #[test]
+    fn token_kl_matches_the_definition_with_impossible_tokens() {
+        let student = [1.5f32, f32::NEG_INFINITY, -0.5, 0.25, 2.0];
+        let teacher = [0.5f32, 1.0, -1.5, 0.75, 1.0];
+        let log_softmax = |x: &[f32]| -> Vec<f64> {
+            let m = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+            let lse = m + x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+            x.iter().map(|&v| v as f64 - lse).collect()
+        };
+        let (log_s, log_t) = (log_softmax(&student), log_softmax(&teacher));
+        let kl: f64 = log_s
+            .iter()
+            .zip(&log_t)
+            .filter(|(s, _)| s.is_finite())
+            .map(|(s, t)| s.exp() * (s - t))
+            .sum();
+        let logits = |v: &[f32]| {
+            Tensor::<Cpu, 3>::from_data(
+                burn::tensor::TensorData::new(v.to_vec(), [1, 1, v.len()]),
+                &Default::default(),
+            )
+        };
+        let got = values(Cpu::token_kl(logits(&student), logits(&teacher)).reshape([1, 1, 1]));
+        assert!((got[0] as f64 - kl).abs() < 1e-6, "{} vs {kl}", got[0]);
+        let grad = Cpu::token_kl_student_grad(
+            logits(&student),
+            logits(&teacher),
+            Tensor::ones([1, 1], &Default::default()),
+        );
+        let grad = values(grad);
+        assert!(
+            grad.iter().all(|g| g.is_finite()) && grad[1] == 0.0,
+            "{grad:?}"
+        );
+        // d KL / d s_j = p_j (log p_j - log q_j - KL), by the definition.
+        for j in [0, 2, 3, 4] {
+            let p = log_s[j].exp();
+            let want = p * (log_s[j] - log_t[j] - kl);
+            assert!(
+                (grad[j] as f64 - want).abs() < 1e-6,
+                "grad {j}: {} vs {want}",
+                grad[j]
             );
         }
     }

@@ -1,5 +1,5 @@
-// RMSNorm, SwiGLU and RoPE, forward and backward, one pass each (see ../elementwise.rs for the
-// formulas). Statistics and arithmetic in f32; inputs and outputs in the activation type T
+// RMSNorm, SwiGLU, RoPE and the per-token distillation KL, forward and backward (see
+// ../elementwise.rs for the formulas). Statistics and arithmetic in f32; inputs and outputs in the activation type T
 // (float, or bf16 as unsigned short), rounded where the tensor-op formulas round.
 // Helpers (bf16 conversion, loads, stores, warp sums) are in common.cu.
 
@@ -155,8 +155,10 @@ __device__ __forceinline__ LogSumExp lse_merge(LogSumExp a, LogSumExp b) {
     return {m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m)};
 }
 
-// One element into a running (max, sum): a single exp per element.
+// One element into a running (max, sum): a single exp per element. A -inf logit adds nothing
+// (without the test, -inf - -inf would make the sum NaN).
 __device__ __forceinline__ void lse_add(LogSumExp& a, float x) {
+    if (x == NEG_INF) return;
     if (x > a.max) {
         a.sum = a.sum * expf(a.max - x) + 1.0f;
         a.max = x;
@@ -196,8 +198,9 @@ __device__ void row_kl(const T* s, const T* t, int vocab, float* shared, float* 
     *lse_t = lt.max + logf(lt.sum);
     float sum = 0.0f;
     for (int v = threadIdx.x; v < vocab; v += BLOCK) {
-        const float log_s = load(s, v) - *lse_s;
-        sum += expf(log_s) * (log_s - (load(t, v) - *lse_t));
+        const float log_s = load(s, v) - *lse_s, p = expf(log_s);
+        // Tokens the student gives no probability (a -inf logit) contribute 0, not 0 · inf.
+        if (p > 0.0f) sum += p * (log_s - (load(t, v) - *lse_t));
     }
     *kl = block_reduce(sum, false, shared);
 }
@@ -221,8 +224,8 @@ __device__ void kl_student_grad_rows(const T* student, const T* teacher, const f
     row_kl(s, t, vocab, shared, &lse_s, &lse_t, &kl);
     const float g = grad[blockIdx.x];
     for (int v = threadIdx.x; v < vocab; v += BLOCK) {
-        const float log_s = load(s, v) - lse_s;
-        store(d_student + at, v, g * expf(log_s) * (log_s - (load(t, v) - lse_t) - kl));
+        const float log_s = load(s, v) - lse_s, p = expf(log_s);
+        store(d_student + at, v, p > 0.0f ? g * p * (log_s - (load(t, v) - lse_t) - kl) : 0.0f);
     }
 }
 

@@ -1,6 +1,7 @@
 //! CUDA work that burn-cuda 0.21 does slowly, enqueued on cubecl's stream: the linear layers' GEMMs
-//! through cuBLASLt (`linear`), the attention as cuBLASLt GEMMs around fused softmax kernels
-//! (`attention`), and RMSNorm, SwiGLU and RoPE as one kernel each (`elementwise`).
+//! through cuBLASLt (`linear`), the attention as flash kernels or cuBLASLt GEMMs around fused
+//! softmax kernels (`attention`), and RMSNorm, SwiGLU, RoPE and the distillation KL as one kernel
+//! each (`elementwise`).
 //!
 //! Why: burn-cuda (cubecl 0.10) emits tensor-core code only as `mma.sync`, never Hopper's `wgmma`
 //! (its bf16 GEMM measured 0.24-0.31x cuBLAS on an H200), and without kernel fusion the chunked
@@ -38,6 +39,11 @@ const BLOCK: u32 = 256;
 /// Enqueues `work` on cubecl's stream with the device addresses of `tensors`: ordered after
 /// the work that produced them and before burn's next kernels. `None` (after saying why once)
 /// where our path is unavailable or fails; the caller then computes the result with burn's ops.
+///
+/// Assumes one host thread drives the GPU (one cubecl stream), as training and inference do: a
+/// tensor owned by another thread's stream could be reused by that stream while our work still
+/// reads it. `DMS_RETROFIT_CUDA_SYNC=1` waits for the stream after every call, so a fault in our
+/// work is reported here rather than by some later cubecl call (for debugging; slow).
 fn on_cubecl_stream<R>(
     tensors: &[&Cube],
     work: impl FnOnce(&mut DeviceContext, &[u64]) -> Result<R, String>,
@@ -68,7 +74,14 @@ fn on_cubecl_stream<R>(
         return None;
     }
     let pointers: Vec<u64> = resources.iter().map(|r| r.resource().ptr).collect();
-    let result = work(&mut context, &pointers);
+    let mut result = work(&mut context, &pointers);
+    if result.is_ok() && sync_after_each_call() {
+        result = context
+            .stream
+            .synchronize()
+            .map_err(|e| format!("our CUDA work failed: {e:?}"))
+            .and(result);
+    }
     // Releasing the buffers now is safe: cubecl reuses them only for work enqueued later on the
     // same stream, i.e. after ours.
     drop(resources);
@@ -79,8 +92,15 @@ fn on_cubecl_stream<R>(
     result.map_err(|why| fallback_once(&why)).ok()
 }
 
+/// `DMS_RETROFIT_CUDA_SYNC=1`: wait for the stream after every hand-off.
+fn sync_after_each_call() -> bool {
+    static SYNC: OnceLock<bool> = OnceLock::new();
+    *SYNC.get_or_init(|| std::env::var("DMS_RETROFIT_CUDA_SYNC").is_ok_and(|v| v == "1"))
+}
+
 /// The hand-offs since the last [`take_handoff_stats`]: how many, and the host time they took
-/// (looking up cubecl's buffers, choosing GEMM algorithms, enqueueing); the GPU work itself runs
+/// (looking up cubecl's buffers through its device thread, choosing GEMM algorithms, enqueueing,
+/// and any time blocked because CUDA's launch queue was full); the GPU work itself runs
 /// asynchronously, in stream order with burn's.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct HandoffStats {
@@ -276,6 +296,9 @@ impl DeviceContext {
             self.stream
                 .synchronize()
                 .map_err(|e| format!("waiting before growing scratch: {e:?}"))?;
+            // Forget the buffer first: if the new allocation fails, a later smaller request
+            // must not get the freed address back.
+            self.scratch[slot] = (0, 0);
             unsafe { cudarc::driver::result::free_sync(ptr) }
                 .map_err(|e| format!("freeing scratch: {e:?}"))?;
         }

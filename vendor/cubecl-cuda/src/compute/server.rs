@@ -229,7 +229,7 @@ impl ComputeServer for CudaServer {
         let mut resource = command.resource(binding)?;
         // dms-retrofit patch: the caller's current stream, after the cross-stream waits this
         // command inserted, so foreign work enqueued on it is ordered after the producers and
-        // before every later cubecl launch (as `all_reduce` does with NCCL's stream).
+        // before every later cubecl launch (`all_reduce` looks the stream up the same way).
         resource.stream = command.streams.current().sys;
 
         Ok(ManagedResource::new(memory, resource))
