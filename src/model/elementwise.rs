@@ -426,46 +426,15 @@ impl<B: ElementwiseBackend, C: CheckpointStrategy> ElementwiseBackend for Autodi
     }
 
     fn swiglu<const D: usize>(gate: Tensor<Self, D>, up: Tensor<Self, D>) -> Tensor<Self, D> {
-        #[derive(Debug)]
-        struct SwigluBackward<const D: usize>;
-
-        impl<B: ElementwiseBackend, const D: usize> Backward<B, 2> for SwigluBackward<D> {
-            type State = (FloatTensor<B>, FloatTensor<B>);
-
-            fn backward(
-                self,
-                ops: Ops<Self::State, 2>,
-                grads: &mut Gradients,
-                _checkpointer: &mut Checkpointer,
-            ) {
-                let [node_gate, node_up] = ops.parents;
-                let grad = float::<B, D>(grads.consume::<B>(&ops.node));
-                let (gate, up) = ops.state;
-                let (d_gate, d_up) = B::swiglu_grads(float::<B, D>(gate), float::<B, D>(up), grad);
-                for (node, g) in [(node_gate, d_gate), (node_up, d_up)] {
-                    if let Some(node) = node {
-                        grads.register::<B>(node.id, g.into_primitive().tensor());
-                    }
-                }
-            }
-        }
-
-        let (gate, up) = (gate.into_primitive().tensor(), up.into_primitive().tensor());
-        let y = B::swiglu(
-            float::<B, D>(gate.primitive.clone()),
-            float::<B, D>(up.primitive.clone()),
+        pair_node(
+            gate,
+            up,
+            |gate, up| B::swiglu(gate, up),
+            |gate, up, grad, _| {
+                let (d_gate, d_up) = B::swiglu_grads(gate, up, grad);
+                [Some(d_gate), Some(d_up)]
+            },
         )
-        .into_primitive()
-        .tensor();
-        let output = match SwigluBackward::<D>
-            .prepare::<C>([gate.node.clone(), up.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish((gate.primitive, up.primitive), y),
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        };
-        float(output)
     }
 
     fn rope(
@@ -522,56 +491,75 @@ impl<B: ElementwiseBackend, C: CheckpointStrategy> ElementwiseBackend for Autodi
     }
 
     fn token_kl(student: Tensor<Self, 3>, teacher: Tensor<Self, 3>) -> Tensor<Self, 2> {
-        #[derive(Debug)]
-        struct TokenKlBackward;
+        pair_node(
+            student,
+            teacher,
+            |student, teacher| B::token_kl(student, teacher),
+            |student, teacher, grad, [student_wanted, teacher_wanted]| {
+                let d_teacher = teacher_wanted.then(|| {
+                    burn_ops::token_kl_teacher_grad(student.clone(), teacher.clone(), grad.clone())
+                });
+                let d_student =
+                    student_wanted.then(|| B::token_kl_student_grad(student, teacher, grad));
+                [d_student, d_teacher]
+            },
+        )
+    }
+}
 
-        impl<B: ElementwiseBackend> Backward<B, 2> for TokenKlBackward {
-            type State = (FloatTensor<B>, FloatTensor<B>);
+/// The input gradients of a two-input operation from its two inputs and its output's gradient;
+/// `wanted[i]` says whether input `i` needs one.
+type PairGrads<B, const DI: usize, const DO: usize> =
+    fn(Tensor<B, DI>, Tensor<B, DI>, Tensor<B, DO>, [bool; 2]) -> [Option<Tensor<B, DI>>; 2];
 
-            fn backward(
-                self,
-                ops: Ops<Self::State, 2>,
-                grads: &mut Gradients,
-                _checkpointer: &mut Checkpointer,
-            ) {
-                let [node_student, node_teacher] = ops.parents;
-                let grad = float::<B, 2>(grads.consume::<B>(&ops.node));
-                let (student, teacher) = (float::<B, 3>(ops.state.0), float::<B, 3>(ops.state.1));
-                if let Some(node) = node_teacher {
-                    let dt = burn_ops::token_kl_teacher_grad(
-                        student.clone(),
-                        teacher.clone(),
-                        grad.clone(),
-                    );
-                    grads.register::<B>(node.id, dt.into_primitive().tensor());
-                }
-                if let Some(node) = node_student {
-                    let ds = B::token_kl_student_grad(student, teacher, grad);
-                    grads.register::<B>(node.id, ds.into_primitive().tensor());
-                }
+#[derive(Debug)]
+struct PairBackward<B: Backend, const DI: usize, const DO: usize> {
+    grads: PairGrads<B, DI, DO>,
+}
+
+impl<B: Backend, const DI: usize, const DO: usize> Backward<B, 2> for PairBackward<B, DI, DO> {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let [node_a, node_b] = ops.parents;
+        let grad = float::<B, DO>(grads.consume::<B>(&ops.node));
+        let (a, b) = ops.state;
+        let wanted = [node_a.is_some(), node_b.is_some()];
+        let input_grads = (self.grads)(float(a), float(b), grad, wanted);
+        for (node, g) in [node_a, node_b].into_iter().zip(input_grads) {
+            if let (Some(node), Some(g)) = (node, g) {
+                grads.register::<B>(node.id, g.into_primitive().tensor());
             }
         }
+    }
+}
 
-        let (student, teacher) = (
-            student.into_primitive().tensor(),
-            teacher.into_primitive().tensor(),
-        );
-        let y = B::token_kl(
-            float::<B, 3>(student.primitive.clone()),
-            float::<B, 3>(teacher.primitive.clone()),
-        )
+/// `forward` on the inner backend as one autodiff node that keeps its two inputs and computes
+/// their gradients with `grads` (SwiGLU, the distillation KL).
+fn pair_node<B: Backend, C: CheckpointStrategy, const DI: usize, const DO: usize>(
+    a: Tensor<Autodiff<B, C>, DI>,
+    b: Tensor<Autodiff<B, C>, DI>,
+    forward: fn(Tensor<B, DI>, Tensor<B, DI>) -> Tensor<B, DO>,
+    grads: PairGrads<B, DI, DO>,
+) -> Tensor<Autodiff<B, C>, DO> {
+    let (a, b) = (a.into_primitive().tensor(), b.into_primitive().tensor());
+    let y = forward(float(a.primitive.clone()), float(b.primitive.clone()))
         .into_primitive()
         .tensor();
-        let output = match TokenKlBackward
-            .prepare::<C>([student.node.clone(), teacher.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish((student.primitive, teacher.primitive), y),
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        };
-        float(output)
-    }
+    let output = match (PairBackward { grads })
+        .prepare::<C>([a.node.clone(), b.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((a.primitive, b.primitive), y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    };
+    float(output)
 }
 
 #[cfg(test)]
