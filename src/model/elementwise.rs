@@ -357,72 +357,19 @@ impl<B: ElementwiseBackend, C: CheckpointStrategy> ElementwiseBackend for Autodi
         weight: Tensor<Self, 1>,
         eps: f64,
     ) -> Tensor<Self, D> {
-        #[derive(Debug)]
-        struct RmsNormBackward<const D: usize>;
-
-        #[derive(Debug, Clone)]
-        struct Saved<B: Backend> {
-            x: FloatTensor<B>,
-            weight: FloatTensor<B>,
-            eps: f64,
-        }
-
-        impl<B: ElementwiseBackend, const D: usize> Backward<B, 2> for RmsNormBackward<D> {
-            type State = Saved<B>;
-
-            fn backward(
-                self,
-                ops: Ops<Self::State, 2>,
-                grads: &mut Gradients,
-                _checkpointer: &mut Checkpointer,
-            ) {
-                let [node_x, node_weight] = ops.parents;
-                let grad = float::<B, D>(grads.consume::<B>(&ops.node));
-                let Saved { x, weight, eps } = ops.state;
-                let (x, weight) = (float::<B, D>(x), float::<B, 1>(weight));
-                if let Some(node) = node_weight {
-                    let dw = burn_ops::rms_norm_weight_grad(
-                        x.clone(),
-                        eps,
-                        grad.clone(),
-                        weight.dtype(),
-                    );
-                    grads.register::<B>(node.id, dw.into_primitive().tensor());
-                }
-                if let Some(node) = node_x {
-                    let dx = B::rms_norm_input_grad(x, weight, eps, grad);
-                    grads.register::<B>(node.id, dx.into_primitive().tensor());
-                }
-            }
-        }
-
-        let (x, weight) = (
-            x.into_primitive().tensor(),
-            weight.into_primitive().tensor(),
-        );
-        let y = B::rms_norm(
-            float::<B, D>(x.primitive.clone()),
-            float::<B, 1>(weight.primitive.clone()),
-            eps,
+        pair_node(
+            x,
+            weight,
+            |x, weight| B::rms_norm(x, weight, eps),
+            move |x, weight, grad, [x_wanted, weight_wanted]| {
+                let d_weight = weight_wanted.then(|| {
+                    let dtype = weight.dtype();
+                    burn_ops::rms_norm_weight_grad(x.clone(), eps, grad.clone(), dtype)
+                });
+                let dx = x_wanted.then(|| B::rms_norm_input_grad(x, weight, eps, grad));
+                (dx, d_weight)
+            },
         )
-        .into_primitive()
-        .tensor();
-        let output = match RmsNormBackward::<D>
-            .prepare::<C>([x.node.clone(), weight.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish(
-                Saved {
-                    x: x.primitive,
-                    weight: weight.primitive,
-                    eps,
-                },
-                y,
-            ),
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        };
-        float(output)
     }
 
     fn swiglu<const D: usize>(gate: Tensor<Self, D>, up: Tensor<Self, D>) -> Tensor<Self, D> {
@@ -432,7 +379,7 @@ impl<B: ElementwiseBackend, C: CheckpointStrategy> ElementwiseBackend for Autodi
             |gate, up| B::swiglu(gate, up),
             |gate, up, grad, _| {
                 let (d_gate, d_up) = B::swiglu_grads(gate, up, grad);
-                [Some(d_gate), Some(d_up)]
+                (Some(d_gate), Some(d_up))
             },
         )
     }
@@ -501,23 +448,39 @@ impl<B: ElementwiseBackend, C: CheckpointStrategy> ElementwiseBackend for Autodi
                 });
                 let d_student =
                     student_wanted.then(|| B::token_kl_student_grad(student, teacher, grad));
-                [d_student, d_teacher]
+                (d_student, d_teacher)
             },
         )
     }
 }
 
-/// The input gradients of a two-input operation from its two inputs and its output's gradient;
-/// `wanted[i]` says whether input `i` needs one.
-type PairGrads<B, const DI: usize, const DO: usize> =
-    fn(Tensor<B, DI>, Tensor<B, DI>, Tensor<B, DO>, [bool; 2]) -> [Option<Tensor<B, DI>>; 2];
-
-#[derive(Debug)]
-struct PairBackward<B: Backend, const DI: usize, const DO: usize> {
-    grads: PairGrads<B, DI, DO>,
+/// The backward of [`pair_node`]: `grads` maps the two saved inputs, the output's gradient and
+/// which inputs need a gradient to those gradients.
+struct PairBackward<G, const DA: usize, const DB: usize, const DO: usize> {
+    grads: G,
 }
 
-impl<B: Backend, const DI: usize, const DO: usize> Backward<B, 2> for PairBackward<B, DI, DO> {
+impl<G, const DA: usize, const DB: usize, const DO: usize> std::fmt::Debug
+    for PairBackward<G, DA, DB, DO>
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PairBackward")
+    }
+}
+
+impl<B, G, const DA: usize, const DB: usize, const DO: usize> Backward<B, 2>
+    for PairBackward<G, DA, DB, DO>
+where
+    B: Backend,
+    G: FnOnce(
+            Tensor<B, DA>,
+            Tensor<B, DB>,
+            Tensor<B, DO>,
+            [bool; 2],
+        ) -> (Option<Tensor<B, DA>>, Option<Tensor<B, DB>>)
+        + Send
+        + 'static,
+{
     type State = (FloatTensor<B>, FloatTensor<B>);
 
     fn backward(
@@ -530,28 +493,42 @@ impl<B: Backend, const DI: usize, const DO: usize> Backward<B, 2> for PairBackwa
         let grad = float::<B, DO>(grads.consume::<B>(&ops.node));
         let (a, b) = ops.state;
         let wanted = [node_a.is_some(), node_b.is_some()];
-        let input_grads = (self.grads)(float(a), float(b), grad, wanted);
-        for (node, g) in [node_a, node_b].into_iter().zip(input_grads) {
-            if let (Some(node), Some(g)) = (node, g) {
-                grads.register::<B>(node.id, g.into_primitive().tensor());
-            }
+        let (da, db) = (self.grads)(float(a), float(b), grad, wanted);
+        if let (Some(node), Some(da)) = (node_a, da) {
+            grads.register::<B>(node.id, da.into_primitive().tensor());
+        }
+        if let (Some(node), Some(db)) = (node_b, db) {
+            grads.register::<B>(node.id, db.into_primitive().tensor());
         }
     }
 }
 
-/// `forward` on the inner backend as one autodiff node that keeps its two inputs and computes
-/// their gradients with `grads` (SwiGLU, the distillation KL).
-fn pair_node<B: Backend, C: CheckpointStrategy, const DI: usize, const DO: usize>(
-    a: Tensor<Autodiff<B, C>, DI>,
-    b: Tensor<Autodiff<B, C>, DI>,
-    forward: fn(Tensor<B, DI>, Tensor<B, DI>) -> Tensor<B, DO>,
-    grads: PairGrads<B, DI, DO>,
-) -> Tensor<Autodiff<B, C>, DO> {
+/// `forward` on the inner backend as one autodiff node that keeps its two inputs (nothing else)
+/// and computes their gradients with `grads` (RMSNorm, SwiGLU, the distillation KL).
+fn pair_node<B, C, G, const DA: usize, const DB: usize, const DO: usize>(
+    a: Tensor<Autodiff<B, C>, DA>,
+    b: Tensor<Autodiff<B, C>, DB>,
+    forward: impl FnOnce(Tensor<B, DA>, Tensor<B, DB>) -> Tensor<B, DO>,
+    grads: G,
+) -> Tensor<Autodiff<B, C>, DO>
+where
+    B: Backend,
+    C: CheckpointStrategy,
+    G: FnOnce(
+            Tensor<B, DA>,
+            Tensor<B, DB>,
+            Tensor<B, DO>,
+            [bool; 2],
+        ) -> (Option<Tensor<B, DA>>, Option<Tensor<B, DB>>)
+        + Send
+        + 'static,
+{
     let (a, b) = (a.into_primitive().tensor(), b.into_primitive().tensor());
     let y = forward(float(a.primitive.clone()), float(b.primitive.clone()))
         .into_primitive()
         .tensor();
-    let output = match (PairBackward { grads })
+    let backward = PairBackward::<G, DA, DB, DO> { grads };
+    let output = match backward
         .prepare::<C>([a.node.clone(), b.node.clone()])
         .compute_bound()
         .stateful()
