@@ -1,8 +1,10 @@
 //! dms-retrofit: retrofit Llama and Qwen checkpoints with Dynamic Memory Sparsification (DMS).
 //!
-//! Layout: [`model`] (the architectures), [`checkpoint`] (Hugging Face files), [`data`] (text),
-//! [`backend`] (devices), [`cli`] (commands).
+//! Layout: [`model`] (the architectures), [`dms`] (the method), [`checkpoint`] (Hugging Face files),
+//! [`data`] (text), [`train`] (the loop), [`run`] (the run folder), [`eval`] (inference),
+//! [`atomic`] (crash-safe writes), [`backend`] (devices), [`cli`] (commands).
 
+pub mod atomic;
 pub mod backend;
 pub mod checkpoint;
 pub mod cli;
@@ -11,4 +13,5 @@ pub mod dms;
 pub mod eval;
 pub mod model;
 pub mod recipe;
+pub mod run;
 pub mod train;

@@ -258,6 +258,30 @@ impl Recipe {
         let d = &self.dms;
         let t = &self.train;
         let check = |ok: bool, message: &str| if ok { Ok(()) } else { bail!("{message}") };
+        // Every number must be finite first: `inf > 0` would pass the range checks below.
+        let numbers = [
+            ("dms.tau", d.tau),
+            ("dms.alpha_scale", d.alpha_scale),
+            ("dms.offset", d.offset),
+            ("dms.cr_start", d.cr_start),
+            ("dms.cr_final", d.cr_final),
+            ("dms.steps_per_cr", d.steps_per_cr.unwrap_or(1.0)),
+            ("dms.compression_weight", d.compression_weight),
+            ("train.lr", t.lr),
+            ("train.betas", t.betas[0]),
+            ("train.betas", t.betas[1]),
+            ("train.eps", t.eps),
+            ("train.weight_decay", t.weight_decay),
+            ("train.min_lr_ratio", t.min_lr_ratio),
+            ("train.grad_clip", t.grad_clip),
+            ("data.heldout_fraction", self.data.heldout_fraction),
+        ];
+        for (key, value) in numbers {
+            check(
+                value.is_finite(),
+                &format!("{key} = {value} must be a finite number"),
+            )?;
+        }
         check(d.tau > 0.0, "dms.tau must be > 0")?;
         check(d.alpha_scale > 0.0, "dms.alpha_scale must be > 0")?;
         check(d.cr_start >= 1.0, "dms.cr_start must be >= 1")?;
@@ -307,6 +331,14 @@ impl Recipe {
         )?;
         self.device()?;
         check(self.run.keep_last >= 1, "run.keep_last must be >= 1")?;
+        check(
+            self.run.eval_sequences >= 1,
+            "run.eval_sequences must be >= 1 (held-out sequences per evaluation)",
+        )?;
+        check(
+            !self.run.output_dir.as_os_str().is_empty(),
+            "run.output_dir must name a folder (it is empty)",
+        )?;
         Ok(())
     }
 
@@ -412,6 +444,16 @@ seq_len = 64
         assert!(e.contains("modle"), "{e}");
         let e = err(MINIMAL, &["train.lr"]);
         assert!(e.contains("section.key=value"), "{e}");
+        for (set, key) in [
+            ("train.lr=inf", "train.lr"),
+            ("train.lr=nan", "train.lr"),
+            ("dms.tau=inf", "dms.tau"),
+            ("run.eval_sequences=0", "run.eval_sequences"),
+            ("run.output_dir=\"\"", "run.output_dir"),
+        ] {
+            let e = err(MINIMAL, &[set]);
+            assert!(e.contains(key), "{set}: {e}");
+        }
     }
 
     #[test]

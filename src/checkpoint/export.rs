@@ -16,12 +16,28 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::names::hf_name;
-use super::{Checkpoint, SafetensorsStore, write_dir_atomically};
+use super::{Checkpoint, SafetensorsStore};
+use crate::atomic;
 use crate::dms::{DmsConfig, Granularity, Variant};
 use crate::model::FloatFormat;
 
-/// Paged-attention block size the official inference code expects (must be < window).
+/// The official runtime's default paged-attention block size.
 pub const PAGED_BLOCK_SIZE: usize = 256;
+
+/// The `dms_paged_attention_block_size` to write for a window: the official loader
+/// (`Qwen3ConfigDMS`) asserts `0 < block_size < dms_window_size`, so it is the largest power of two
+/// below the window, at most the official 256 (16 -> 8, 64 -> 32, 256 -> 128, 257 and above -> 256).
+/// A window of 1 leaves no valid block size: the official runtime cannot load such a model.
+pub fn paged_block_size(window: usize) -> Result<usize> {
+    if window < 2 {
+        bail!(
+            "dms.window = {window}: the official DMS runtime needs a window of at least 2 (its \
+             paged block size must be > 0 and < the window); retrain with dms.window >= 2"
+        );
+    }
+    let below = 1usize << (usize::BITS - 1 - (window - 1).leading_zeros());
+    Ok(below.min(PAGED_BLOCK_SIZE))
+}
 
 /// The DMS settings an exported `config.json` carries.
 #[derive(Clone, Debug, PartialEq)]
@@ -75,8 +91,9 @@ pub fn read_dms_keys(raw: &Value) -> Result<Option<ExportedDms>> {
 }
 
 /// Adds the official `dms_*` keys to a base config.
-pub fn write_dms_keys(config: &mut Value, dms: &ExportedDms) {
+pub fn write_dms_keys(config: &mut Value, dms: &ExportedDms) -> Result<()> {
     let c = &dms.config;
+    let block_size = paged_block_size(c.window)?;
     let obj = config.as_object_mut().expect("config.json is an object");
     let keys = [
         ("dms_window_size", json!(c.window)),
@@ -92,11 +109,12 @@ pub fn write_dms_keys(config: &mut Value, dms: &ExportedDms) {
             }),
         ),
         ("dms_tau", json!(c.tau)),
-        ("dms_paged_attention_block_size", json!(PAGED_BLOCK_SIZE)),
+        ("dms_paged_attention_block_size", json!(block_size)),
     ];
     for (k, v) in keys {
         obj.insert(k.to_string(), v);
     }
+    Ok(())
 }
 
 /// How to write the export.
@@ -105,7 +123,11 @@ pub struct ExportOptions {
     pub out: PathBuf,
     pub dtype: FloatFormat,
     pub max_shard_bytes: u64,
+    /// Replace an existing `out` (never one the export reads from, nor one holding a run).
     pub force: bool,
+    /// Folders the export reads (the snapshot, its run folder); with the base checkpoint's folder,
+    /// `out` may be none of them nor contain one.
+    pub sources: Vec<PathBuf>,
 }
 
 /// What was written.
@@ -163,19 +185,59 @@ pub fn write_export(
     options: &ExportOptions,
 ) -> Result<ExportReport> {
     let out = &options.out;
-    if out.exists() && !options.force {
-        bail!(
-            "'{}' already exists; pass --force to replace it",
-            out.display()
-        );
+    if out.exists() {
+        if !options.force {
+            bail!(
+                "'{}' already exists; pass --force to replace it",
+                out.display()
+            );
+        }
+        let mut sources = options.sources.clone();
+        sources.push(base.files.dir.clone());
+        refuse_to_replace_a_source(out, &sources)?;
     }
-    let report = write_dir_atomically(out, |tmp| {
+    // Checked before any work: a model that the official runtime refuses is not an export.
+    paged_block_size(dms.config.window)?;
+    let report = atomic::write_dir(out, |tmp| {
         write_into(base, trained, dms, card, options, tmp)
     })?;
     Ok(ExportReport {
         out: out.clone(),
         ..report
     })
+}
+
+/// `--force` replaces `out` only when that destroys nothing the export reads or a run needs.
+fn refuse_to_replace_a_source(out: &Path, sources: &[PathBuf]) -> Result<()> {
+    let out_real = out
+        .canonicalize()
+        .with_context(|| format!("cannot resolve '{}'", out.display()))?;
+    for source in sources {
+        let Ok(source_real) = source.canonicalize() else {
+            continue;
+        };
+        if source_real.starts_with(&out_real) {
+            let relation = if source_real == out_real {
+                "is"
+            } else {
+                "contains"
+            };
+            bail!(
+                "--out '{}' {relation} '{}', which this export reads; --force never replaces it: \
+                 choose another --out",
+                out.display(),
+                source.display()
+            );
+        }
+    }
+    if crate::run::holds_run(out) || out.join(crate::run::STATE_FILE).is_file() {
+        bail!(
+            "--out '{}' holds a training run or snapshot; --force never replaces one: choose \
+             another --out",
+            out.display()
+        );
+    }
+    Ok(())
 }
 
 fn write_into(
@@ -324,7 +386,7 @@ fn write_into(
         };
         obj.insert(dtype_key.into(), json!(options.dtype.torch_name()));
     }
-    write_dms_keys(&mut config, dms);
+    write_dms_keys(&mut config, dms)?;
     std::fs::write(
         dir.join("config.json"),
         serde_json::to_string_pretty(&config)?,

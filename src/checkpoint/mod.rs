@@ -1,7 +1,6 @@
 //! Checkpoint I/O: where files are (local or hub cache), what `config.json` says, and the one table
 //! of tensor names. The only module that knows Hugging Face formats.
 
-pub mod atomic_dir;
 pub mod export;
 pub mod hf_config;
 pub mod names;
@@ -16,7 +15,6 @@ use serde_json::Value;
 
 use crate::dms::{DmsConfig, DmsModel};
 use crate::model::{Decoder, FloatFormat, ModelConfig};
-pub use atomic_dir::write_dir_atomically;
 pub use resolve::{CheckpointFiles, Origin};
 pub use safetensors_io::SafetensorsStore;
 

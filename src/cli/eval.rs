@@ -9,6 +9,7 @@ use clap::Args;
 use serde::Serialize;
 
 use super::loading::load_model;
+use crate::data::dataset::DataKeys;
 use crate::data::{DataConfig, Dataset};
 use crate::dms::DmsConfig;
 use crate::eval::quality::{Totals, score, score_baseline, score_dms, teacher_logits};
@@ -79,8 +80,27 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if args.seq_len.iter().any(|&l| l < 2) {
         bail!("--seq-len values must be >= 2");
     }
+    if let Some(cr) = args.cr
+        && !(cr.is_finite() && cr >= 1.0)
+    {
+        bail!("--cr {cr} must be a compression ratio >= 1 (e.g. --cr 4)");
+    }
+    if args.max_sequences == 0 {
+        bail!("--max-sequences must be >= 1");
+    }
     let loaded = load_model(&args.model)?;
     let cfg = &loaded.ckpt.config;
+    if let Some(&longest) = args.seq_len.iter().max()
+        && longest > cfg.max_position_embeddings
+    {
+        bail!(
+            "--seq-len {longest} exceeds the model's max_position_embeddings = {} (config.json of \
+             '{}'); use lengths <= {}",
+            cfg.max_position_embeddings,
+            loaded.ckpt.files.dir.display(),
+            cfg.max_position_embeddings
+        );
+    }
     let tokenizer = loaded.ckpt.tokenizer()?;
     let eos = *cfg
         .eos_token_ids
@@ -106,6 +126,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
         let mut data = DataConfig::new(args.data.clone(), seq_len);
         data.heldout_fraction = 0.0;
         data.max_sequences = Some(args.max_sequences);
+        data.keys = DataKeys {
+            train_files: "--data",
+            seq_len: "--seq-len",
+        };
         let dataset = Dataset::build(
             &data,
             Path::new("."),

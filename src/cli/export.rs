@@ -78,18 +78,35 @@ pub fn locate_snapshot(path: &Path) -> Result<PathBuf> {
     }
 }
 
-/// The base checkpoint a snapshot was trained from.
+/// The base checkpoint a snapshot was trained from: its recorded folder (absolute since runs record
+/// it so; older runs recorded it relative to their working directory), else its `model.source`.
 pub fn open_base(state: &SnapshotState) -> Result<Checkpoint> {
     if state.base_dir.is_dir() {
         Checkpoint::open(&state.base_dir.to_string_lossy())
     } else {
         Checkpoint::open(&state.base_source).with_context(|| {
             format!(
-                "the run's base model '{}' (folder '{}') cannot be found",
+                "the run's base model '{}' (folder '{}') cannot be found{}",
                 state.base_source,
-                state.base_dir.display()
+                state.base_dir.display(),
+                if state.base_dir.is_relative() {
+                    "; this run was written by an older version, which recorded the folder \
+                     relative to the directory training ran in: run this command from there"
+                } else {
+                    ""
+                }
             )
         })
+    }
+}
+
+/// The run folder a snapshot belongs to: `RUN` for `RUN/cr-K` and `RUN/checkpoints/step-N`.
+fn run_of(snapshot: &Path) -> Option<PathBuf> {
+    let parent = snapshot.parent()?;
+    if parent.file_name()? == crate::run::CHECKPOINTS_DIR {
+        parent.parent().map(Path::to_path_buf)
+    } else {
+        Some(parent.to_path_buf())
     }
 }
 
@@ -172,6 +189,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
         dtype,
         max_shard_bytes,
         force: args.force,
+        sources: [Some(dir.clone()), run_of(&dir)].into_iter().flatten().collect(),
     };
     let report = write_export(&base, &mut trained, &dms, &card, &options)?;
     if args.json {

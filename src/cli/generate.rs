@@ -69,11 +69,15 @@ fn eos_ids(loaded: &super::loading::Loaded) -> Vec<u32> {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    if !(0.0..=1.0).contains(&args.top_p) || args.top_p == 0.0 {
-        bail!("--top-p must lie in (0, 1]");
+    // NaN fails every comparison, so each range is checked as "inside" rather than "not outside".
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        bail!("--top-p {} must lie in (0, 1]", args.top_p);
     }
-    if args.temperature < 0.0 {
-        bail!("--temperature must be >= 0");
+    if !(args.temperature.is_finite() && args.temperature >= 0.0) {
+        bail!(
+            "--temperature {} must be a finite number >= 0 (0 = greedy)",
+            args.temperature
+        );
     }
     let loaded = load_model(&args.model)?;
     let files = &loaded.ckpt.files;
@@ -99,6 +103,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut ids = tokenizer.encode(&text, !args.chat)?;
     if ids.is_empty() {
         bail!("the prompt tokenised to nothing");
+    }
+    let limit = loaded.ckpt.config.max_position_embeddings;
+    if ids.len() + args.max_new_tokens > limit {
+        bail!(
+            "the prompt ({} tokens) plus --max-new-tokens {} exceeds the model's \
+             max_position_embeddings = {limit}; use --max-new-tokens <= {} or a shorter prompt",
+            ids.len(),
+            args.max_new_tokens,
+            limit.saturating_sub(ids.len())
+        );
     }
     let eos = eos_ids(&loaded);
     tracing::info!("{}", loaded.description);

@@ -103,6 +103,26 @@ pub struct DataConfig {
     /// How `.txt` files are cut into documents.
     #[serde(default)]
     pub txt_split: TxtSplit,
+    /// How errors name the training files and the length: the recipe's keys, or the flags of a
+    /// command that builds its data without a recipe (`eval --data --seq-len`).
+    #[serde(skip)]
+    pub keys: DataKeys,
+}
+
+/// The names errors give the training files and the sequence length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataKeys {
+    pub train_files: &'static str,
+    pub seq_len: &'static str,
+}
+
+impl Default for DataKeys {
+    fn default() -> Self {
+        Self {
+            train_files: "data.train_files",
+            seq_len: "data.seq_len",
+        }
+    }
 }
 
 impl DataConfig {
@@ -118,6 +138,7 @@ impl DataConfig {
             shuffle_seed: 0,
             max_sequences: None,
             txt_split: TxtSplit::File,
+            keys: DataKeys::default(),
         }
     }
 
@@ -125,11 +146,13 @@ impl DataConfig {
     pub fn validate(&self) -> Result<()> {
         ensure!(
             !self.train_files.is_empty(),
-            "data.train_files must list at least one .jsonl or .txt file"
+            "{} must list at least one .jsonl or .txt file",
+            self.keys.train_files
         );
         ensure!(
             self.seq_len >= 2,
-            "data.seq_len must be >= 2 (got {})",
+            "{} must be >= 2 (got {})",
+            self.keys.seq_len,
             self.seq_len
         );
         ensure!(
@@ -251,7 +274,7 @@ impl Dataset {
             bos: bos_id,
             eos: eos_id,
         };
-        let train_files = resolve_files(&cfg.train_files, base_dir, "data.train_files")?;
+        let train_files = resolve_files(&cfg.train_files, base_dir, cfg.keys.train_files)?;
         let eval_files = resolve_files(&cfg.eval_files, base_dir, "data.eval_files")?;
         let mut stats = DatasetStats {
             files: train_files.len() + eval_files.len(),
@@ -276,7 +299,12 @@ impl Dataset {
             train.truncate(max);
         }
         if train.is_empty() {
-            bail!(empty_message("data.train_files", &train_files, &stats, cfg));
+            bail!(empty_message(
+                cfg.keys.train_files,
+                &train_files,
+                &stats,
+                cfg
+            ));
         }
 
         let heldout = if eval_files.is_empty() {
@@ -340,6 +368,7 @@ impl Dataset {
 }
 
 fn empty_message(key: &str, files: &[PathBuf], stats: &DatasetStats, cfg: &DataConfig) -> String {
+    let seq_len = cfg.keys.seq_len;
     let names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
     if stats.documents == 0 {
         format!(
@@ -349,9 +378,9 @@ fn empty_message(key: &str, files: &[PathBuf], stats: &DatasetStats, cfg: &DataC
         )
     } else {
         format!(
-            "{key} ({}) give no sequence: {} tokens in {} documents, but data.seq_len = {} and a \
+            "{key} ({}) give no sequence: {} tokens in {} documents, but {seq_len} = {} and a \
              final partial window is kept only when it holds >= seq_len / 2 = {} tokens; lower \
-             data.seq_len or add text",
+             {seq_len} or add text",
             names.join(", "),
             stats.tokens,
             stats.documents,
@@ -381,7 +410,7 @@ fn resolve_files(files: &[PathBuf], base_dir: &Path, key: &str) -> Result<Vec<Pa
             if !path.is_file() {
                 bail!(
                     "{key}: '{}' does not exist or is not a file (relative paths are resolved \
-                     against the recipe's folder '{}')",
+                     against '{}')",
                     path.display(),
                     base_dir.display()
                 );

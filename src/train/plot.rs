@@ -13,9 +13,8 @@
 //! font files: text is left to the viewer's sans-serif font.
 
 use std::fs;
-use std::io::Write;
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use plotters::coord::Shift;
@@ -178,7 +177,7 @@ pub fn plot_metrics(metrics: &Path, out: &Path, title: &str) -> Result<PlotSumma
     }
 
     let svg = render_svg(&train, &eval, title)?;
-    write_atomically(out, svg.as_bytes())?;
+    crate::atomic::write_file(out, svg.as_bytes())?;
 
     let last_step = train
         .iter()
@@ -194,7 +193,7 @@ pub fn plot_metrics(metrics: &Path, out: &Path, title: &str) -> Result<PlotSumma
 
 /// Keeps the last run of a file with resumed runs: a step at or below one already kept drops every
 /// kept item from that step on.
-fn latest_run<T>(items: Vec<T>, step: impl Fn(&T) -> u64) -> Vec<T> {
+pub(crate) fn latest_run<T>(items: Vec<T>, step: impl Fn(&T) -> u64) -> Vec<T> {
     let mut out: Vec<T> = Vec::with_capacity(items.len());
     for item in items {
         let s = step(&item);
@@ -204,36 +203,6 @@ fn latest_run<T>(items: Vec<T>, step: impl Fn(&T) -> u64) -> Vec<T> {
         out.push(item);
     }
     out
-}
-
-fn write_atomically(out: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match out.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let name = out
-        .file_name()
-        .with_context(|| format!("plot path {} has no file name", out.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| -> Result<()> {
-        let mut f =
-            fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        f.sync_all()
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        fs::rename(&tmp, out)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -694,6 +663,7 @@ fn trim_float(s: String) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     fn train_line(step: u64, loss: f64, kl: f64, frac: f64, target: f64) -> String {
         let cr = 1.0 / (1.0 - frac);

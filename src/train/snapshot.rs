@@ -11,14 +11,13 @@ use burn::tensor::{Tensor, TensorData, backend::Backend};
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
+use crate::atomic;
 use crate::checkpoint::names::hf_name;
-use crate::checkpoint::write_dir_atomically;
 use crate::dms::{DmsConfig, DmsModel};
 use crate::model::{FloatFormat, ParamSlot};
 
+pub use crate::run::{RECIPE_FILE, STATE_FILE, list_checkpoints};
 pub const TRAINABLE_FILE: &str = "trainable.safetensors";
-pub const STATE_FILE: &str = "state.json";
-pub const RECIPE_FILE: &str = "recipe.toml";
 pub const OPTIMIZER_FILE: &str = "optimizer";
 
 /// Everything besides tensors that a snapshot records.
@@ -28,7 +27,8 @@ pub struct SnapshotState {
     pub step: u64,
     /// The scheduled compression ratio after `step` steps.
     pub scheduled_cr: f64,
-    /// The checkpoint the run started from, as given in the recipe, and its resolved folder.
+    /// The checkpoint the run started from, as given in the recipe, and its resolved folder
+    /// (absolute and canonical, so the run folder works from any working directory).
     pub base_source: String,
     pub base_dir: PathBuf,
     pub dms: DmsConfig,
@@ -51,7 +51,7 @@ pub fn write_snapshot<B: Backend>(
     recipe_toml: &str,
     extra: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
-    write_dir_atomically(dir, |tmp| {
+    atomic::write_dir(dir, |tmp| {
         let tensors = trainable_tensors(model);
         let mut state = state.clone();
         state.tensors = tensors.iter().map(|(n, _)| n.clone()).collect();
@@ -146,26 +146,4 @@ pub fn read_state(dir: &Path) -> Result<SnapshotState> {
         .with_context(|| format!("cannot read '{}'", path.display()))?;
     serde_json::from_str(&text)
         .with_context(|| format!("'{}' is not a valid state file", path.display()))
-}
-
-/// `RUN/checkpoints/step-N` folders, sorted by step.
-pub fn list_checkpoints(run: &Path) -> Result<Vec<(u64, PathBuf)>> {
-    let dir = run.join("checkpoints");
-    let mut found = Vec::new();
-    if !dir.is_dir() {
-        return Ok(found);
-    }
-    for entry in std::fs::read_dir(&dir)? {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().to_string();
-        if let Some(step) = name
-            .strip_prefix("step-")
-            .and_then(|s| s.parse::<u64>().ok())
-            && entry.path().join(STATE_FILE).is_file()
-        {
-            found.push((step, entry.path()));
-        }
-    }
-    found.sort();
-    Ok(found)
 }

@@ -22,9 +22,10 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use serde_json::json;
 
+use super::plot::{self, EvalMetrics, MetricLine, TrainMetrics};
 use super::snapshot::{self, SnapshotState};
+use crate::atomic;
 use crate::checkpoint::Checkpoint;
 use crate::data::ChatTemplate;
 use crate::data::dataset::{Dataset, Sequence, sample_index};
@@ -41,6 +42,7 @@ use crate::model::{
     Decoder, FloatFormat, LayerNorm, ModelConfig, ParamSlot, Projection, WeightKey,
 };
 use crate::recipe::{Recipe, Trainable};
+use crate::run::RunFolder;
 
 /// How `train` was invoked beyond the recipe.
 #[derive(Clone, Debug, Default)]
@@ -66,14 +68,29 @@ pub struct TrainSummary {
     pub tokens_per_s: f64,
 }
 
-/// Set by the Ctrl-C handler; checked after every step.
+/// Set by the first Ctrl-C, SIGTERM or SIGHUP (what `timeout`, `docker stop`, Slurm and Kubernetes
+/// send); checked after every step, which then writes a checkpoint and stops. A second signal exits
+/// at once, without one.
 fn interrupt_flag() -> Arc<AtomicBool> {
     static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
     FLAG.get_or_init(|| {
         let flag = Arc::new(AtomicBool::new(false));
         let handler_flag = flag.clone();
-        if let Err(e) = ctrlc::set_handler(move || handler_flag.store(true, Ordering::SeqCst)) {
-            tracing::warn!("cannot install the Ctrl-C handler ({e}); Ctrl-C will not checkpoint");
+        // ctrlc runs this on its own thread, not in the signal handler: printing and exit are safe.
+        let installed = ctrlc::set_handler(move || {
+            if handler_flag.swap(true, Ordering::SeqCst) {
+                eprintln!("second interrupt: exiting now, without a checkpoint");
+                std::process::exit(130);
+            }
+            eprintln!(
+                "interrupted: stopping after this step with a checkpoint (interrupt again to exit \
+                 at once)"
+            );
+        });
+        if let Err(e) = installed {
+            tracing::warn!(
+                "cannot install the interrupt handler ({e}); Ctrl-C and SIGTERM will not checkpoint"
+            );
         }
         flag
     })
@@ -607,14 +624,15 @@ fn teacher_hidden<B: AttentionBackend>(
         })
 }
 
-/// Appends one JSON line to `metrics.jsonl`.
-fn append_metrics(path: &Path, line: &serde_json::Value) -> Result<()> {
+/// Appends one line to `metrics.jsonl`.
+fn append_metrics(path: &Path, line: &MetricLine) -> Result<()> {
     let mut file = OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
         .with_context(|| format!("cannot open '{}'", path.display()))?;
-    writeln!(file, "{line}").with_context(|| format!("cannot write '{}'", path.display()))
+    let text = serde_json::to_string(line)?;
+    writeln!(file, "{text}").with_context(|| format!("cannot write '{}'", path.display()))
 }
 
 /// Drops metric lines of steps not yet covered by the checkpoint being resumed.
@@ -631,13 +649,69 @@ fn truncate_metrics(path: &Path, completed_steps: u64) -> Result<()> {
                 .is_some_and(|step| step < completed_steps)
         })
         .collect();
-    let tmp = path.with_extension("jsonl.tmp");
-    std::fs::write(
-        &tmp,
-        kept.iter().map(|l| format!("{l}\n")).collect::<String>(),
-    )?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+    atomic::write_file(
+        path,
+        kept.iter()
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
+            .as_bytes(),
+    )
+}
+
+/// The summary of a run after `steps` steps, rebuilt from its folder (metrics and cr-K snapshots)
+/// so that a run resumed any number of times reports what an uninterrupted one does; only the
+/// throughput (wall-clock) differs.
+fn summarize(run: &RunFolder, steps: u64, interrupted: bool) -> Result<TrainSummary> {
+    let lines = if run.metrics().is_file() {
+        plot::read_metrics(&run.metrics())?
+    } else {
+        Vec::new()
+    };
+    let (mut train, mut eval) = (Vec::new(), Vec::new());
+    for line in lines {
+        match line {
+            MetricLine::Train(t) if t.step < steps => train.push(t),
+            MetricLine::Eval(e) if e.step < steps => eval.push(e),
+            _ => {}
+        }
+    }
+    let train = plot::latest_run(train, |t| t.step);
+    let eval = plot::latest_run(eval, |e| e.step);
+    let mut last = BTreeMap::new();
+    if let Some(t) = train.last().filter(|t| t.step + 1 == steps) {
+        last = last_metrics(t);
+        if let Some(e) = eval.last().filter(|e| e.step == t.step) {
+            last.insert("eval_kl".into(), e.eval_kl);
+            last.insert("eval_cr".into(), e.eval_cr);
+        }
+    }
+    let mut cr_snapshots = Vec::new();
+    for (k, dir) in crate::run::list_cr_snapshots(run.root())? {
+        if snapshot::read_state(&dir).is_ok_and(|state| state.step <= steps) {
+            cr_snapshots.push(k);
+        }
+    }
+    let mut throughput: Vec<f64> = train.iter().map(|t| t.tokens_per_s).collect();
+    Ok(TrainSummary {
+        run_dir: run.root().to_path_buf(),
+        steps,
+        interrupted,
+        last,
+        cr_snapshots,
+        tokens_per_s: median(&mut throughput),
+    })
+}
+
+/// The per-step metrics a summary and a snapshot's state report.
+fn last_metrics(t: &TrainMetrics) -> BTreeMap<String, f64> {
+    BTreeMap::from([
+        ("loss".to_string(), t.loss),
+        ("kl".to_string(), t.kl),
+        ("compression_loss".to_string(), t.compression_loss),
+        ("frac_closed".to_string(), t.frac_closed),
+        ("train_cr".to_string(), t.train_cr),
+        ("target_cr".to_string(), t.target_cr),
+    ])
 }
 
 /// Runs (or resumes) a retrofit described by `recipe` on `device`.
@@ -647,29 +721,40 @@ pub fn train<B: TrainBackend>(
     format: FloatFormat,
     device: &B::Device,
 ) -> Result<TrainSummary> {
-    let run_dir = recipe.run.output_dir.clone();
+    // Installed before the slow loading, so that an early signal stops the run cleanly too.
+    let interrupted = interrupt_flag();
+    let run = RunFolder::open(&recipe.run.output_dir)?;
+    let run_dir = run.root().to_path_buf();
     let recipe_toml = recipe.to_toml();
-    let existing = snapshot::list_checkpoints(&run_dir)?;
-    if options.resume && existing.is_empty() {
-        bail!(
-            "--resume: '{}' has no checkpoints to resume from",
-            run_dir.join("checkpoints").display()
-        );
-    }
-    if !options.resume && (!existing.is_empty() || run_dir.join("metrics.jsonl").exists()) {
+    let existing = run.checkpoints()?;
+    if !options.resume && (!existing.is_empty() || run.metrics().exists()) {
         bail!(
             "run folder '{}' already holds a run; pass --resume to continue it, or set \
              run.output_dir to a new folder",
             run_dir.display()
         );
     }
-    std::fs::create_dir_all(&run_dir)
-        .with_context(|| format!("cannot create run folder '{}'", run_dir.display()))?;
 
     // 1. Model, tokenizer, data.
     let source = resolve_source(&recipe.model.source, &options.recipe_dir);
     let ckpt = Checkpoint::open(&source)?;
     let cfg = ckpt.config.clone();
+    if recipe.data.seq_len > cfg.max_position_embeddings {
+        bail!(
+            "data.seq_len = {} exceeds the model's max_position_embeddings = {} (config.json of \
+             '{}'); use data.seq_len <= {}",
+            recipe.data.seq_len,
+            cfg.max_position_embeddings,
+            ckpt.files.dir.display(),
+            cfg.max_position_embeddings
+        );
+    }
+    // Absolute and canonical: the run folder must work from any working directory.
+    let base_dir = ckpt
+        .files
+        .dir
+        .canonicalize()
+        .unwrap_or_else(|_| ckpt.files.dir.clone());
     let tokenizer = ckpt.tokenizer()?;
     let template = if recipe.data.chat_template {
         let path = ckpt.files.tokenizer_config.clone().with_context(|| {
@@ -741,11 +826,17 @@ pub fn train<B: TrainBackend>(
         .init::<B, DmsModel<B>>();
     let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
 
-    // 2. Resume.
-    let metrics_path = run_dir.join("metrics.jsonl");
+    // 2. Resume (a folder without a checkpoint starts again from step 0, as a fresh run would).
+    let metrics_path = run.metrics();
     let mut start_step = 0;
-    if options.resume {
-        let (step, dir) = existing.last().cloned().expect("checked above");
+    if options.resume && existing.is_empty() {
+        truncate_metrics(&metrics_path, 0)?;
+        tracing::info!(
+            "--resume: '{}' has no checkpoint yet; starting from step 0",
+            run_dir.display()
+        );
+    }
+    if let Some((step, dir)) = existing.last().cloned().filter(|_| options.resume) {
         let state = snapshot::read_state(&dir)?;
         if state.data_fingerprint != dataset.fingerprint {
             bail!(
@@ -753,10 +844,11 @@ pub fn train<B: TrainBackend>(
                 dir.display()
             );
         }
-        let saved = Recipe::parse(
-            &std::fs::read_to_string(dir.join(snapshot::RECIPE_FILE))?,
-            &[],
-        )?;
+        let saved_path = dir.join(snapshot::RECIPE_FILE);
+        let saved_text = std::fs::read_to_string(&saved_path)
+            .with_context(|| format!("cannot read '{}'", saved_path.display()))?;
+        let saved = Recipe::parse(&saved_text, &[])
+            .with_context(|| format!("in '{}'", saved_path.display()))?;
         let comparable = |r: &Recipe| {
             let mut r = r.clone();
             r.train.max_steps = 0;
@@ -781,10 +873,9 @@ pub fn train<B: TrainBackend>(
         truncate_metrics(&metrics_path, step)?;
         tracing::info!("resumed from {} (step {step})", dir.display());
     }
-    std::fs::write(run_dir.join("recipe.toml"), &recipe_toml)?;
+    atomic::write_file(&run_dir.join(crate::run::RECIPE_FILE), recipe_toml.as_bytes())?;
 
     // 3. The loop.
-    let interrupted = interrupt_flag();
     let total = t.max_steps;
     let bar = if options.quiet {
         ProgressBar::hidden()
@@ -800,25 +891,23 @@ pub fn train<B: TrainBackend>(
     bar.set_position(start_step);
     let tokens_per_step = (t.micro_batch * t.grad_accum * dataset.seq_len) as f64;
     let n_train = dataset.train.len();
-    let mut last = BTreeMap::new();
-    let mut cr_snapshots = Vec::new();
-    let mut throughput = Vec::new();
     let mut steps_this_run = 0;
-    let mut was_interrupted = false;
+    // A signal during loading stops before the first step: nothing new to save.
+    let mut was_interrupted = interrupted.load(Ordering::SeqCst);
     let run_start = Instant::now();
     let mut step = start_step;
     let make_state = |step: u64, last: &BTreeMap<String, f64>| SnapshotState {
         step,
         scheduled_cr: schedule.compression_ratio(step.saturating_sub(1)),
         base_source: recipe.model.source.clone(),
-        base_dir: ckpt.files.dir.clone(),
+        base_dir: base_dir.clone(),
         dms: dms.clone(),
         data_fingerprint: dataset.fingerprint,
         seed: t.seed,
         tensors: Vec::new(),
         last_metrics: last.clone(),
     };
-    while step < total {
+    while step < total && !was_interrupted {
         let started = Instant::now();
         let lr = t.lr_at(step);
         let target = schedule.target_fraction(step);
@@ -874,15 +963,22 @@ pub fn train<B: TrainBackend>(
         let grad_norm = clip_global_norm(&mut model, &mut grads, t.grad_clip);
         for (name, value) in [("loss", loss), ("grad_norm", grad_norm)] {
             if !value.is_finite() {
-                let latest = snapshot::list_checkpoints(&run_dir)?
-                    .last()
-                    .map(|(s, _)| format!("step-{s}"))
-                    .unwrap_or_else(|| "none".into());
+                // A --resume repeats the same steps (the recipe may not change), so the advice is a
+                // new run, except before the first checkpoint, where --resume starts afresh.
+                let advice = match run.checkpoints()?.last() {
+                    Some((s, _)) => format!(
+                        "The last checkpoint (step-{s}) is intact, but --resume with this recipe \
+                         would repeat the same steps: lower train.lr or check the data and start \
+                         a new run (another run.output_dir)"
+                    ),
+                    None => "No checkpoint was written yet: lower train.lr or check the data, \
+                             then start again (--resume in this folder starts from step 0)"
+                        .to_string(),
+                };
                 bar.abandon();
                 bail!(
                     "non-finite {name} ({value}) at step {step}; stopped without updating the \
-                     weights. The last checkpoint ({latest}) is intact: lower train.lr or \
-                     check the data, then --resume"
+                     weights. {advice}"
                 );
             }
         }
@@ -893,26 +989,23 @@ pub fn train<B: TrainBackend>(
         // Log.
         let seconds = started.elapsed().as_secs_f64();
         let tokens_per_s = tokens_per_step / seconds;
-        throughput.push(tokens_per_s);
         let scheduled_cr = schedule.compression_ratio(step - 1);
         let train_cr = 1.0 / (1.0 - frac).max(1e-9);
-        last = BTreeMap::from([
-            ("loss".to_string(), loss),
-            ("kl".to_string(), kl),
-            ("compression_loss".to_string(), comp),
-            ("frac_closed".to_string(), frac),
-            ("train_cr".to_string(), train_cr),
-            ("target_cr".to_string(), scheduled_cr),
-        ]);
-        append_metrics(
-            &metrics_path,
-            &json!({
-                "kind": "train", "step": step - 1, "loss": loss, "kl": kl,
-                "compression_loss": comp, "frac_closed": frac, "train_cr": train_cr,
-                "target_cr": scheduled_cr, "lr": lr, "grad_norm": grad_norm,
-                "tokens_per_s": tokens_per_s, "elapsed_s": run_start.elapsed().as_secs_f64(),
-            }),
-        )?;
+        let metrics = TrainMetrics {
+            step: step - 1,
+            loss,
+            kl,
+            compression_loss: comp,
+            frac_closed: frac,
+            train_cr,
+            target_cr: scheduled_cr,
+            lr,
+            grad_norm,
+            tokens_per_s,
+            elapsed_s: run_start.elapsed().as_secs_f64(),
+        };
+        let mut last = last_metrics(&metrics);
+        append_metrics(&metrics_path, &MetricLine::Train(metrics))?;
         bar.set_position(step);
         bar.set_message(format!(
             "loss {loss:.4} kl {kl:.4} CR {train_cr:.2}/{scheduled_cr:.2} closed {frac:.3} {:.0} tok/s",
@@ -960,8 +1053,12 @@ pub fn train<B: TrainBackend>(
             );
             append_metrics(
                 &metrics_path,
-                &json!({"kind": "eval", "step": step - 1, "eval_kl": report.kl,
-                    "eval_frac_closed": report.frac_closed, "eval_cr": report.compression_ratio}),
+                &MetricLine::Eval(EvalMetrics {
+                    step: step - 1,
+                    eval_kl: report.kl,
+                    eval_frac_closed: report.frac_closed,
+                    eval_cr: report.compression_ratio,
+                }),
             )?;
             last.insert("eval_kl".into(), report.kl);
             last.insert("eval_cr".into(), report.compression_ratio);
@@ -987,7 +1084,7 @@ pub fn train<B: TrainBackend>(
             .filter(|&k| (k as f64) > previous_cr)
             .collect();
         for k in reached {
-            let dir = run_dir.join(format!("cr-{k}"));
+            let dir = run.cr_snapshot(k);
             snapshot::write_snapshot(
                 &dir,
                 &mut model,
@@ -995,14 +1092,13 @@ pub fn train<B: TrainBackend>(
                 &recipe_toml,
                 |_| Ok(()),
             )?;
-            cr_snapshots.push(k);
             bar.suspend(|| tracing::info!("scheduled CR reached {k}: saved {}", dir.display()));
         }
 
         // Checkpoint.
         let every = recipe.run.checkpoint_every;
         if finished || stop_now || (every > 0 && step % every == 0) {
-            let dir = run_dir.join("checkpoints").join(format!("step-{step}"));
+            let dir = run.checkpoint(step);
             let record = optimizer.to_record();
             snapshot::write_snapshot(
                 &dir,
@@ -1010,19 +1106,16 @@ pub fn train<B: TrainBackend>(
                 &make_state(step, &last),
                 &recipe_toml,
                 |tmp| {
-                    recorder
-                        .record(record, tmp.join(snapshot::OPTIMIZER_FILE))
-                        .map_err(|e| anyhow::anyhow!("cannot save the optimizer state: {e}"))
+                    let path = tmp.join(snapshot::OPTIMIZER_FILE);
+                    recorder.record(record, path.clone()).map_err(|e| {
+                        anyhow::anyhow!(
+                            "cannot save the optimizer state to '{}.mpk': {e}",
+                            path.display()
+                        )
+                    })
                 },
             )?;
-            let all = snapshot::list_checkpoints(&run_dir)?;
-            for (_, old) in all
-                .iter()
-                .take(all.len().saturating_sub(recipe.run.keep_last))
-            {
-                std::fs::remove_dir_all(old)
-                    .with_context(|| format!("cannot delete old checkpoint '{}'", old.display()))?;
-            }
+            run.prune_checkpoints(recipe.run.keep_last)?;
             bar.suspend(|| tracing::info!("checkpoint {}", dir.display()));
         }
         if stop_now && !finished {
@@ -1033,25 +1126,19 @@ pub fn train<B: TrainBackend>(
     }
     bar.finish();
 
-    let summary = TrainSummary {
-        run_dir: run_dir.clone(),
-        steps: step,
-        interrupted: was_interrupted,
-        last,
-        cr_snapshots,
-        tokens_per_s: median(&mut throughput),
-    };
-    std::fs::write(
-        run_dir.join("summary.json"),
-        serde_json::to_string_pretty(&summary)?,
+    let summary = summarize(&run, step, was_interrupted)?;
+    atomic::write_file(
+        &run_dir.join(crate::run::SUMMARY_FILE),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
-    match super::plot::plot_metrics(
-        &metrics_path,
-        &run_dir.join("metrics.svg"),
-        &format!("dms-retrofit: {}", run_dir.display()),
-    ) {
-        Ok(_) => {}
-        Err(e) => tracing::warn!("could not draw the metrics plot: {e:#}"),
+    if metrics_path.is_file()
+        && let Err(e) = plot::plot_metrics(
+            &metrics_path,
+            &run_dir.join(crate::run::PLOT_FILE),
+            &format!("dms-retrofit: {}", run_dir.display()),
+        )
+    {
+        tracing::warn!("could not draw the metrics plot: {e:#}");
     }
     Ok(summary)
 }
