@@ -194,9 +194,16 @@ pub fn clean_stale(dir: &Path) -> Result<Vec<PathBuf>> {
         let dest = dir.join(temp.name);
         if temp.kind == OLD && !dest.exists() {
             fs::rename(&path, &dest).with_context(|| {
-                format!("cannot restore '{}' from '{}'", dest.display(), path.display())
+                format!(
+                    "cannot restore '{}' from '{}'",
+                    dest.display(),
+                    path.display()
+                )
             })?;
-            tracing::warn!("restored '{}' (its replacement was never written)", dest.display());
+            tracing::warn!(
+                "restored '{}' (its replacement was never written)",
+                dest.display()
+            );
             continue;
         }
         let result = if path.is_dir() {
@@ -262,10 +269,19 @@ mod tests {
     #[test]
     fn temporaries_parse() {
         let t = |name, kind, pid| Some(Temporary { name, kind, pid });
-        assert_eq!(parse_temporary(".step-8.partial-123"), t("step-8", PARTIAL, 123));
+        assert_eq!(
+            parse_temporary(".step-8.partial-123"),
+            t("step-8", PARTIAL, 123)
+        );
         assert_eq!(parse_temporary(".cr-4.old-9"), t("cr-4", OLD, 9));
-        assert_eq!(parse_temporary(".metrics.svg.tmp77"), t("metrics.svg", TMP, 77));
-        assert_eq!(parse_temporary(".metrics.svg.tmp-77"), t("metrics.svg", TMP, 77));
+        assert_eq!(
+            parse_temporary(".metrics.svg.tmp77"),
+            t("metrics.svg", TMP, 77)
+        );
+        assert_eq!(
+            parse_temporary(".metrics.svg.tmp-77"),
+            t("metrics.svg", TMP, 77)
+        );
         assert_eq!(parse_temporary(".lock"), None);
         assert_eq!(parse_temporary("step-8"), None);
         assert_eq!(parse_temporary(".step-8.partial-x"), None);

@@ -325,3 +325,59 @@ fn non_finite_weight_is_named() {
         "{err}"
     );
 }
+
+#[test]
+fn tensor_data_past_the_end_of_the_file_is_named() {
+    let err = error_for(|dir| {
+        let path = dir.join("model.safetensors");
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
+    });
+    assert!(
+        err.contains("not a valid safetensors file") && err.contains("data_offsets"),
+        "{err}"
+    );
+    assert!(err.contains("tensor '"), "the tensor is named: {err}");
+}
+
+#[test]
+fn config_values_out_of_range_name_the_key_and_the_range() {
+    for (key, value, expected) in [
+        ("max_position_embeddings", serde_json::json!(0), ">= 1"),
+        ("rms_norm_eps", serde_json::json!(-1e-6), "> 0"),
+    ] {
+        let err = error_for(|dir| {
+            let path = dir.join("config.json");
+            let mut cfg: Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            cfg[key] = value;
+            std::fs::write(&path, cfg.to_string()).unwrap();
+        });
+        assert!(
+            err.contains(key) && err.contains(expected) && err.contains("config.json"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    use std::io::Read;
+    use std::process::Stdio;
+    // ~200 tokens x 256 logits: far more than a pipe buffer, so the writer meets the closed end.
+    let text = "To be, or not to be, that is the question. ".repeat(5);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dms-retrofit"))
+        .args(["logits", "data/tiny-llama", "--text", &text])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut head = [0u8; 16];
+    child.stdout.take().unwrap().read_exact(&mut head).unwrap();
+    // The read end is closed here (dropped), as `| head -c 16` does.
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_ne!(out.status.code(), Some(101), "a panic's exit code: {err}");
+}

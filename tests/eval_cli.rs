@@ -141,3 +141,84 @@ fn eval_and_generate_show_the_cache_shrinking() {
     ]);
     assert!(!ok && stderr.contains("--cr"), "{stderr}");
 }
+
+/// Runs the binary from the repository root and returns its one-line error.
+fn error_of(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_dms-retrofit"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{args:?} should fail: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one error line: {err}");
+    err
+}
+
+#[test]
+fn bad_flags_are_one_error_naming_the_flag_and_its_range() {
+    let model = "data/tiny-llama";
+    let data = "data/shakespeare/eval.jsonl";
+    for cr in ["0", "-2", "NaN", "inf"] {
+        let err = error_of(&["eval", model, "--data", data, &format!("--cr={cr}")]);
+        assert!(err.contains("--cr") && err.contains(">= 1"), "{err}");
+    }
+    let err = error_of(&["eval", model, "--data", "README.md", "--cr", "2"]);
+    assert!(
+        err.contains("--data") && !err.contains("data.train_files"),
+        "{err}"
+    );
+    let err = error_of(&[
+        "eval",
+        model,
+        "--data",
+        data,
+        "--cr",
+        "2",
+        "--seq-len",
+        "1024",
+    ]);
+    assert!(
+        err.contains("--seq-len") && err.contains("max_position_embeddings = 512"),
+        "{err}"
+    );
+    for temperature in ["NaN", "-1", "inf"] {
+        let flag = format!("--temperature={temperature}");
+        let err = error_of(&["generate", model, "--prompt", "KING", &flag]);
+        assert!(err.contains("--temperature"), "{err}");
+    }
+    let err = error_of(&["generate", model, "--prompt", "KING", "--top-p", "NaN"]);
+    assert!(err.contains("--top-p"), "{err}");
+    let err = error_of(&[
+        "generate",
+        model,
+        "--prompt",
+        "KING",
+        "--max-new-tokens",
+        "600",
+    ]);
+    assert!(
+        err.contains("--max-new-tokens") && err.contains("max_position_embeddings = 512"),
+        "{err}"
+    );
+}
+
+#[test]
+fn seq_len_beyond_the_model_is_refused_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let err = error_of(&[
+        "train",
+        "--recipe",
+        "recipes/tiny.toml",
+        "--set",
+        "data.seq_len=513",
+        "--set",
+        &format!("run.output_dir=\"{}\"", out.display()),
+    ]);
+    assert!(
+        err.contains("data.seq_len = 513") && err.contains("max_position_embeddings = 512"),
+        "{err}"
+    );
+}

@@ -125,7 +125,8 @@ fn adapter_export_round_trips_and_copies_untouched_tensors() {
     assert_eq!(config["dms_separate_alpha"], true);
     assert_eq!(config["dms_window_size"], 16);
     assert_eq!(config["dms_alpha_per"], "head");
-    assert_eq!(config["dms_paged_attention_block_size"], 256);
+    // The official loader asserts 0 < block size < window (16 here).
+    assert_eq!(config["dms_paged_attention_block_size"], 8);
     assert_eq!(config["architectures"][0], "LlamaForCausalLM");
 
     // Every base tensor is byte-identical (adapter-only run, same dtype).
@@ -269,4 +270,111 @@ fn export_of_a_non_run_is_one_clear_error() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cr-K") && !err.contains("panicked"), "{err}");
+}
+
+/// Copies a folder's files (one level deep).
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+/// Every file under `dir`, relative, sorted.
+fn tree(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path.strip_prefix(dir).unwrap().to_path_buf());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn force_never_replaces_the_run_its_parent_a_snapshot_or_the_base_model() {
+    let dir = tempfile::tempdir().unwrap();
+    // A private copy of the base model: a failing guard must not destroy the repository's.
+    let base = dir.path().join("models/tiny");
+    copy_dir(&recipes().join("../data/tiny-llama"), &base);
+    let run = dir.path().join("runs/run");
+    short_run(&run, &[&format!("model.source=\"{}\"", base.display())]);
+    let other = dir.path().join("elsewhere");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("keep.txt"), "a run's notes").unwrap();
+    let before_run = tree(&run);
+    let before_base = tree(&base);
+    let cr = run.join("cr-2");
+    for (snapshot, out) in [
+        (&run, &run),
+        (&run, &dir.path().join("runs")),
+        (&run, &base),
+        (&run, &dir.path().join("models")),
+        (&run, &run.join("checkpoints")),
+        (&cr, &cr),
+        (&cr, &run),
+        (&cr, &run.join("checkpoints")),
+    ] {
+        let result = export(&[
+            snapshot.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--force",
+        ]);
+        let err = String::from_utf8_lossy(&result.stderr);
+        assert!(
+            !result.status.success(),
+            "--out {} was replaced",
+            out.display()
+        );
+        assert!(
+            err.contains("--force never replaces") && err.trim().lines().count() == 1,
+            "{err}"
+        );
+    }
+    assert_eq!(tree(&run), before_run, "the run is intact");
+    assert_eq!(tree(&base), before_base, "the base model is intact");
+    // An unrelated folder is still replaced with --force, as documented.
+    export_ok(&[
+        run.to_str().unwrap(),
+        "--out",
+        other.to_str().unwrap(),
+        "--force",
+    ]);
+    assert!(!other.join("keep.txt").exists() && other.join("config.json").is_file());
+}
+
+#[test]
+fn block_size_is_one_the_official_loader_accepts() {
+    use dms_retrofit::checkpoint::export::paged_block_size;
+    for (window, expected) in [
+        (16, 8),
+        (64, 32),
+        (256, 128),
+        (257, 256),
+        (512, 256),
+        (4096, 256),
+    ] {
+        let block = paged_block_size(window).unwrap();
+        assert_eq!(block, expected, "window {window}");
+        // Qwen3ConfigDMS: assert block_size > 0 and dms_window_size > block_size.
+        assert!(
+            block > 0 && window > block,
+            "window {window}, block {block}"
+        );
+    }
+    for window in [2, 3, 5, 1000] {
+        let block = paged_block_size(window).unwrap();
+        assert!(block > 0 && window > block && block.is_power_of_two());
+    }
+    let err = format!("{:#}", paged_block_size(1).unwrap_err());
+    assert!(err.contains("dms.window") && err.contains(">= 2"), "{err}");
 }

@@ -230,7 +230,12 @@ fn refuse_to_replace_a_source(out: &Path, sources: &[PathBuf]) -> Result<()> {
             );
         }
     }
-    if crate::run::holds_run(out) || out.join(crate::run::STATE_FILE).is_file() {
+    let holds_snapshots = std::fs::read_dir(out).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.path().join(crate::run::STATE_FILE).is_file())
+    });
+    if crate::run::holds_run(out) || out.join(crate::run::STATE_FILE).is_file() || holds_snapshots {
         bail!(
             "--out '{}' holds a training run or snapshot; --force never replaces one: choose \
              another --out",

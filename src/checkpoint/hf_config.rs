@@ -105,6 +105,16 @@ pub fn resolve(raw: &Value) -> Result<ModelConfig> {
              retrofits full-attention models)"
         );
     }
+    let rms_norm_eps = hf.rms_norm_eps.unwrap_or(1e-6);
+    if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0) {
+        bail!("rms_norm_eps = {rms_norm_eps} must be a finite number > 0 (typically 1e-5 or 1e-6)");
+    }
+    let max_position_embeddings = hf.max_position_embeddings.unwrap_or(4096);
+    if max_position_embeddings == 0 {
+        bail!(
+            "max_position_embeddings = 0: it must be >= 1 (the longest sequence the model takes)"
+        );
+    }
     let attention_bias = hf.attention_bias.unwrap_or(false);
     let (qkv_bias, o_bias) = match architecture {
         // Qwen2 hard-codes bias on q/k/v and none on o_proj; it has no `attention_bias` key.
@@ -126,9 +136,9 @@ pub fn resolve(raw: &Value) -> Result<ModelConfig> {
         num_heads,
         num_kv_heads,
         head_dim,
-        rms_norm_eps: hf.rms_norm_eps.unwrap_or(1e-6),
+        rms_norm_eps,
         rope: rope(&hf)?,
-        max_position_embeddings: hf.max_position_embeddings.unwrap_or(4096),
+        max_position_embeddings,
         tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
         qkv_bias,
         o_bias,

@@ -34,6 +34,33 @@ pub struct TensorEntry {
     end: usize,
 }
 
+/// The first tensor (in file order) whose data offsets run past the end of the file, described;
+/// the safetensors crate reports only that the file is too short, not which tensor.
+fn tensor_past_the_end(bytes: &[u8]) -> Option<String> {
+    let header_len = usize::try_from(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?)).ok()?;
+    let header = bytes.get(8..8usize.checked_add(header_len)?)?;
+    let available = bytes.len() - 8 - header_len;
+    let parsed: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(header).ok()?;
+    let mut tensors: Vec<(u64, u64, &String)> = parsed
+        .iter()
+        .filter(|(name, _)| name.as_str() != "__metadata__")
+        .filter_map(|(name, info)| {
+            let offsets = info.get("data_offsets")?.as_array()?;
+            Some((offsets.first()?.as_u64()?, offsets.get(1)?.as_u64()?, name))
+        })
+        .collect();
+    tensors.sort();
+    tensors
+        .into_iter()
+        .find(|&(start, end, _)| end > available as u64 || start > end)
+        .map(|(start, end, name)| {
+            format!(
+                "tensor '{name}' has data_offsets [{start}, {end}] but the file holds {available} \
+                 bytes of data"
+            )
+        })
+}
+
 /// A raw view of one stored tensor, for byte-exact copies.
 pub struct RawTensor<'a> {
     pub dtype: Dtype,
@@ -63,8 +90,12 @@ impl SafetensorsStore {
             let map = unsafe { Mmap::map(&file) }
                 .with_context(|| format!("cannot memory-map '{}'", path.display()))?;
             let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| {
+                let culprit = tensor_past_the_end(&map)
+                    .map(|detail| format!(" ({detail})"))
+                    .unwrap_or_default();
                 anyhow::anyhow!(
-                    "'{}' is not a valid safetensors file: {e}; re-download or re-export it",
+                    "'{}' is not a valid safetensors file: {e}{culprit}; re-download or \
+                     re-export it",
                     path.display()
                 )
             })?;

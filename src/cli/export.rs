@@ -189,7 +189,10 @@ pub fn run(args: ExportArgs) -> Result<()> {
         dtype,
         max_shard_bytes,
         force: args.force,
-        sources: [Some(dir.clone()), run_of(&dir)].into_iter().flatten().collect(),
+        sources: [Some(dir.clone()), run_of(&dir)]
+            .into_iter()
+            .flatten()
+            .collect(),
     };
     let report = write_export(&base, &mut trained, &dms, &card, &options)?;
     if args.json {

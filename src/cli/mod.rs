@@ -82,6 +82,9 @@ fn init_logging(verbose: u8) {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.global.verbose);
+    if !matches!(cli.command, Command::Train(_)) {
+        quiet_on_closed_pipe();
+    }
     let result = match cli.command {
         Command::Inspect(args) => inspect::run(args),
         Command::Train(args) => train::run(args),
@@ -98,6 +101,18 @@ pub fn main() -> ExitCode {
             eprintln!("Error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Output into a closed pipe (`dms-retrofit logits ... | head`) ends the process quietly, as it
+/// does for cat, grep or ripgrep, instead of a panic in `println!`: Rust ignores SIGPIPE, so the
+/// default action is restored. Training keeps ignoring it: its stdout carries only the final
+/// summary, and a closed pipe must not cost a run its checkpoint.
+fn quiet_on_closed_pipe() {
+    // SAFETY: called once at start-up, before any thread that could race on signal dispositions.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

@@ -873,7 +873,10 @@ pub fn train<B: TrainBackend>(
         truncate_metrics(&metrics_path, step)?;
         tracing::info!("resumed from {} (step {step})", dir.display());
     }
-    atomic::write_file(&run_dir.join(crate::run::RECIPE_FILE), recipe_toml.as_bytes())?;
+    atomic::write_file(
+        &run_dir.join(crate::run::RECIPE_FILE),
+        recipe_toml.as_bytes(),
+    )?;
 
     // 3. The loop.
     let total = t.max_steps;
