@@ -7,8 +7,9 @@ summary.json (throughput and folder aside).
     python3 scripts/kill-resume.py --trials 20 [--bin target/release/dms-retrofit] [--seed 1]
 
 Kill times are drawn uniformly over [0, 1.1 x the uninterrupted run's wall time], so they land
-during start-up (before the first checkpoint), mid-run, while files are written, and after the
-last checkpoint. Prints one row per trial and exits non-zero if any trial differs.
+during start-up (before the first checkpoint), mid-run and while files are written; every fifth
+trial instead kills the moment the final checkpoint appears (after the last checkpoint, before
+the summary). Prints one row per trial and exits non-zero if any trial differs.
 """
 
 import argparse
@@ -101,7 +102,13 @@ def main():
             at = rng.uniform(0.0, 1.1 * wall)
             child = subprocess.Popen(train_cmd(args.bin, run, False), cwd=ROOT,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(at)
+            final = run / "checkpoints" / "step-40"
+            if trial % 5 == 0:
+                at = None
+                while child.poll() is None and not final.exists():
+                    time.sleep(0.001)
+            else:
+                time.sleep(at)
             finished_first = child.poll() is not None
             if not finished_first:
                 child.send_signal(signal.SIGKILL)
@@ -128,7 +135,8 @@ def main():
             failures += not ok
             result = "identical" if ok else "DIFFERS: " + ", ".join(map(str, problems))
             note = " (had finished)" if finished_first else ""
-            print(f"{trial:>5} {at:>9.2f} {str(steps):<18} {lines:>12} {len(hidden):>9} "
+            when = "final" if at is None else f"{at:.2f}"
+            print(f"{trial:>5} {when:>9} {str(steps):<18} {lines:>12} {len(hidden):>9} "
                   f"{resumes:>7}  {result}{note}")
             rows.append({"trial": trial, "kill_at_s": at, "checkpoints": steps,
                          "metric_lines": lines, "leftovers": hidden, "finished_first":

@@ -12,6 +12,38 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
+// In tests, every sync and rename in order, so that the durability order can be checked.
+#[cfg(test)]
+thread_local! {
+    static JOURNAL: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn journal(event: impl FnOnce() -> String) {
+    #[cfg(test)]
+    JOURNAL.with(|j| j.borrow_mut().push(event()));
+    #[cfg(not(test))]
+    let _ = event;
+}
+
+fn rename(from: &Path, to: &Path) -> std::io::Result<()> {
+    journal(|| format!("rename {} -> {}", name(from), name(to)));
+    fs::rename(from, to)
+}
+
+fn sync_file(path: &Path) -> Result<()> {
+    journal(|| format!("sync {}", name(path)));
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("cannot sync '{}'", path.display()))
+}
+
+/// The last component of a path, for the test journal.
+fn name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}
+
 /// What a temporary beside a destination is for (the middle of `.NAME.KIND-PID`).
 const PARTIAL: &str = "partial";
 const OLD: &str = "old";
@@ -28,9 +60,10 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
         let mut file =
             File::create(&tmp).with_context(|| format!("cannot create '{}'", tmp.display()))?;
         file.write_all(bytes)
-            .and_then(|()| file.sync_all())
             .with_context(|| format!("cannot write '{}'", tmp.display()))?;
-        fs::rename(&tmp, path)
+        drop(file);
+        sync_file(&tmp)?;
+        rename(&tmp, path)
             .with_context(|| format!("cannot move '{}' into place", path.display()))?;
         sync_dir(&parent)
     })();
@@ -61,15 +94,15 @@ pub fn write_dir<T>(dest: &Path, fill: impl FnOnce(&Path) -> Result<T>) -> Resul
     };
     if dest.exists() {
         let old = sibling(dest, OLD);
-        fs::rename(dest, &old)
+        rename(dest, &old)
             .with_context(|| format!("cannot move the old '{}' aside", dest.display()))?;
-        fs::rename(&tmp, dest)
+        rename(&tmp, dest)
             .with_context(|| format!("cannot move the new folder into '{}'", dest.display()))?;
         sync_dir(&parent)?;
         fs::remove_dir_all(&old)
             .with_context(|| format!("cannot delete the old '{}'", old.display()))?;
     } else {
-        fs::rename(&tmp, dest)
+        rename(&tmp, dest)
             .with_context(|| format!("cannot move the new folder into '{}'", dest.display()))?;
         sync_dir(&parent)?;
     }
@@ -80,7 +113,7 @@ pub fn write_dir<T>(dest: &Path, fill: impl FnOnce(&Path) -> Result<T>) -> Resul
 /// hidden temporary first (atomic), then removed.
 pub fn remove_dir(dir: &Path) -> Result<()> {
     let doomed = sibling(dir, REMOVING);
-    fs::rename(dir, &doomed).with_context(|| format!("cannot delete '{}'", dir.display()))?;
+    rename(dir, &doomed).with_context(|| format!("cannot delete '{}'", dir.display()))?;
     sync_dir(&parent_of(dir))?;
     fs::remove_dir_all(&doomed).with_context(|| format!("cannot delete '{}'", doomed.display()))
 }
@@ -89,6 +122,7 @@ pub fn remove_dir(dir: &Path) -> Result<()> {
 pub fn sync_dir(dir: &Path) -> Result<()> {
     // Opening a folder read-only and fsyncing it is how POSIX makes its entries durable; other
     // platforms have no such call and rely on the file syncs alone.
+    journal(|| format!("sync {}/", name(dir)));
     #[cfg(unix)]
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -105,9 +139,7 @@ fn sync_tree(dir: &Path) -> Result<()> {
         if path.is_dir() {
             sync_tree(&path)?;
         } else {
-            File::open(&path)
-                .and_then(|f| f.sync_all())
-                .with_context(|| format!("cannot sync '{}'", path.display()))?;
+            sync_file(&path)?;
         }
     }
     sync_dir(dir)
@@ -244,6 +276,51 @@ mod tests {
         assert!(!dest.join("old.txt").exists() && dest.join("sub/new.txt").exists());
         let leftovers: Vec<_> = fs::read_dir(root.path()).unwrap().flatten().collect();
         assert_eq!(leftovers.len(), 1, "only the destination remains");
+    }
+
+    fn journal_of(f: impl FnOnce()) -> Vec<String> {
+        JOURNAL.with(|j| j.borrow_mut().clear());
+        f();
+        JOURNAL.with(|j| j.borrow_mut().drain(..).collect())
+    }
+
+    #[test]
+    fn everything_is_synced_before_the_rename_that_publishes_it() {
+        let root = tempfile::tempdir().unwrap();
+        let pid = std::process::id();
+        let dest = root.path().join("step-8");
+        let events = journal_of(|| {
+            write_dir(&dest, |tmp| {
+                fs::write(tmp.join("state.json"), "{}")?;
+                Ok(fs::write(tmp.join("trainable.safetensors"), "t")?)
+            })
+            .unwrap()
+        });
+        let parent = name(root.path());
+        let mut synced_files = events[..2].to_vec();
+        synced_files.sort();
+        assert_eq!(
+            synced_files,
+            ["sync state.json", "sync trainable.safetensors"]
+        );
+        assert_eq!(
+            events[2..],
+            [
+                format!("sync .step-8.partial-{pid}/"),
+                format!("rename .step-8.partial-{pid} -> step-8"),
+                format!("sync {parent}/"),
+            ]
+        );
+        let path = root.path().join("summary.json");
+        let events = journal_of(|| write_file(&path, b"{}").unwrap());
+        assert_eq!(
+            events,
+            [
+                format!("sync .summary.json.tmp-{pid}"),
+                format!("rename .summary.json.tmp-{pid} -> summary.json"),
+                format!("sync {parent}/"),
+            ]
+        );
     }
 
     #[test]

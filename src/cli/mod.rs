@@ -8,6 +8,7 @@ mod generate;
 mod inspect;
 mod loading;
 mod logits;
+mod selftest;
 mod train;
 
 use std::process::ExitCode;
@@ -54,6 +55,9 @@ pub enum Command {
     Logits(logits::LogitsArgs),
     /// Draw loss / KL / compression ratio against step for a run folder (SVG).
     Plot(train::PlotArgs),
+    /// Check every CUDA kernel against burn's ops on the GPU and the CPU's f32 ops, with stated
+    /// tolerances; exits non-zero on any failure.
+    Selftest(selftest::SelftestArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -94,6 +98,7 @@ pub fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Bench(command) => bench::run(command),
+        Command::Selftest(args) => selftest::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

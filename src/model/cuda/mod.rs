@@ -87,6 +87,7 @@ fn on_cubecl_stream<R>(
     drop(resources);
     if let Ok(mut stats) = STATS.lock() {
         stats.calls += 1;
+        stats.failed += u64::from(result.is_err());
         stats.host_s += started.elapsed().as_secs_f64();
     }
     result.map_err(|why| fallback_once(&why)).ok()
@@ -105,11 +106,14 @@ fn sync_after_each_call() -> bool {
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct HandoffStats {
     pub calls: u64,
+    /// Hand-offs whose work failed (the caller then used burn's ops).
+    pub failed: u64,
     pub host_s: f64,
 }
 
 static STATS: Mutex<HandoffStats> = Mutex::new(HandoffStats {
     calls: 0,
+    failed: 0,
     host_s: 0.0,
 });
 
