@@ -189,10 +189,22 @@ pub fn run(args: SelftestArgs) -> Result<()> {
         }
         return Ok(());
     }
+    // Each variant's rows are printed as soon as it finishes.
+    if !args.json {
+        print!("{}", table_header());
+    }
     let mut checks = Vec::new();
     let mut broken = Vec::new();
     for variant in Variant::ALL {
         let (found, problem) = run_child(&args, variant)?;
+        if args.json {
+            for check in &found {
+                println!("{}", serde_json::to_string(check)?);
+            }
+        } else {
+            print!("{}", table_rows(&found));
+        }
+        std::io::Write::flush(&mut std::io::stdout())?;
         checks.extend(found);
         broken.extend(problem);
     }
@@ -202,12 +214,8 @@ pub fn run(args: SelftestArgs) -> Result<()> {
             args.filter.unwrap_or_default()
         );
     }
-    if args.json {
-        for check in &checks {
-            println!("{}", serde_json::to_string(check)?);
-        }
-    } else {
-        print!("{}", report(&checks));
+    if !args.json {
+        print!("{}", failure_list(&checks));
     }
     let failed = checks.iter().filter(|c| !c.pass).count();
     for problem in &broken {
@@ -252,6 +260,13 @@ fn run_child(args: &SelftestArgs, variant: Variant) -> Result<(Vec<Check>, Optio
         )
         // Waiting after each hand-off makes a fault surface in the kernel that caused it.
         .env("DMS_RETROFIT_CUDA_SYNC", "1")
+        // burn's side (the reference) would otherwise autotune each of the suite's hundreds of
+        // matmul shapes on a cold GPU (tens of minutes); its kernel choice does not change
+        // what it computes.
+        .env(
+            "CUBECL_AUTOTUNE_LEVEL",
+            std::env::var("CUBECL_AUTOTUNE_LEVEL").unwrap_or_else(|_| "minimal".into()),
+        )
         .env_remove("DMS_RETROFIT_GEMM")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
@@ -282,16 +297,24 @@ fn run_child(args: &SelftestArgs, variant: Variant) -> Result<(Vec<Check>, Optio
     Ok((checks, problem))
 }
 
-/// One row per variant, kernel output and reference: the worst case and whether every case passed;
-/// then every failing check.
+/// The table's header, its rows, and the failures after it.
+#[cfg(test)]
 fn report(checks: &[Check]) -> String {
+    table_header() + &table_rows(checks) + &failure_list(checks)
+}
+
+fn table_header() -> String {
+    format!(
+        "{:<10} {:<19} {:<8} {:<9} {:>5} {:>9} {:>4} {:>9}  {:<30} result\n",
+        "variant", "kernel", "output", "reference", "cases", "worst", "", "tolerance", "worst case"
+    )
+}
+
+/// One row per variant, kernel output and reference: the worst case and whether every case
+/// passed.
+fn table_rows(checks: &[Check]) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:<10} {:<19} {:<8} {:<9} {:>5} {:>9} {:>4} {:>9}  {:<30} result",
-        "variant", "kernel", "output", "reference", "cases", "worst", "", "tolerance", "worst case"
-    );
     let mut groups: Vec<(&Check, Vec<&Check>)> = Vec::new();
     for check in checks {
         let same = |c: &&Check| {
@@ -344,6 +367,13 @@ fn report(checks: &[Check]) -> String {
             }
         );
     }
+    out
+}
+
+/// Every failing check, one per line (empty when all passed).
+fn failure_list(checks: &[Check]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
     let failures: Vec<&Check> = checks.iter().filter(|c| !c.pass).collect();
     if !failures.is_empty() {
         let _ = writeln!(out, "\nfailed checks:");
@@ -603,9 +633,15 @@ fn both(ours: Vec<f32>, burn_gpu: Vec<f32>, cpu: Vec<f32>) -> Compared {
 }
 
 impl<B: Tested> Suite<'_, B> {
+    /// Whether the case is selected by `--filter` (logged at debug level when it is, so a slow
+    /// or stuck case can be found).
     fn wants(&self, kernel: &str, case: &str) -> bool {
-        self.filter
-            .is_none_or(|f| format!("{} {kernel} {case}", self.variant.name()).contains(f))
+        let name = format!("{} {kernel} {case}", self.variant.name());
+        let wanted = self.filter.is_none_or(|f| name.contains(f));
+        if wanted {
+            tracing::debug!("{name}");
+        }
+        wanted
     }
 
     fn input<const D: usize>(&mut self, shape: [usize; D], draw: Draw) -> Tensor<B, D> {
