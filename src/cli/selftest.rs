@@ -39,6 +39,11 @@ pub struct SelftestArgs {
     /// `d64`, `g8`, `f32`).
     #[arg(long)]
     pub filter: Option<String>,
+    /// Compare with the CPU's f32 ops only, not with burn's ops on the GPU: on a cold GPU burn
+    /// autotunes every new matmul shape (about 30 s each on an H200), and the suite has
+    /// hundreds; with a warm kernel cache the full comparison is quick.
+    #[arg(long)]
+    pub cpu_only: bool,
     /// One JSON object per check on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -184,7 +189,7 @@ pub fn run(args: SelftestArgs) -> Result<()> {
     };
     spec.ensure_available()?;
     if let Some(variant) = args.variant {
-        for check in run_variant(index, variant, args.filter.as_deref())? {
+        for check in run_variant(index, variant, args.filter.as_deref(), !args.cpu_only)? {
             println!("{}", serde_json::to_string(&check)?);
         }
         return Ok(());
@@ -272,6 +277,9 @@ fn run_child(args: &SelftestArgs, variant: Variant) -> Result<(Vec<Check>, Optio
         .stderr(Stdio::inherit());
     if let Some(filter) = &args.filter {
         command.args(["--filter", filter]);
+    }
+    if args.cpu_only {
+        command.arg("--cpu-only");
     }
     let mut child = command
         .spawn()
@@ -400,7 +408,12 @@ fn failure_list(checks: &[Check]) -> String {
 
 /// The checks of one variant on GPU `index`, in this process.
 #[cfg(feature = "cuda")]
-fn run_variant(index: usize, variant: Variant, filter: Option<&str>) -> Result<Vec<Check>> {
+fn run_variant(
+    index: usize,
+    variant: Variant,
+    filter: Option<&str>,
+    burn_gpu: bool,
+) -> Result<Vec<Check>> {
     use crate::model::cuda::take_handoff_stats;
     let device = burn::backend::cuda::CudaDevice::new(index);
     crate::backend::init_cuda(&device, variant.format())?;
@@ -415,11 +428,11 @@ fn run_variant(index: usize, variant: Variant, filter: Option<&str>) -> Result<V
             None
         }
     };
-    run_checks::<crate::backend::Cuda>(variant, &device, filter, &kernels_ran)
+    run_checks::<crate::backend::Cuda>(variant, &device, filter, burn_gpu, &kernels_ran)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn run_variant(_: usize, _: Variant, _: Option<&str>) -> Result<Vec<Check>> {
+fn run_variant(_: usize, _: Variant, _: Option<&str>, _: bool) -> Result<Vec<Check>> {
     unreachable!("ensure_available fails without the cuda feature")
 }
 
@@ -427,18 +440,21 @@ fn run_variant(_: usize, _: Variant, _: Option<&str>) -> Result<Vec<Check>> {
 pub trait Tested: AttentionBackend + ElementwiseBackend + LinearBackend {}
 impl<B: AttentionBackend + ElementwiseBackend + LinearBackend> Tested for B {}
 
-/// Every check of `variant` on `device` whose name matches `filter`. `kernels_ran` is asked after
-/// each call of the backend's own path: `None` when its kernels ran, else why not.
+/// Every check of `variant` on `device` whose name matches `filter`, against burn's ops on the
+/// same device too when `burn_gpu`. `kernels_ran` is asked after each call of the backend's own
+/// path: `None` when its kernels ran, else why not.
 pub fn run_checks<B: Tested>(
     variant: Variant,
     device: &B::Device,
     filter: Option<&str>,
+    burn_gpu: bool,
     kernels_ran: &dyn Fn() -> Option<String>,
 ) -> Result<Vec<Check>> {
     let mut suite = Suite::<B> {
         variant,
         device,
         filter,
+        burn_gpu,
         kernels_ran,
         rng: Rng(0x5e1f_7e57),
         checks: Vec::new(),
@@ -579,6 +595,8 @@ struct Suite<'a, B: Backend> {
     variant: Variant,
     device: &'a B::Device,
     filter: Option<&'a str>,
+    /// Whether burn's ops on the same device are a reference too.
+    burn_gpu: bool,
     kernels_ran: &'a dyn Fn() -> Option<String>,
     rng: Rng,
     checks: Vec<Check>,
@@ -658,6 +676,15 @@ impl<B: Tested> Suite<'_, B> {
             .cast(self.variant.dtype())
     }
 
+    /// The values of burn's GPU reference, or none when it is not compared.
+    fn on_gpu<const D: usize>(&self, reference: impl FnOnce() -> Tensor<B, D>) -> Result<Vec<f32>> {
+        if self.burn_gpu {
+            values(reference())
+        } else {
+            Ok(Vec::new())
+        }
+    }
+
     /// Runs the backend's own path, waits for it, and says whether its kernels ran.
     fn ours<T>(&self, f: impl FnOnce() -> T) -> Result<(T, Option<String>)> {
         let _ = (self.kernels_ran)();
@@ -682,6 +709,9 @@ impl<B: Tested> Suite<'_, B> {
             Measure::Rel
         };
         for (reference, ours, want) in compared {
+            if reference == Reference::BurnGpu && !self.burn_gpu {
+                continue;
+            }
             let tolerance = tolerance(self.variant, reference, class);
             let (diff, note) = match declined {
                 Some(why) => (f64::NAN, Some(why.clone())),
@@ -732,7 +762,15 @@ impl<B: Tested> Suite<'_, B> {
         let (ours, declined) = self.ours(|| {
             B::attention_forward_with_lse(q.clone(), k.clone(), v.clone(), bias.clone(), options)
         })?;
-        let burn = attention_forward(q.clone(), k.clone(), v.clone(), bias.clone(), options);
+        // Without burn's GPU reference, our own forward stands in for it (its rows are dropped).
+        let burn = if self.burn_gpu {
+            attention_forward(q.clone(), k.clone(), v.clone(), bias.clone(), options)
+        } else {
+            AttentionForward {
+                output: ours.output.clone(),
+                lse: ours.lse.clone(),
+            }
+        };
         let on_cpu_forward =
             attention_forward(cpu(&q), cpu(&k), cpu(&v), cpu_bias.clone(), options);
         self.record(
@@ -774,19 +812,27 @@ impl<B: Tested> Suite<'_, B> {
                 options,
             )
         };
-        let (from_burn, declined_a) = self.ours(|| backward_ours(&burn))?;
         let (from_ours, declined_b) = self.ours(|| backward_ours(&ours))?;
+        let (from_burn, declined_a) = if self.burn_gpu {
+            self.ours(|| backward_ours(&burn))?
+        } else {
+            (backward_ours(&ours), None)
+        };
         let declined = declined_a.or(declined_b);
-        let burn_grads = attention_backward(
-            q.clone(),
-            k.clone(),
-            v.clone(),
-            bias.clone(),
-            &burn,
-            grad_out.clone(),
-            true,
-            options,
-        );
+        let burn_grads = if !self.burn_gpu {
+            backward_ours(&ours)
+        } else {
+            attention_backward(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                bias.clone(),
+                &burn,
+                grad_out.clone(),
+                true,
+                options,
+            )
+        };
         let cpu_grads = attention_backward(
             cpu(&q),
             cpu(&k),
@@ -864,7 +910,7 @@ impl<B: Tested> Suite<'_, B> {
             let (ours, declined) = self.ours(|| B::linear_hf(x.clone(), w.clone(), b.clone()))?;
             let compared = both(
                 values(ours)?,
-                values(linear_ops::linear(x.clone(), w.clone(), b.clone()))?,
+                self.on_gpu(|| linear_ops::linear(x.clone(), w.clone(), b.clone()))?,
                 values(linear_ops::linear(cx.clone(), cw.clone(), cb))?,
             );
             self.record("linear", "y", &case, Class::Reduction, &declined, compared);
@@ -872,7 +918,7 @@ impl<B: Tested> Suite<'_, B> {
             let (ours, declined) = self.ours(|| B::linear_hf_input_grad(dy.clone(), w.clone()))?;
             let compared = both(
                 values(ours)?,
-                values(linear_ops::input_grad(dy.clone(), w.clone()))?,
+                self.on_gpu(|| linear_ops::input_grad(dy.clone(), w.clone()))?,
                 values(linear_ops::input_grad(cdy.clone(), cw))?,
             );
             self.record(
@@ -887,7 +933,7 @@ impl<B: Tested> Suite<'_, B> {
             let (ours, declined) = self.ours(|| B::linear_hf_weight_grad(dy.clone(), x.clone()))?;
             let compared = both(
                 values(ours)?,
-                values(linear_ops::weight_grad(dy.clone(), x.clone()))?,
+                self.on_gpu(|| linear_ops::weight_grad(dy.clone(), x.clone()))?,
                 values(linear_ops::weight_grad(cdy, cx))?,
             );
             self.record(
@@ -1128,6 +1174,7 @@ mod tests {
             variant: Variant::F32,
             device: &device,
             filter: None,
+            burn_gpu: true,
             kernels_ran: &|| None,
             rng: Rng(1),
             checks: Vec::new(),
@@ -1163,6 +1210,7 @@ mod tests {
             Variant::F32,
             &Default::default(),
             Some("[1, 5, 1001]"),
+            true,
             &not_ran,
         )
         .unwrap();
@@ -1178,7 +1226,8 @@ mod tests {
     /// shape class is present and every check compares (and passes) with the f32 tolerances.
     #[test]
     fn the_suite_covers_every_kernel_and_shape_class() {
-        let checks = run_checks::<Cpu>(Variant::F32, &Default::default(), None, &|| None).unwrap();
+        let checks =
+            run_checks::<Cpu>(Variant::F32, &Default::default(), None, true, &|| None).unwrap();
         let failed: Vec<_> = checks.iter().filter(|c| !c.pass).collect();
         assert!(failed.is_empty(), "{failed:?}");
         for kernel in [
@@ -1217,6 +1266,31 @@ mod tests {
         assert!(
             text.contains("attention backward") && !text.contains("FAIL"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn cpu_only_compares_with_the_cpu_alone() {
+        let device = Default::default();
+        let checks = run_checks::<Cpu>(
+            Variant::F32,
+            &device,
+            Some("d64 g4 T200 w16"),
+            false,
+            &|| None,
+        )
+        .unwrap();
+        assert!(!checks.is_empty());
+        assert!(
+            checks
+                .iter()
+                .all(|c| c.reference == Reference::CpuF32 && c.pass)
+        );
+        let outputs: Vec<&str> = checks.iter().map(|c| c.output.as_str()).collect();
+        assert!(
+            ["out", "lse", "dq", "dk", "dv", "dbias"]
+                .iter()
+                .all(|o| outputs.contains(o))
         );
     }
 
