@@ -222,3 +222,73 @@ fn seq_len_beyond_the_model_is_refused_before_training() {
         "{err}"
     );
 }
+
+#[test]
+fn device_and_dtype_flags_are_checked_before_loading() {
+    let model = "data/tiny-llama";
+    let data = "data/shakespeare/eval.jsonl";
+    for command in [
+        vec!["eval", model, "--data", data],
+        vec!["generate", model, "--prompt", "hi"],
+        vec!["logits", model, "--ids", "1,2"],
+    ] {
+        let with = |extra: &[&str]| {
+            let mut args = command.clone();
+            args.extend_from_slice(extra);
+            error_of(&args)
+        };
+        let err = with(&["--device", "tpu"]);
+        assert!(
+            err.contains("--device 'tpu'") && err.contains("cuda:N"),
+            "{err}"
+        );
+        let err = with(&["--dtype", "bf16"]);
+        assert!(
+            err.contains("--dtype bfloat16 needs --device cuda"),
+            "{err}"
+        );
+        let err = with(&["--device", "cuda", "--dtype", "f64"]);
+        if cfg!(feature = "cuda") {
+            assert!(
+                err.contains("--dtype 'f64' must be f32, bf16 or f16"),
+                "{err}"
+            );
+        } else {
+            assert!(err.contains("needs a CUDA build"), "{err}");
+        }
+    }
+}
+
+/// The same eval on the CPU through the backend-generic path as before: explicit `--device cpu
+/// --dtype f32` equals the defaults.
+#[test]
+fn explicit_cpu_f32_equals_the_defaults() {
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "data/tiny-llama",
+            "--data",
+            "data/shakespeare/eval.jsonl",
+            "--seq-len",
+            "32",
+            "--max-sequences",
+            "1",
+            "--cr",
+            "2",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let out = Command::new(env!("CARGO_BIN_EXE_dms-retrofit"))
+            .args(&args)
+            .current_dir(root())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(run(&[]), run(&["--device", "cpu", "--dtype", "f32"]));
+}

@@ -9,11 +9,14 @@ use clap::Args;
 use serde::Serialize;
 
 use super::loading::load_model;
+use super::{ComputeArgs, on_backend};
 use crate::data::dataset::DataKeys;
 use crate::data::{DataConfig, Dataset};
 use crate::dms::DmsConfig;
 use crate::eval::quality::{Totals, score, score_baseline, score_dms, teacher_logits};
 use crate::eval::{Budget, Decoding, Policy};
+use crate::model::FloatFormat;
+use crate::model::attention::AttentionBackend;
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -40,6 +43,8 @@ pub struct EvalArgs {
     /// Print the report as JSON on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -88,7 +93,28 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if args.max_sequences == 0 {
         bail!("--max-sequences must be >= 1");
     }
-    let loaded = load_model(&args.model)?;
+    let (spec, format) = args.compute.resolve()?;
+    let report = on_backend!(spec, format, evaluate(&args, format))?;
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("report.json");
+        crate::atomic::write_file(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    print_report(&report);
+    Ok(())
+}
+
+/// Every length's rows on backend `B`.
+fn evaluate<B: AttentionBackend>(
+    args: &EvalArgs,
+    format: FloatFormat,
+    device: &B::Device,
+) -> Result<Report> {
+    let loaded = load_model::<B>(&args.model, format, device)?;
     let cfg = &loaded.ckpt.config;
     if let Some(&longest) = args.seq_len.iter().max()
         && longest > cfg.max_position_embeddings
@@ -215,16 +241,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
             cr_per_layer_head: per_head,
         });
     }
-    if let Some(dir) = &args.out {
-        std::fs::create_dir_all(dir)?;
-        let path = dir.join("report.json");
-        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("cannot write '{}'", path.display()))?;
-    }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(());
-    }
+    Ok(report)
+}
+
+fn print_report(report: &Report) {
     println!("{}", report.model);
     for length in &report.lengths {
         println!();
@@ -247,5 +267,4 @@ pub fn run(args: EvalArgs) -> Result<()> {
             }
         }
     }
-    Ok(())
 }

@@ -8,10 +8,13 @@ use clap::Args;
 use serde::Serialize;
 
 use super::human_bytes;
-use super::loading::load_model;
+use super::loading::{Loaded, load_model};
+use super::{ComputeArgs, on_backend};
 use crate::data::{ChatTemplate, Message};
 use crate::eval::Decoding;
 use crate::eval::sampling::{Rng, sample};
+use crate::model::FloatFormat;
+use crate::model::attention::AttentionBackend;
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -34,6 +37,8 @@ pub struct GenerateArgs {
     /// Print the statistics as JSON (stdout) after the text.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
 }
 
 #[derive(Serialize)]
@@ -49,7 +54,7 @@ struct Stats {
 }
 
 /// EOS ids from config.json and generation_config.json (a number or a list).
-fn eos_ids(loaded: &super::loading::Loaded) -> Vec<u32> {
+fn eos_ids<B: AttentionBackend>(loaded: &Loaded<B>) -> Vec<u32> {
     let mut ids = loaded.ckpt.config.eos_token_ids.clone();
     if let Some(path) = &loaded.ckpt.files.generation_config
         && let Ok(text) = std::fs::read_to_string(path)
@@ -79,7 +84,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             args.temperature
         );
     }
-    let loaded = load_model(&args.model)?;
+    let (spec, format) = args.compute.resolve()?;
+    on_backend!(spec, format, generate(&args, format))
+}
+
+/// Prefill, then sample and stream tokens, on backend `B`.
+fn generate<B: AttentionBackend>(
+    args: &GenerateArgs,
+    format: FloatFormat,
+    device: &B::Device,
+) -> Result<()> {
+    let loaded = load_model::<B>(&args.model, format, device)?;
     let files = &loaded.ckpt.files;
     let tokenizer = loaded.ckpt.tokenizer()?;
     let text = if args.chat {
@@ -128,7 +143,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut stdout = std::io::stdout();
     let decode_start = Instant::now();
     for _ in 0..args.max_new_tokens {
-        let values = logits.into_data().into_vec::<f32>().expect("f32");
+        let values = logits
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("cannot read the logits back: {e:?}"))?;
         let next = sample(&values, args.temperature, args.top_p, &mut rng);
         if eos.contains(&next) {
             break;
@@ -153,21 +172,22 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         generated_tokens: generated,
         decode_tokens_per_s: generated as f64 / seconds.max(1e-9),
         prefill_seconds,
-        kv_bytes: cache.bytes(4),
-        kv_bytes_dense: cache.dense_bytes(4),
+        kv_bytes: cache.bytes(format.bytes()),
+        kv_bytes_dense: cache.dense_bytes(format.bytes()),
         measured_cr: cache.compression_ratio(),
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&stats)?);
     } else {
         eprintln!(
-            "{} prompt + {} generated tokens, {:.1} tokens/s; KV cache {} vs {} dense (f32), \
+            "{} prompt + {} generated tokens, {:.1} tokens/s; KV cache {} vs {} dense ({}), \
              measured CR {:.2}",
             stats.prompt_tokens,
             stats.generated_tokens,
             stats.decode_tokens_per_s,
             human_bytes(stats.kv_bytes),
             human_bytes(stats.kv_bytes_dense),
+            format.torch_name(),
             stats.measured_cr
         );
     }

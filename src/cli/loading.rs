@@ -6,32 +6,35 @@ use std::path::Path;
 use anyhow::Result;
 
 use super::export::{locate_snapshot, open_base};
-use crate::backend::Cpu;
 use crate::checkpoint::Checkpoint;
 use crate::dms::{DmsConfig, DmsModel};
 use crate::model::FloatFormat;
+use crate::model::attention::AttentionBackend;
 use crate::train::snapshot::{self, load_trainable};
 
-/// A model ready for inference on the CPU.
-pub struct Loaded {
+/// A model ready for inference on backend `B`.
+pub struct Loaded<B: AttentionBackend> {
     pub ckpt: Checkpoint,
-    pub model: DmsModel<Cpu>,
+    pub model: DmsModel<B>,
     /// `None`: a base checkpoint, run densely.
     pub dms: Option<DmsConfig>,
     /// What was loaded, for reports.
     pub description: String,
 }
 
-pub fn load_model(spec: &str) -> Result<Loaded> {
-    let device = Default::default();
+/// Loads `spec` in `format` onto `device`.
+pub fn load_model<B: AttentionBackend>(
+    spec: &str,
+    format: FloatFormat,
+    device: &B::Device,
+) -> Result<Loaded<B>> {
     let path = Path::new(spec);
     let is_run = path.join(snapshot::STATE_FILE).is_file() || path.join("checkpoints").is_dir();
     if is_run {
         let dir = locate_snapshot(path)?;
         let state = snapshot::read_state(&dir)?;
         let ckpt = open_base(&state)?;
-        let (mut model, dms) =
-            ckpt.load_dms_model::<Cpu>(Some(&state.dms), FloatFormat::F32, &device)?;
+        let (mut model, dms) = ckpt.load_dms_model::<B>(Some(&state.dms), format, device)?;
         load_trainable(&dir, &mut model)?;
         return Ok(Loaded {
             ckpt,
@@ -47,7 +50,7 @@ pub fn load_model(spec: &str) -> Result<Loaded> {
     }
     let ckpt = Checkpoint::open(spec)?;
     if ckpt.dms.is_some() {
-        let (model, dms) = ckpt.load_dms_model::<Cpu>(None, FloatFormat::F32, &device)?;
+        let (model, dms) = ckpt.load_dms_model::<B>(None, format, device)?;
         let cr = ckpt.dms.as_ref().map(|d| d.cr).unwrap_or(1.0);
         return Ok(Loaded {
             ckpt,
@@ -56,7 +59,7 @@ pub fn load_model(spec: &str) -> Result<Loaded> {
             description: format!("DMS checkpoint {spec} (trained to CR {cr:.2})"),
         });
     }
-    let base = ckpt.load_decoder::<Cpu>(FloatFormat::F32, &device)?;
+    let base = ckpt.load_decoder::<B>(format, device)?;
     Ok(Loaded {
         ckpt,
         model: DmsModel {

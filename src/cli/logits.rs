@@ -6,7 +6,6 @@ use burn::tensor::{Int, Tensor, TensorData};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
-use crate::backend::{Cpu, DeviceSpec};
 use crate::checkpoint::Checkpoint;
 use crate::data::Tokenizer;
 use crate::dms::Mode;
@@ -33,12 +32,8 @@ pub struct LogitsArgs {
     pub ids: Vec<u32>,
     #[arg(long, value_enum, default_value = "off")]
     pub eviction: Eviction,
-    /// `cpu` (f32) or `cuda[:N]` (bf16 unless --dtype says otherwise).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Compute dtype: f32, bf16 or f16 (default: f32 on the CPU, bf16 on CUDA).
-    #[arg(long)]
-    pub dtype: Option<String>,
+    #[command(flatten)]
+    pub compute: super::ComputeArgs,
 }
 
 /// Logits of one forward pass on backend `B`, as f32 host values.
@@ -102,33 +97,8 @@ pub fn run(args: LogitsArgs) -> Result<()> {
     if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
         bail!("token id {bad} is outside the vocabulary (size {vocab})");
     }
-    let spec: DeviceSpec = args.device.parse()?;
-    spec.ensure_available()?;
-    let format = match &args.dtype {
-        Some(d) => FloatFormat::parse(d)
-            .with_context(|| format!("--dtype '{d}' must be f32, bf16 or f16"))?,
-        None => spec.default_format(),
-    };
-    let values = match spec {
-        DeviceSpec::Cpu => forward::<Cpu>(
-            &ckpt,
-            &ids,
-            args.eviction,
-            FloatFormat::F32,
-            &Default::default(),
-        )?,
-        #[cfg(feature = "cuda")]
-        DeviceSpec::Cuda(index) => {
-            let device = burn::backend::cuda::CudaDevice::new(index);
-            crate::backend::init_cuda(&device, format)?;
-            forward::<crate::backend::Cuda>(&ckpt, &ids, args.eviction, format, &device)?
-        }
-        #[cfg(not(feature = "cuda"))]
-        DeviceSpec::Cuda(_) => {
-            let _ = format;
-            unreachable!("ensure_available fails without the cuda feature")
-        }
-    };
+    let (spec, format) = args.compute.resolve()?;
+    let values = super::on_backend!(spec, format, forward(&ckpt, &ids, args.eviction, format))?;
     let out = Output {
         input_ids: ids,
         eviction: format!("{:?}", args.eviction).to_lowercase(),

@@ -13,7 +13,11 @@ mod train;
 
 use std::process::ExitCode;
 
+use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
+
+use crate::backend::DeviceSpec;
+use crate::model::FloatFormat;
 use tracing_subscriber::EnvFilter;
 
 /// Retrofit Llama and Qwen checkpoints with Dynamic Memory Sparsification (DMS): learned per-head
@@ -59,6 +63,64 @@ pub enum Command {
     /// tolerances; exits non-zero on any failure.
     Selftest(selftest::SelftestArgs),
 }
+
+/// Where a command computes (`eval`, `generate`, `logits`).
+#[derive(Args, Debug, Clone)]
+pub struct ComputeArgs {
+    /// `cpu` (f32) or `cuda[:N]` (bf16 unless --dtype says otherwise).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype: f32, bf16 or f16 (default: f32 on the CPU, bf16 on CUDA).
+    #[arg(long)]
+    pub dtype: Option<String>,
+}
+
+impl ComputeArgs {
+    /// The device and float format asked for, or one error naming the flag and the fix.
+    pub fn resolve(&self) -> Result<(DeviceSpec, FloatFormat)> {
+        let spec: DeviceSpec = self
+            .device
+            .parse()
+            .with_context(|| format!("--device '{}'", self.device))?;
+        spec.ensure_available()?;
+        let format = match &self.dtype {
+            Some(d) => FloatFormat::parse(d)
+                .with_context(|| format!("--dtype '{d}' must be f32, bf16 or f16"))?,
+            None => spec.default_format(),
+        };
+        if spec == DeviceSpec::Cpu && format != FloatFormat::F32 {
+            bail!(
+                "--dtype {} needs --device cuda: the CPU backend computes in f32",
+                format.torch_name()
+            );
+        }
+        Ok((spec, format))
+    }
+}
+
+/// `$run::<B>(args..., &device)` on the backend `$spec` names; a CUDA device is first prepared
+/// for `$format` (kernel cache, default float dtype).
+macro_rules! on_backend {
+    ($spec:expr, $format:expr, $run:ident($($arg:expr),* $(,)?)) => {
+        match $spec {
+            $crate::backend::DeviceSpec::Cpu => {
+                $run::<$crate::backend::Cpu>($($arg,)* &Default::default())
+            }
+            #[cfg(feature = "cuda")]
+            $crate::backend::DeviceSpec::Cuda(index) => {
+                let device = burn::backend::cuda::CudaDevice::new(index);
+                $crate::backend::init_cuda(&device, $format)?;
+                $run::<$crate::backend::Cuda>($($arg,)* &device)
+            }
+            #[cfg(not(feature = "cuda"))]
+            $crate::backend::DeviceSpec::Cuda(_) => {
+                let _ = $format;
+                unreachable!("ensure_available fails without the cuda feature")
+            }
+        }
+    };
+}
+pub(crate) use on_backend;
 
 fn init_logging(verbose: u8) {
     let default = match verbose {
