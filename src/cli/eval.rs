@@ -6,15 +6,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use serde::Serialize;
 
 use super::loading::load_model;
 use super::{ComputeArgs, on_backend};
 use crate::data::dataset::DataKeys;
 use crate::data::{DataConfig, Dataset};
-use crate::dms::DmsConfig;
-use crate::eval::quality::{Totals, score, score_baseline, score_dms, teacher_logits};
-use crate::eval::{Budget, Decoding, Policy};
+use crate::eval::report::{Report, evaluate_length};
 use crate::model::FloatFormat;
 use crate::model::attention::AttentionBackend;
 
@@ -45,40 +42,6 @@ pub struct EvalArgs {
     pub json: bool,
     #[command(flatten)]
     pub compute: ComputeArgs,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct MethodRow {
-    pub method: String,
-    pub perplexity: f64,
-    pub kl_to_original: f64,
-    pub compression_ratio: f64,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct LengthReport {
-    pub seq_len: usize,
-    pub sequences: usize,
-    pub rows: Vec<MethodRow>,
-    /// Measured CR per layer (rows) and KV head (columns), DMS only.
-    pub cr_per_layer_head: Option<Vec<Vec<f64>>>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct Report {
-    pub model: String,
-    pub data: Vec<PathBuf>,
-    pub dms: Option<DmsConfig>,
-    pub lengths: Vec<LengthReport>,
-}
-
-fn row(method: &str, totals: &Totals, cr: f64) -> MethodRow {
-    MethodRow {
-        method: method.to_string(),
-        perplexity: totals.perplexity(),
-        kl_to_original: totals.mean_kl(),
-        compression_ratio: cr,
-    }
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
@@ -139,9 +102,6 @@ fn evaluate<B: AttentionBackend>(
             args.model
         );
     }
-    // Baselines run on the original model: the same weights with eviction off.
-    let dms_for_teacher = loaded.dms.clone().unwrap_or_default();
-    let plain = Decoding::new(&loaded.model, cfg, None);
     let mut report = Report {
         model: loaded.description.clone(),
         data: args.data.clone(),
@@ -165,68 +125,16 @@ fn evaluate<B: AttentionBackend>(
             eos,
             eos,
         )?;
-        let sequences = &dataset.train;
-        let mut original = Totals::default();
-        let mut dms_totals = Totals::default();
-        let mut retained_sum: Vec<Vec<f64>> = Vec::new();
-        let mut teachers = Vec::new();
-        for seq in sequences {
-            let teacher = teacher_logits(&loaded.model, cfg, &dms_for_teacher, seq);
-            original.add(&score(teacher.clone(), teacher.clone(), seq, &[eos]));
-            if let Some(dms) = &loaded.dms {
-                let (totals, retained) =
-                    score_dms(&loaded.model, cfg, dms, seq, teacher.clone(), &[eos]);
-                dms_totals.add(&totals);
-                if retained_sum.is_empty() {
-                    retained_sum = retained.iter().map(|l| vec![0.0; l.len()]).collect();
-                }
-                for (sum, layer) in retained_sum.iter_mut().zip(&retained) {
-                    for (s, r) in sum.iter_mut().zip(layer) {
-                        *s += r;
-                    }
-                }
-            }
-            teachers.push(teacher);
-        }
-        let n = sequences.len() as f64;
-        let mut rows = vec![row("original (dense)", &original, 1.0)];
-        let per_head: Option<Vec<Vec<f64>>> = (!retained_sum.is_empty()).then(|| {
-            retained_sum
-                .iter()
-                .map(|layer| layer.iter().map(|s| n / s.max(f64::MIN_POSITIVE)).collect())
-                .collect()
-        });
-        let dms_cr = retained_sum.iter().flatten().count() as f64 * n
-            / retained_sum
-                .iter()
-                .flatten()
-                .sum::<f64>()
-                .max(f64::MIN_POSITIVE);
-        if loaded.dms.is_some() {
-            rows.push(row("DMS", &dms_totals, dms_cr));
-        }
-        if !args.no_baselines {
-            let cr = args.cr.unwrap_or(dms_cr);
-            let budget = Budget {
-                compression_ratio: cr,
-            };
-            for (name, policy) in [
-                ("StreamingLLM", Policy::StreamingLlm { sinks: 4 }),
-                ("TOVA", Policy::Tova),
-                ("H2O", Policy::H2o),
-            ] {
-                let mut totals = Totals::default();
-                let mut crs = 0.0;
-                for (seq, teacher) in sequences.iter().zip(&teachers) {
-                    let (t, measured) =
-                        score_baseline(&plain, policy, budget, seq, teacher.clone(), &[eos]);
-                    totals.add(&t);
-                    crs += measured;
-                }
-                rows.push(row(name, &totals, crs / n));
-            }
-        }
-        if let (Some(dir), Some(grid)) = (&args.out, &per_head) {
+        let length = evaluate_length(
+            &loaded.model,
+            cfg,
+            loaded.dms.as_ref(),
+            seq_len,
+            &dataset.train,
+            eos,
+            (!args.no_baselines).then_some(args.cr),
+        );
+        if let (Some(dir), Some(grid)) = (&args.out, &length.cr_per_layer_head) {
             std::fs::create_dir_all(dir)?;
             crate::eval::heatmap::write_heatmap(
                 grid,
@@ -234,12 +142,7 @@ fn evaluate<B: AttentionBackend>(
                 &format!("measured CR per layer and KV head, {seq_len} tokens"),
             )?;
         }
-        report.lengths.push(LengthReport {
-            seq_len,
-            sequences: sequences.len(),
-            rows,
-            cr_per_layer_head: per_head,
-        });
+        report.lengths.push(length);
     }
     Ok(report)
 }

@@ -5,6 +5,7 @@ pub mod cache;
 pub mod decode;
 pub mod heatmap;
 pub mod quality;
+pub mod report;
 pub mod sampling;
 
 pub use cache::{Budget, KvCache, Policy};
