@@ -16,30 +16,14 @@ use clap::Args;
 use serde::Serialize;
 
 use super::bench::require_positive;
-use crate::backend::{Cpu, DeviceSpec};
+use super::on_backend;
+use crate::backend::DeviceSpec;
 use crate::model::FloatFormat;
 use crate::model::attention::{
     AttentionBackend, AttentionOptions, attention_backward, attention_forward,
 };
 use crate::model::elementwise::{self, ElementwiseBackend};
 use crate::model::linear::{LinearBackend, burn_ops};
-
-/// `$measure::<B>(&$args, &device)` on the backend `$spec` names: f32 on the CPU, bf16 on CUDA.
-macro_rules! measure_on {
-    ($spec:expr, $measure:ident, $args:expr) => {
-        match $spec {
-            DeviceSpec::Cpu => $measure::<Cpu>(&$args, &Default::default())?,
-            #[cfg(feature = "cuda")]
-            DeviceSpec::Cuda(index) => {
-                let device = burn::backend::cuda::CudaDevice::new(index);
-                crate::backend::init_cuda(&device, FloatFormat::Bf16)?;
-                $measure::<crate::backend::Cuda>(&$args, &device)?
-            }
-            #[cfg(not(feature = "cuda"))]
-            DeviceSpec::Cuda(_) => unreachable!("ensure_available fails without the cuda feature"),
-        }
-    };
-}
 
 #[derive(Args, Debug)]
 pub struct LinearArgs {
@@ -79,11 +63,8 @@ pub fn run(args: LinearArgs) -> Result<()> {
     require_positive("--tokens", args.tokens)?;
     let spec: DeviceSpec = args.device.parse()?;
     spec.ensure_available()?;
-    let rows = measure_on!(spec, measure, args);
-    let dtype = match spec {
-        DeviceSpec::Cpu => FloatFormat::F32,
-        DeviceSpec::Cuda(_) => FloatFormat::Bf16,
-    };
+    let rows = on_backend!(spec, FloatFormat::Bf16, measure(&args))?;
+    let dtype = spec.default_format();
     println!(
         "{} on {}, {} tokens, {}:",
         args.shape,
@@ -214,11 +195,12 @@ fn compare<B: LinearBackend, const D: usize>(
     Ok((ours_s, burn_s, diff))
 }
 
-fn f32_values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>> {
+/// A tensor's values as f32 on the host.
+pub(super) fn f32_values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>> {
     t.into_data()
         .convert::<f32>()
         .to_vec::<f32>()
-        .map_err(|e| anyhow::anyhow!("{e:?}"))
+        .map_err(|e| anyhow::anyhow!("cannot read a tensor back: {e:?}"))
 }
 
 fn max_abs_diff(got: &[f32], want: &[f32]) -> f32 {
@@ -274,7 +256,7 @@ pub fn run_attention(args: AttentionArgs) -> Result<()> {
     }
     let spec: DeviceSpec = args.device.parse()?;
     spec.ensure_available()?;
-    let rows = measure_on!(spec, measure_attention, args);
+    let rows = on_backend!(spec, FloatFormat::Bf16, measure_attention(&args))?;
     println!(
         "attention forward, {} heads, window {}, with key bias, on {}:",
         args.shape, args.window, args.device
@@ -440,7 +422,7 @@ pub fn run_elementwise(args: ElementwiseArgs) -> Result<()> {
     require_positive("--kl-chunk", args.kl_chunk)?;
     let spec: DeviceSpec = args.device.parse()?;
     spec.ensure_available()?;
-    let rows = measure_on!(spec, measure_elementwise, args);
+    let rows = on_backend!(spec, FloatFormat::Bf16, measure_elementwise(&args))?;
     println!(
         "RMSNorm / SwiGLU / RoPE / KL, {} sizes, {} tokens, on {}:",
         args.shape, args.tokens, args.device

@@ -22,9 +22,11 @@ use burn::tensor::{FloatDType, Tensor, TensorData, backend::Backend};
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
+use super::bench_ops::f32_values;
 use crate::backend::{Cpu, DeviceSpec};
 use crate::model::attention::{
-    AttentionBackend, AttentionForward, AttentionOptions, attention_backward, attention_forward,
+    AttentionBackend, AttentionForward, AttentionGrads, AttentionOptions, attention_backward,
+    attention_forward,
 };
 use crate::model::elementwise::{ElementwiseBackend, burn_ops as elementwise_ops};
 use crate::model::linear::{LinearBackend, burn_ops as linear_ops};
@@ -602,12 +604,19 @@ struct Suite<'a, B: Backend> {
     checks: Vec<Check>,
 }
 
-/// A tensor's values as f32.
-fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>> {
-    t.into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .map_err(|e| anyhow::anyhow!("cannot read a tensor back: {e:?}"))
+/// The values of a tensor that may be absent (none when it is).
+fn optional_values<B: Backend, const D: usize>(t: Option<Tensor<B, D>>) -> Result<Vec<f32>> {
+    t.map_or_else(|| Ok(Vec::new()), f32_values)
+}
+
+/// The attention gradients' values: q, k, v and the key bias (none without one).
+fn grad_values<B: Backend>(grads: AttentionGrads<B>) -> Result<[Vec<f32>; 4]> {
+    Ok([
+        f32_values(grads.q)?,
+        f32_values(grads.k)?,
+        f32_values(grads.v)?,
+        optional_values(grads.key_bias)?,
+    ])
 }
 
 /// The difference of `got` from `want` (NaN when their sizes differ; infinite where one is
@@ -679,7 +688,7 @@ impl<B: Tested> Suite<'_, B> {
     /// The values of burn's GPU reference, or none when it is not compared.
     fn on_gpu<const D: usize>(&self, reference: impl FnOnce() -> Tensor<B, D>) -> Result<Vec<f32>> {
         if self.burn_gpu {
-            values(reference())
+            f32_values(reference())
         } else {
             Ok(Vec::new())
         }
@@ -762,15 +771,9 @@ impl<B: Tested> Suite<'_, B> {
         let (ours, declined) = self.ours(|| {
             B::attention_forward_with_lse(q.clone(), k.clone(), v.clone(), bias.clone(), options)
         })?;
-        // Without burn's GPU reference, our own forward stands in for it (its rows are dropped).
-        let burn = if self.burn_gpu {
-            attention_forward(q.clone(), k.clone(), v.clone(), bias.clone(), options)
-        } else {
-            AttentionForward {
-                output: ours.output.clone(),
-                lse: ours.lse.clone(),
-            }
-        };
+        let burn = self
+            .burn_gpu
+            .then(|| attention_forward(q.clone(), k.clone(), v.clone(), bias.clone(), options));
         let on_cpu_forward =
             attention_forward(cpu(&q), cpu(&k), cpu(&v), cpu_bias.clone(), options);
         self.record(
@@ -780,9 +783,9 @@ impl<B: Tested> Suite<'_, B> {
             Class::Reduction,
             &declined,
             both(
-                values(ours.output.clone())?,
-                values(burn.output.clone())?,
-                values(on_cpu_forward.output.clone())?,
+                f32_values(ours.output.clone())?,
+                optional_values(burn.as_ref().map(|f| f.output.clone()))?,
+                f32_values(on_cpu_forward.output.clone())?,
             ),
         );
         self.record(
@@ -792,14 +795,12 @@ impl<B: Tested> Suite<'_, B> {
             Class::Lse,
             &declined,
             both(
-                values(ours.lse.clone())?,
-                values(burn.lse.clone())?,
-                values(on_cpu_forward.lse.clone())?,
+                f32_values(ours.lse.clone())?,
+                optional_values(burn.as_ref().map(|f| f.lse.clone()))?,
+                f32_values(on_cpu_forward.lse.clone())?,
             ),
         );
 
-        // Against burn's GPU backward both start from burn's forward (the backward kernels
-        // alone); against the CPU each side starts from its own forward (the training path).
         let backward_ours = |forward: &AttentionForward<B>| {
             B::attention_backward_with_lse(
                 q.clone(),
@@ -812,26 +813,26 @@ impl<B: Tested> Suite<'_, B> {
                 options,
             )
         };
-        let (from_ours, declined_b) = self.ours(|| backward_ours(&ours))?;
-        let (from_burn, declined_a) = if self.burn_gpu {
-            self.ours(|| backward_ours(&burn))?
-        } else {
-            (backward_ours(&ours), None)
-        };
-        let declined = declined_a.or(declined_b);
-        let burn_grads = if !self.burn_gpu {
-            backward_ours(&ours)
-        } else {
-            attention_backward(
-                q.clone(),
-                k.clone(),
-                v.clone(),
-                bias.clone(),
-                &burn,
-                grad_out.clone(),
-                true,
-                options,
-            )
+        // Against the CPU each side starts from its own forward (the training path); against
+        // burn's GPU backward both start from burn's forward (the backward kernels alone).
+        let (from_ours, mut declined) = self.ours(|| backward_ours(&ours))?;
+        let [ours_from_burn, burn_grads] = match &burn {
+            Some(burn) => {
+                let (from_burn, why) = self.ours(|| backward_ours(burn))?;
+                declined = declined.or(why);
+                let burn_grads = attention_backward(
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    bias.clone(),
+                    burn,
+                    grad_out.clone(),
+                    true,
+                    options,
+                );
+                [grad_values(from_burn)?, grad_values(burn_grads)?]
+            }
+            None => Default::default(),
         };
         let cpu_grads = attention_backward(
             cpu(&q),
@@ -843,12 +844,17 @@ impl<B: Tested> Suite<'_, B> {
             true,
             options,
         );
-        let grads = [
-            ("dq", from_burn.q, from_ours.q, burn_grads.q, cpu_grads.q),
-            ("dk", from_burn.k, from_ours.k, burn_grads.k, cpu_grads.k),
-            ("dv", from_burn.v, from_ours.v, burn_grads.v, cpu_grads.v),
-        ];
-        for (output, ours_from_burn, ours_from_ours, burn_gpu, cpu) in grads {
+        let compared = ours_from_burn.into_iter().zip(burn_grads).zip(
+            grad_values(from_ours)?
+                .into_iter()
+                .zip(grad_values(cpu_grads)?),
+        );
+        for (output, ((ours_from_burn, burn), (ours_own, cpu))) in
+            ["dq", "dk", "dv", "dbias"].into_iter().zip(compared)
+        {
+            if output == "dbias" && case.window.is_none() {
+                continue;
+            }
             self.record(
                 "attention backward",
                 output,
@@ -856,35 +862,8 @@ impl<B: Tested> Suite<'_, B> {
                 Class::Reduction,
                 &declined,
                 [
-                    (
-                        Reference::BurnGpu,
-                        values(ours_from_burn)?,
-                        values(burn_gpu)?,
-                    ),
-                    (Reference::CpuF32, values(ours_from_ours)?, values(cpu)?),
-                ],
-            );
-        }
-        if case.window.is_some() {
-            let bias_values = |t: Option<Tensor<B, 3>>| t.map_or_else(|| Ok(Vec::new()), values);
-            let cpu_bias_grad = cpu_grads.key_bias.map_or_else(|| Ok(Vec::new()), values)?;
-            self.record(
-                "attention backward",
-                "dbias",
-                &name,
-                Class::Reduction,
-                &declined,
-                [
-                    (
-                        Reference::BurnGpu,
-                        bias_values(from_burn.key_bias)?,
-                        bias_values(burn_grads.key_bias)?,
-                    ),
-                    (
-                        Reference::CpuF32,
-                        bias_values(from_ours.key_bias)?,
-                        cpu_bias_grad,
-                    ),
+                    (Reference::BurnGpu, ours_from_burn, burn),
+                    (Reference::CpuF32, ours_own, cpu),
                 ],
             );
         }
@@ -909,17 +888,17 @@ impl<B: Tested> Suite<'_, B> {
 
             let (ours, declined) = self.ours(|| B::linear_hf(x.clone(), w.clone(), b.clone()))?;
             let compared = both(
-                values(ours)?,
+                f32_values(ours)?,
                 self.on_gpu(|| linear_ops::linear(x.clone(), w.clone(), b.clone()))?,
-                values(linear_ops::linear(cx.clone(), cw.clone(), cb))?,
+                f32_values(linear_ops::linear(cx.clone(), cw.clone(), cb))?,
             );
             self.record("linear", "y", &case, Class::Reduction, &declined, compared);
 
             let (ours, declined) = self.ours(|| B::linear_hf_input_grad(dy.clone(), w.clone()))?;
             let compared = both(
-                values(ours)?,
+                f32_values(ours)?,
                 self.on_gpu(|| linear_ops::input_grad(dy.clone(), w.clone()))?,
-                values(linear_ops::input_grad(cdy.clone(), cw))?,
+                f32_values(linear_ops::input_grad(cdy.clone(), cw))?,
             );
             self.record(
                 "linear input grad",
@@ -932,9 +911,9 @@ impl<B: Tested> Suite<'_, B> {
 
             let (ours, declined) = self.ours(|| B::linear_hf_weight_grad(dy.clone(), x.clone()))?;
             let compared = both(
-                values(ours)?,
+                f32_values(ours)?,
                 self.on_gpu(|| linear_ops::weight_grad(dy.clone(), x.clone()))?,
-                values(linear_ops::weight_grad(cdy, cx))?,
+                f32_values(linear_ops::weight_grad(cdy, cx))?,
             );
             self.record(
                 "linear weight grad",
@@ -965,9 +944,9 @@ impl<B: Tested> Suite<'_, B> {
 
             let (ours, declined) = self.ours(|| B::rms_norm(x.clone(), w.clone(), eps))?;
             let compared = both(
-                values(ours)?,
-                values(elementwise_ops::rms_norm(x.clone(), w.clone(), eps))?,
-                values(elementwise_ops::rms_norm(cx.clone(), cw.clone(), eps))?,
+                f32_values(ours)?,
+                f32_values(elementwise_ops::rms_norm(x.clone(), w.clone(), eps))?,
+                f32_values(elementwise_ops::rms_norm(cx.clone(), cw.clone(), eps))?,
             );
             self.record(
                 "rms_norm",
@@ -981,14 +960,14 @@ impl<B: Tested> Suite<'_, B> {
             let (ours, declined) =
                 self.ours(|| B::rms_norm_input_grad(x.clone(), w.clone(), eps, dy.clone()))?;
             let compared = both(
-                values(ours)?,
-                values(elementwise_ops::rms_norm_input_grad(
+                f32_values(ours)?,
+                f32_values(elementwise_ops::rms_norm_input_grad(
                     x.clone(),
                     w.clone(),
                     eps,
                     dy.clone(),
                 ))?,
-                values(elementwise_ops::rms_norm_input_grad(cx, cw, eps, cdy))?,
+                f32_values(elementwise_ops::rms_norm_input_grad(cx, cw, eps, cdy))?,
             );
             self.record(
                 "rms_norm grad",
@@ -1016,9 +995,9 @@ impl<B: Tested> Suite<'_, B> {
 
             let (ours, declined) = self.ours(|| B::swiglu(gate.clone(), up.clone()))?;
             let compared = both(
-                values(ours)?,
-                values(elementwise_ops::swiglu(gate.clone(), up.clone()))?,
-                values(elementwise_ops::swiglu(cgate.clone(), cup.clone()))?,
+                f32_values(ours)?,
+                f32_values(elementwise_ops::swiglu(gate.clone(), up.clone()))?,
+                f32_values(elementwise_ops::swiglu(cgate.clone(), cup.clone()))?,
             );
             self.record(
                 "swiglu",
@@ -1033,7 +1012,11 @@ impl<B: Tested> Suite<'_, B> {
                 self.ours(|| B::swiglu_grads(gate.clone(), up.clone(), dy.clone()))?;
             let (burn_gate, burn_up) = elementwise_ops::swiglu_grads(gate, up, dy);
             let (cpu_gate, cpu_up) = elementwise_ops::swiglu_grads(cgate, cup, cdy);
-            let compared = both(values(d_gate)?, values(burn_gate)?, values(cpu_gate)?);
+            let compared = both(
+                f32_values(d_gate)?,
+                f32_values(burn_gate)?,
+                f32_values(cpu_gate)?,
+            );
             self.record(
                 "swiglu grads",
                 "dgate",
@@ -1042,7 +1025,7 @@ impl<B: Tested> Suite<'_, B> {
                 &declined,
                 compared,
             );
-            let compared = both(values(d_up)?, values(burn_up)?, values(cpu_up)?);
+            let compared = both(f32_values(d_up)?, f32_values(burn_up)?, f32_values(cpu_up)?);
             self.record(
                 "swiglu grads",
                 "dup",
@@ -1091,14 +1074,14 @@ impl<B: Tested> Suite<'_, B> {
                     let (ours, declined) =
                         self.ours(|| B::rope(x.clone(), cos.clone(), sin.clone(), inverse))?;
                     let compared = both(
-                        values(ours)?,
-                        values(elementwise_ops::rope(
+                        f32_values(ours)?,
+                        f32_values(elementwise_ops::rope(
                             x.clone(),
                             cos.clone(),
                             sin.clone(),
                             inverse,
                         ))?,
-                        values(elementwise_ops::rope(
+                        f32_values(elementwise_ops::rope(
                             cx,
                             ccos.clone(),
                             csin.clone(),
@@ -1127,9 +1110,9 @@ impl<B: Tested> Suite<'_, B> {
 
             let (ours, declined) = self.ours(|| B::token_kl(student.clone(), teacher.clone()))?;
             let compared = both(
-                values(ours)?,
-                values(elementwise_ops::token_kl(student.clone(), teacher.clone()))?,
-                values(elementwise_ops::token_kl(cs.clone(), ct.clone()))?,
+                f32_values(ours)?,
+                f32_values(elementwise_ops::token_kl(student.clone(), teacher.clone()))?,
+                f32_values(elementwise_ops::token_kl(cs.clone(), ct.clone()))?,
             );
             self.record(
                 "token_kl",
@@ -1144,11 +1127,11 @@ impl<B: Tested> Suite<'_, B> {
                 B::token_kl_student_grad(student.clone(), teacher.clone(), per_token.clone())
             })?;
             let compared = both(
-                values(ours)?,
-                values(elementwise_ops::token_kl_student_grad(
+                f32_values(ours)?,
+                f32_values(elementwise_ops::token_kl_student_grad(
                     student, teacher, per_token,
                 ))?,
-                values(elementwise_ops::token_kl_student_grad(cs, ct, cg))?,
+                f32_values(elementwise_ops::token_kl_student_grad(cs, ct, cg))?,
             );
             self.record(
                 "token_kl grad",
