@@ -11,7 +11,7 @@ use super::loading::load_model;
 use super::{ComputeArgs, on_backend};
 use crate::data::dataset::DataKeys;
 use crate::data::{DataConfig, Dataset};
-use crate::eval::report::{Report, evaluate_length};
+use crate::eval::report::{Baselines, Report, evaluate_length};
 use crate::model::FloatFormat;
 use crate::model::attention::AttentionBackend;
 
@@ -132,7 +132,11 @@ fn evaluate<B: AttentionBackend>(
             seq_len,
             &dataset.train,
             eos,
-            (!args.no_baselines).then_some(args.cr),
+            match (args.no_baselines, args.cr) {
+                (true, _) => Baselines::None,
+                (false, Some(cr)) => Baselines::AtCr(cr),
+                (false, None) => Baselines::AtDmsCr,
+            },
         );
         if let (Some(dir), Some(grid)) = (&args.out, &length.cr_per_layer_head) {
             std::fs::create_dir_all(dir)?;

@@ -47,9 +47,19 @@ fn row(method: &str, totals: &Totals, cr: f64) -> MethodRow {
     }
 }
 
-/// Scores `sequences` (all `seq_len` tokens long): the original model, DMS when `dms` is given, and with
-/// `baselines = Some(cr)` StreamingLLM, TOVA and H2O decoding the original model at budget `cr`
-/// (`None`: DMS's measured CR).
+/// Which training-free baselines a measurement includes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Baselines {
+    None,
+    /// At the DMS model's measured compression ratio (needs a DMS model).
+    AtDmsCr,
+    /// At this compression ratio (a model without DMS).
+    AtCr(f64),
+}
+
+/// Scores `sequences` (all `seq_len` tokens long): the original model, DMS when `dms` is given,
+/// and unless `baselines` is `None`, StreamingLLM, TOVA and H2O decoding the original model at the
+/// compression ratio it names.
 pub fn evaluate_length<B: AttentionBackend>(
     model: &DmsModel<B>,
     cfg: &ModelConfig,
@@ -57,7 +67,7 @@ pub fn evaluate_length<B: AttentionBackend>(
     seq_len: usize,
     sequences: &[Sequence],
     eos: u32,
-    baselines: Option<Option<f64>>,
+    baselines: Baselines,
 ) -> LengthReport {
     // Baselines run on the original model: the same weights with eviction off.
     let dms_for_teacher = dms.cloned().unwrap_or_default();
@@ -81,7 +91,10 @@ pub fn evaluate_length<B: AttentionBackend>(
                 }
             }
         }
-        teachers.push(teacher);
+        // Kept only for the baselines, which are scored against the same teacher.
+        if baselines != Baselines::None {
+            teachers.push(teacher);
+        }
     }
     let n = sequences.len() as f64;
     let mut rows = vec![row("original (dense)", &original, 1.0)];
@@ -100,8 +113,12 @@ pub fn evaluate_length<B: AttentionBackend>(
     if dms.is_some() {
         rows.push(row("DMS", &dms_totals, dms_cr));
     }
-    if let Some(cr) = baselines {
-        let cr = cr.unwrap_or(dms_cr);
+    let budget_cr = match baselines {
+        Baselines::None => None,
+        Baselines::AtDmsCr => Some(dms_cr),
+        Baselines::AtCr(cr) => Some(cr),
+    };
+    if let Some(cr) = budget_cr {
         let budget = Budget {
             compression_ratio: cr,
         };
