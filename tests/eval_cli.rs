@@ -77,7 +77,15 @@ fn eval_and_generate_show_the_cache_shrinking() {
     let names: Vec<&str> = rows.iter().map(|r| r["method"].as_str().unwrap()).collect();
     assert_eq!(
         names,
-        ["original (dense)", "DMS", "StreamingLLM", "TOVA", "H2O"]
+        [
+            "original (dense)",
+            "DMS",
+            "StreamingLLM",
+            "Recent",
+            "TOVA",
+            "H2O",
+            "SnapKV"
+        ]
     );
     let dms_cr = rows[1]["compression_ratio"].as_f64().unwrap();
     assert!(dms_cr > 1.2, "DMS CR {dms_cr}");

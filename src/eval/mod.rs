@@ -1,6 +1,7 @@
 //! Evaluation and inference: the physically evicting KV cache, incremental decoding, sampling,
 //! and the quality / memory measurements (with training-free baselines).
 
+pub mod baselines;
 pub mod cache;
 pub mod decode;
 pub mod heatmap;

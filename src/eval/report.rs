@@ -6,8 +6,9 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use super::quality::{Totals, score, score_baseline, score_dms, teacher_logits};
-use super::{Budget, Decoding, Policy};
+use super::Budget;
+use super::baselines::{Baseline, run_baseline};
+use super::quality::{Batch, Totals, dms_hidden, original_hidden, score_hidden};
 use crate::data::Sequence;
 use crate::dms::{DmsConfig, DmsModel};
 use crate::model::ModelConfig;
@@ -26,6 +27,9 @@ pub struct LengthReport {
     pub seq_len: usize,
     pub sequences: usize,
     pub rows: Vec<MethodRow>,
+    /// Positions per eviction decision of the baselines (1 = exact per-token eviction); absent
+    /// without baselines.
+    pub baseline_chunk: Option<usize>,
     /// Measured CR per layer (rows) and KV head (columns), DMS only.
     pub cr_per_layer_head: Option<Vec<Vec<f64>>>,
 }
@@ -57,9 +61,25 @@ pub enum Baselines {
     AtCr(f64),
 }
 
-/// Scores `sequences` (all `seq_len` tokens long): the original model, DMS when `dms` is given,
-/// and unless `baselines` is `None`, StreamingLLM, TOVA and H2O decoding the original model at the
-/// compression ratio it names.
+/// How one length is measured.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// Sequences per forward pass.
+    pub batch: usize,
+    pub baselines: Baselines,
+    /// Positions per eviction decision of the baselines (1 = per token, exact); 0 picks 1/16
+    /// of the budget at the sequence's end.
+    pub baseline_chunk: usize,
+}
+
+/// The default chunk: a chunk adds at most 1/16 of the final budget to what a query sees.
+pub fn auto_chunk(seq_len: usize, budget: Budget) -> usize {
+    (budget.at(seq_len) / 16).max(1)
+}
+
+/// Scores `sequences` (all `seq_len` tokens long) `settings.batch` at a time: the original model,
+/// DMS when `dms` is given (exact inference mask), and unless the baselines are `None`, every
+/// [`Baseline`] decoding the original model at the compression ratio they name.
 pub fn evaluate_length<B: AttentionBackend>(
     model: &DmsModel<B>,
     cfg: &ModelConfig,
@@ -67,21 +87,23 @@ pub fn evaluate_length<B: AttentionBackend>(
     seq_len: usize,
     sequences: &[Sequence],
     eos: u32,
-    baselines: Baselines,
+    settings: Settings,
 ) -> LengthReport {
-    // Baselines run on the original model: the same weights with eviction off.
-    let dms_for_teacher = dms.cloned().unwrap_or_default();
-    let plain = Decoding::new(model, cfg, None);
+    let device = model.base.embed_tokens.val().device();
+    let eos = [eos];
     let mut original = Totals::default();
     let mut dms_totals = Totals::default();
     let mut retained_sum: Vec<Vec<f64>> = Vec::new();
+    // The original model's hidden states per batch, kept for the baselines' KL.
     let mut teachers = Vec::new();
-    for seq in sequences {
-        let teacher = teacher_logits(model, cfg, &dms_for_teacher, seq);
-        original.add(&score(teacher.clone(), teacher.clone(), seq, &[eos]));
+    let batches: Vec<&[Sequence]> = sequences.chunks(settings.batch.max(1)).collect();
+    for seqs in &batches {
+        let batch = Batch::new(seqs, &device);
+        let teacher = original_hidden(model, cfg, &batch);
+        original.add(&score_hidden(model, &batch, teacher.clone(), None, &eos));
         if let Some(dms) = dms {
-            let (totals, retained) = score_dms(model, cfg, dms, seq, teacher.clone(), &[eos]);
-            dms_totals.add(&totals);
+            let (hidden, retained) = dms_hidden(model, cfg, dms, &batch);
+            dms_totals.add(&score_hidden(model, &batch, hidden, Some(&teacher), &eos));
             if retained_sum.is_empty() {
                 retained_sum = retained.iter().map(|l| vec![0.0; l.len()]).collect();
             }
@@ -91,8 +113,7 @@ pub fn evaluate_length<B: AttentionBackend>(
                 }
             }
         }
-        // Kept only for the baselines, which are scored against the same teacher.
-        if baselines != Baselines::None {
+        if settings.baselines != Baselines::None {
             teachers.push(teacher);
         }
     }
@@ -113,35 +134,45 @@ pub fn evaluate_length<B: AttentionBackend>(
     if dms.is_some() {
         rows.push(row("DMS", &dms_totals, dms_cr));
     }
-    let budget_cr = match baselines {
+    let budget_cr = match settings.baselines {
         Baselines::None => None,
         Baselines::AtDmsCr => Some(dms_cr),
         Baselines::AtCr(cr) => Some(cr),
     };
+    let mut baseline_chunk = None;
     if let Some(cr) = budget_cr {
         let budget = Budget {
             compression_ratio: cr,
         };
-        for (name, policy) in [
-            ("StreamingLLM", Policy::StreamingLlm { sinks: 4 }),
-            ("TOVA", Policy::Tova),
-            ("H2O", Policy::H2o),
-        ] {
+        let chunk = match settings.baseline_chunk {
+            0 => auto_chunk(seq_len, budget),
+            chunk => chunk,
+        };
+        baseline_chunk = Some(chunk);
+        tracing::info!(chunk, budget_cr = cr, "baselines decide once per chunk");
+        for baseline in Baseline::ALL {
             let mut totals = Totals::default();
             let mut crs = 0.0;
-            for (seq, teacher) in sequences.iter().zip(&teachers) {
-                let (t, measured) =
-                    score_baseline(&plain, policy, budget, seq, teacher.clone(), &[eos]);
-                totals.add(&t);
-                crs += measured;
+            for (seqs, teacher) in batches.iter().zip(&teachers) {
+                let batch = Batch::new(seqs, &device);
+                let run = run_baseline(model, cfg, &batch, baseline, budget, chunk);
+                totals.add(&score_hidden(
+                    model,
+                    &batch,
+                    run.hidden,
+                    Some(teacher),
+                    &eos,
+                ));
+                crs += run.compression_ratio * seqs.len() as f64;
             }
-            rows.push(row(name, &totals, crs / n));
+            rows.push(row(baseline.name(), &totals, crs / n));
         }
     }
     LengthReport {
         seq_len,
         sequences: sequences.len(),
         rows,
+        baseline_chunk,
         cr_per_layer_head: per_head,
     }
 }
