@@ -120,6 +120,48 @@ fn eval_and_generate_show_the_cache_shrinking() {
     let stats = json_after_text(&stdout);
     assert!(stats["kv_bytes"].as_u64().unwrap() < stats["kv_bytes_dense"].as_u64().unwrap());
     assert!(stats["measured_cr"].as_f64().unwrap() > 1.0);
+    let single_text = stdout.lines().next().unwrap_or("").to_string();
+
+    // A batch of prompts decodes together; greedy completions do not depend on the batch.
+    let prompts = dir.path().join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"KING. What say you\"}\n\"ROMEO. O\"\n{\"prompt\": \"To\"}\n",
+    )
+    .unwrap();
+    let (ok, stdout, stderr) = cli(&[
+        "generate",
+        run.to_str().unwrap(),
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--max-new-tokens",
+        "80",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let mut completions: Vec<Value> = stdout
+        .lines()
+        .filter(|l| l.starts_with("{\"index\""))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    completions.sort_by_key(|c| c["index"].as_u64().unwrap());
+    assert_eq!(completions.len(), 3, "{stdout}");
+    assert_eq!(completions[1]["prompt"], "ROMEO. O");
+    assert_eq!(
+        completions[0]["completion"].as_str().unwrap(),
+        single_text,
+        "the first prompt alone and in a batch"
+    );
+    let stats = json_after_text(
+        &stdout
+            .lines()
+            .filter(|l| !l.starts_with("{\"index\""))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    );
+    assert_eq!(stats["batch"], 3);
+    assert!(stats["kv_live_bytes"].as_u64().unwrap() < stats["kv_bytes_dense"].as_u64().unwrap());
+
     let base = root().join("data/tiny-llama");
     let (ok, stdout, stderr) = cli(&[
         "generate",
@@ -138,7 +180,8 @@ fn eval_and_generate_show_the_cache_shrinking() {
     ]);
     assert!(ok, "{stderr}");
     let stats = json_after_text(&stdout);
-    assert_eq!(stats["kv_bytes"], stats["kv_bytes_dense"]);
+    assert_eq!(stats["kv_live_bytes"], stats["kv_bytes_dense"]);
+    assert!(stats["kv_bytes"].as_u64().unwrap() >= stats["kv_live_bytes"].as_u64().unwrap());
 
     // A base model without --cr is one clear error.
     let (ok, _, stderr) = cli(&[

@@ -1,9 +1,12 @@
-//! `dms-retrofit generate MODEL --prompt TEXT`: streams text through the evicting KV cache.
+//! `dms-retrofit generate MODEL --prompt TEXT | --prompts FILE.jsonl`: decodes one prompt
+//! (streamed) or a batch of prompts together through the physically evicting slot cache.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use burn::tensor::Tensor;
 use clap::Args;
 use serde::Serialize;
 
@@ -17,21 +20,31 @@ use crate::model::FloatFormat;
 use crate::model::attention::AttentionBackend;
 
 #[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "prompts"])))]
 pub struct GenerateArgs {
     /// A base checkpoint (dense), a DMS export, or a run folder / snapshot.
     pub model: String,
+    /// One prompt; its text streams to stdout as it is generated.
     #[arg(long)]
-    pub prompt: String,
-    /// Wrap the prompt as a user turn with the checkpoint's chat template.
+    pub prompt: Option<String>,
+    /// A batch of prompts decoded together: a JSONL file, one `{"prompt": TEXT}` (or a bare JSON
+    /// string) per line. Completions go to stdout as JSONL as each one finishes.
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub prompts: Option<PathBuf>,
+    /// Wrap each prompt as a user turn with the checkpoint's chat template.
     #[arg(long)]
     pub chat: bool,
     #[arg(long, default_value_t = 128)]
     pub max_new_tokens: usize,
+    /// Keep generating past end-of-sequence tokens (for timing a fixed number of tokens).
+    #[arg(long)]
+    pub ignore_eos: bool,
     /// 0 = greedy.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f64,
+    /// Sequence i of a batch samples with seed + i.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Print the statistics as JSON (stdout) after the text.
@@ -44,13 +57,30 @@ pub struct GenerateArgs {
 #[derive(Serialize)]
 struct Stats {
     model: String,
+    batch: usize,
     prompt_tokens: usize,
     generated_tokens: usize,
+    /// Generated tokens of the whole batch per second of decoding.
     decode_tokens_per_s: f64,
     prefill_seconds: f64,
+    /// Key/value storage the cache allocated on the device.
     kv_bytes: u64,
+    /// Of which live entries.
+    kv_live_bytes: u64,
+    /// A dense cache for the same tokens.
     kv_bytes_dense: u64,
     measured_cr: f64,
+}
+
+/// One finished sequence of a `--prompts` batch.
+#[derive(Serialize)]
+struct Completion<'a> {
+    index: usize,
+    prompt: &'a str,
+    completion: String,
+    generated_tokens: usize,
+    /// `eos` or `length`.
+    finish: &'static str,
 }
 
 /// EOS ids from config.json and generation_config.json (a number or a list).
@@ -88,104 +118,248 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     on_backend!(spec, format, generate(&args, format))
 }
 
+/// The prompts of `--prompt` or `--prompts`.
+fn read_prompts(args: &GenerateArgs) -> Result<Vec<String>> {
+    let Some(path) = &args.prompts else {
+        return Ok(vec![args.prompt.clone().unwrap_or_default()]);
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read --prompts '{}'", path.display()))?;
+    let mut prompts = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not JSON", path.display(), number + 1))?;
+        let prompt = match &value {
+            serde_json::Value::String(s) => s.clone(),
+            other => other
+                .get("prompt")
+                .and_then(|p| p.as_str())
+                .map(str::to_string)
+                .with_context(|| {
+                    format!(
+                        "{}:{}: expected {{\"prompt\": TEXT}} or a JSON string",
+                        path.display(),
+                        number + 1
+                    )
+                })?,
+        };
+        prompts.push(prompt);
+    }
+    if prompts.is_empty() {
+        bail!("--prompts '{}' holds no prompts", path.display());
+    }
+    Ok(prompts)
+}
+
 /// Prefill, then sample and stream tokens, on backend `B`.
 fn generate<B: AttentionBackend>(
     args: &GenerateArgs,
     format: FloatFormat,
     device: &B::Device,
 ) -> Result<()> {
+    let prompts = read_prompts(args)?;
     let loaded = load_model::<B>(&args.model, format, device)?;
     let files = &loaded.ckpt.files;
     let tokenizer = loaded.ckpt.tokenizer()?;
-    let text = if args.chat {
-        let config = files.tokenizer_config.as_ref().with_context(|| {
-            format!(
-                "--chat needs tokenizer_config.json in '{}'",
-                files.dir.display()
-            )
-        })?;
-        ChatTemplate::from_tokenizer_config(config)?.render(
-            &[Message {
-                role: "user".into(),
-                content: args.prompt.clone(),
-            }],
-            true,
-            &Default::default(),
-        )?
-    } else {
-        args.prompt.clone()
+    let template = match args.chat {
+        true => {
+            let config = files.tokenizer_config.as_ref().with_context(|| {
+                format!(
+                    "--chat needs tokenizer_config.json in '{}'",
+                    files.dir.display()
+                )
+            })?;
+            Some(ChatTemplate::from_tokenizer_config(config)?)
+        }
+        false => None,
     };
-    let mut ids = tokenizer.encode(&text, !args.chat)?;
-    if ids.is_empty() {
-        bail!("the prompt tokenised to nothing");
-    }
     let limit = loaded.ckpt.config.max_position_embeddings;
-    if ids.len() + args.max_new_tokens > limit {
-        bail!(
-            "the prompt ({} tokens) plus --max-new-tokens {} exceeds the model's \
-             max_position_embeddings = {limit}; use --max-new-tokens <= {} or a shorter prompt",
-            ids.len(),
-            args.max_new_tokens,
-            limit.saturating_sub(ids.len())
-        );
+    let mut sequences = Vec::with_capacity(prompts.len());
+    for (index, prompt) in prompts.iter().enumerate() {
+        let text = match &template {
+            Some(template) => template.render(
+                &[Message {
+                    role: "user".into(),
+                    content: prompt.clone(),
+                }],
+                true,
+                &Default::default(),
+            )?,
+            None => prompt.clone(),
+        };
+        let ids = tokenizer.encode(&text, !args.chat)?;
+        let which = match args.prompts {
+            Some(_) => format!("prompt {} of --prompts", index + 1),
+            None => "the prompt".to_string(),
+        };
+        if ids.is_empty() {
+            bail!("{which} tokenised to nothing");
+        }
+        if ids.len() + args.max_new_tokens > limit {
+            bail!(
+                "{which} ({} tokens) plus --max-new-tokens {} exceeds the model's \
+                 max_position_embeddings = {limit}; use --max-new-tokens <= {} or a shorter prompt",
+                ids.len(),
+                args.max_new_tokens,
+                limit.saturating_sub(ids.len())
+            );
+        }
+        sequences.push(ids);
     }
     let eos = eos_ids(&loaded);
     tracing::info!("{}", loaded.description);
-    let decoding = Decoding::new(&loaded.model, &loaded.ckpt.config, loaded.dms.as_ref());
-    let mut cache = decoding.cache(None, None);
-    let mut rng = Rng::new(args.seed);
+    let cfg = &loaded.ckpt.config;
+    let decoding = Decoding::new(&loaded.model, cfg, loaded.dms.as_ref());
+    let batch = sequences.len();
+    let mut cache = decoding.slot_cache(batch);
+    if loaded.dms.is_none() {
+        // A dense cache's final size is known: allocate it once.
+        let longest = sequences.iter().map(Vec::len).max().unwrap_or(0);
+        cache.reserve(
+            longest + args.max_new_tokens,
+            loaded.model.base.embed_tokens.val().dtype(),
+        );
+    }
+    let mut rngs: Vec<Rng> = (0..batch as u64).map(|i| Rng::new(args.seed + i)).collect();
 
     let start = Instant::now();
-    let mut logits = decoding.prefill(&ids, &mut cache);
+    let firsts: Vec<Tensor<B, 1>> = sequences
+        .iter()
+        .enumerate()
+        .map(|(index, ids)| decoding.prefill_slots(ids, index, &mut cache))
+        .collect();
+    let mut logits: Tensor<B, 2> = Tensor::stack(firsts, 0);
+    B::sync(device)?;
     let prefill_seconds = start.elapsed().as_secs_f64();
-    let prompt_len = ids.len();
+    let prompt_lens: Vec<usize> = sequences.iter().map(Vec::len).collect();
+    let mut finished: Vec<Option<&'static str>> = vec![None; batch];
+    let single = args.prompts.is_none();
     let mut printed = String::new();
     let mut stdout = std::io::stdout();
+    let progress = (!single).then(|| {
+        let bar = indicatif::ProgressBar::new((batch * args.max_new_tokens) as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} tokens, {per_sec} ({eta} left)",
+            )
+            .expect("valid template"),
+        );
+        bar
+    });
     let decode_start = Instant::now();
-    for _ in 0..args.max_new_tokens {
-        let values = logits
-            .into_data()
-            .convert::<f32>()
-            .into_vec::<f32>()
-            .map_err(|e| anyhow::anyhow!("cannot read the logits back: {e:?}"))?;
-        let next = sample(&values, args.temperature, args.top_p, &mut rng);
-        if eos.contains(&next) {
+    for step in 0..args.max_new_tokens {
+        let next = if args.temperature <= 0.0 {
+            // Greedy: only the argmax ids come back from the device.
+            let ids = logits.argmax(1).into_data().convert::<i64>();
+            ids.into_vec::<i64>()
+                .map_err(|e| anyhow::anyhow!("cannot read the tokens back: {e:?}"))?
+                .into_iter()
+                .map(|id| id as u32)
+                .collect::<Vec<u32>>()
+        } else {
+            let values = logits
+                .into_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .map_err(|e| anyhow::anyhow!("cannot read the logits back: {e:?}"))?;
+            values
+                .chunks(cfg.vocab_size)
+                .zip(&mut rngs)
+                .map(|(row, rng)| sample(row, args.temperature, args.top_p, rng))
+                .collect()
+        };
+        for (index, &token) in next.iter().enumerate() {
+            if finished[index].is_some() {
+                continue;
+            }
+            if !args.ignore_eos && eos.contains(&token) {
+                finished[index] = Some("eos");
+            } else {
+                sequences[index].push(token);
+                if step + 1 == args.max_new_tokens {
+                    finished[index] = Some("length");
+                }
+            }
+            if let Some(bar) = &progress {
+                bar.inc(1);
+            }
+            if single {
+                let text = tokenizer.decode(&sequences[0][prompt_lens[0]..], true)?;
+                // Hold back a trailing partial UTF-8 sequence until the next token completes it.
+                if !text.ends_with('\u{FFFD}')
+                    && text.len() >= printed.len()
+                    && text.starts_with(&printed)
+                {
+                    write!(stdout, "{}", &text[printed.len()..])?;
+                    stdout.flush()?;
+                    printed = text;
+                }
+            } else if let Some(finish) = finished[index] {
+                let line = serde_json::to_string(&Completion {
+                    index,
+                    prompt: &prompts[index],
+                    completion: tokenizer.decode(&sequences[index][prompt_lens[index]..], true)?,
+                    generated_tokens: sequences[index].len() - prompt_lens[index],
+                    finish,
+                })?;
+                if let Some(bar) = &progress {
+                    bar.suspend(|| println!("{line}"));
+                } else {
+                    println!("{line}");
+                }
+            }
+        }
+        if finished.iter().all(Option::is_some) {
             break;
         }
-        ids.push(next);
-        let text = tokenizer.decode(&ids[prompt_len..], true)?;
-        // Hold back a trailing partial UTF-8 sequence until the next token completes it.
-        if !text.ends_with('\u{FFFD}') && text.len() >= printed.len() && text.starts_with(&printed)
-        {
-            write!(stdout, "{}", &text[printed.len()..])?;
-            stdout.flush()?;
-            printed = text;
-        }
-        logits = decoding.step(next, &mut cache);
+        // Finished sequences keep the batch's shape with their last token; nothing is read.
+        let feed: Vec<u32> = sequences
+            .iter()
+            .map(|s| *s.last().expect("non-empty"))
+            .collect();
+        logits = decoding.step_slots(&feed, &mut cache);
     }
-    let generated = ids.len() - prompt_len;
-    writeln!(stdout)?;
+    B::sync(device)?;
     let seconds = decode_start.elapsed().as_secs_f64();
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    let generated: usize = sequences
+        .iter()
+        .zip(&prompt_lens)
+        .map(|(s, &p)| s.len() - p)
+        .sum();
+    if single {
+        writeln!(stdout)?;
+    }
+    let memory = cache.memory(format.bytes());
     let stats = Stats {
         model: loaded.description.clone(),
-        prompt_tokens: prompt_len,
+        batch,
+        prompt_tokens: prompt_lens.iter().sum(),
         generated_tokens: generated,
         decode_tokens_per_s: generated as f64 / seconds.max(1e-9),
         prefill_seconds,
-        kv_bytes: cache.bytes(format.bytes()),
-        kv_bytes_dense: cache.dense_bytes(format.bytes()),
-        measured_cr: cache.compression_ratio(),
+        kv_bytes: memory.allocated_bytes,
+        kv_live_bytes: memory.live_bytes,
+        kv_bytes_dense: memory.dense_bytes,
+        measured_cr: memory.compression_ratio,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&stats)?);
     } else {
         eprintln!(
-            "{} prompt + {} generated tokens, {:.1} tokens/s; KV cache {} vs {} dense ({}), \
-             measured CR {:.2}",
+            "{} sequence(s): {} prompt + {} generated tokens, {:.1} tokens/s; KV cache {} \
+             allocated ({} live) vs {} dense ({}), measured CR {:.2}",
+            stats.batch,
             stats.prompt_tokens,
             stats.generated_tokens,
             stats.decode_tokens_per_s,
             human_bytes(stats.kv_bytes),
+            human_bytes(stats.kv_live_bytes),
             human_bytes(stats.kv_bytes_dense),
             format.torch_name(),
             stats.measured_cr

@@ -4,6 +4,7 @@
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 
 use super::cache::{KvCache, Policy};
+use super::slot_cache::SlotCache;
 use crate::dms::decision::apply_granularity;
 use crate::dms::mask::inference_key_decisions;
 use crate::dms::{DmsConfig, DmsModel, Mode};
@@ -17,6 +18,15 @@ pub struct Decoding<'a, B: Backend> {
     pub cfg: &'a ModelConfig,
     pub dms: Option<&'a DmsConfig>,
     inv_freq: Vec<f64>,
+}
+
+/// One layer of a prompt's prefill.
+struct PrefillLayer<B: Backend> {
+    /// `[kv_heads, seq, head_dim]`, after RoPE.
+    keys: Tensor<B, 3>,
+    values: Tensor<B, 3>,
+    /// `[kv_heads][seq]`: DMS evicts the key (already shifted); all false without DMS.
+    evicted: Vec<Vec<bool>>,
 }
 
 fn to_bools<B: Backend>(t: Tensor<B, 3>) -> Vec<Vec<bool>> {
@@ -39,6 +49,18 @@ impl<'a, B: AttentionBackend> Decoding<'a, B> {
             dms,
             inv_freq: inverse_frequencies(&cfg.rope, cfg.head_dim),
         }
+    }
+
+    /// A fresh batched cache for `batch` sequences: DMS eviction when the model has DMS.
+    pub fn slot_cache(&self, batch: usize) -> SlotCache<B> {
+        SlotCache::new(
+            self.cfg.num_layers,
+            batch,
+            self.cfg.num_kv_heads,
+            self.cfg.head_dim,
+            self.dms.map(|dms| dms.window),
+            &self.model.base.embed_tokens.val().device(),
+        )
     }
 
     /// A fresh cache whose policy matches this model (DMS window or dense), or a baseline.
@@ -66,15 +88,8 @@ impl<'a, B: AttentionBackend> Decoding<'a, B> {
     /// query may still see; other policies step token by token.
     pub fn prefill(&self, ids: &[u32], cache: &mut KvCache<B>) -> Tensor<B, 1> {
         assert!(!ids.is_empty(), "prefill needs at least one token");
-        let device = self.model.base.embed_tokens.val().device();
-        let seq = ids.len();
-        let input = Tensor::<B, 2, Int>::from_data(
-            TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, seq]),
-            &device,
-        );
-        let dms = match (self.dms, cache.policy) {
-            (Some(dms), Policy::Dms { .. }) => dms,
-            (_, Policy::Dense) => return self.prefill_dense(input, cache),
+        match (self.dms, cache.policy) {
+            (Some(_), Policy::Dms { .. }) | (_, Policy::Dense) => {}
             // Budgeted baselines decide step by step from attention scores.
             _ => {
                 let mut last = None;
@@ -83,32 +98,66 @@ impl<'a, B: AttentionBackend> Decoding<'a, B> {
                 }
                 return last.expect("non-empty");
             }
-        };
-        let out = self.model.forward(input, self.cfg, dms, &Mode::Inference);
-        for (index, layer) in out.layers.into_iter().enumerate() {
-            let evicted = to_bools(inference_key_decisions(layer.logits));
-            let [_, heads, _, dim] = layer.keys.dims();
-            cache.prefill_layer(
-                index,
-                layer.keys.reshape([heads, seq, dim]),
-                layer.values.reshape([heads, seq, dim]),
-                &evicted,
-            );
         }
-        cache.set_seen(seq);
-        let logits = self.model.logits(out.hidden.narrow(1, seq - 1, 1));
-        logits.reshape([self.cfg.vocab_size])
+        let (logits, layers) = self.prefill_layers(ids, matches!(cache.policy, Policy::Dms { .. }));
+        for (index, layer) in layers.into_iter().enumerate() {
+            cache.prefill_layer(index, layer.keys, layer.values, &layer.evicted);
+        }
+        cache.set_seen(ids.len());
+        logits
     }
 
-    /// Dense prefill: one causal pass, every key and value kept.
-    fn prefill_dense(&self, input: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 1> {
-        let [_, seq] = input.dims();
-        let device = input.device();
+    /// Runs a prompt into `sequence`'s empty rows of a batched cache and returns the logits of
+    /// its last token, `[vocab]`.
+    pub fn prefill_slots(
+        &self,
+        ids: &[u32],
+        sequence: usize,
+        cache: &mut SlotCache<B>,
+    ) -> Tensor<B, 1> {
+        assert!(!ids.is_empty(), "prefill needs at least one token");
+        let (logits, layers) = self.prefill_layers(ids, cache.window().is_some());
+        for (index, layer) in layers.into_iter().enumerate() {
+            cache.prefill(sequence, index, layer.keys, layer.values, &layer.evicted);
+        }
+        logits
+    }
+
+    /// One causal pass over a prompt: the last token's logits `[vocab]` and every layer's keys,
+    /// values and (with `dms`, under the exact inference mask) eviction decisions.
+    fn prefill_layers(&self, ids: &[u32], dms: bool) -> (Tensor<B, 1>, Vec<PrefillLayer<B>>) {
+        let device = self.model.base.embed_tokens.val().device();
+        let seq = ids.len();
+        let input = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, seq]),
+            &device,
+        );
+        let vocab = self.cfg.vocab_size;
+        if let (true, Some(config)) = (dms, self.dms) {
+            let out = self
+                .model
+                .forward(input, self.cfg, config, &Mode::Inference);
+            let layers = out
+                .layers
+                .into_iter()
+                .map(|layer| {
+                    let [_, heads, _, dim] = layer.keys.dims();
+                    PrefillLayer {
+                        evicted: to_bools(inference_key_decisions(layer.logits)),
+                        keys: layer.keys.reshape([heads, seq, dim]),
+                        values: layer.values.reshape([heads, seq, dim]),
+                    }
+                })
+                .collect();
+            let logits = self.model.logits(out.hidden.narrow(1, seq - 1, 1));
+            return (logits.reshape([vocab]), layers);
+        }
         let rope = RopeTables::new(&self.inv_freq, 0, seq, &device);
         let mask = crate::model::decoder::AttentionMask::Causal { offset: 0 };
         let keep = vec![vec![false; seq]; self.cfg.num_kv_heads];
+        let mut layers = Vec::with_capacity(self.cfg.num_layers);
         let mut x = self.model.base.embed(input);
-        for (index, layer) in self.model.base.layers.iter().enumerate() {
+        for layer in &self.model.base.layers {
             let attn = &layer.self_attn;
             let qkv = attn.project(
                 layer.input_layernorm.forward(x.clone()),
@@ -117,19 +166,79 @@ impl<'a, B: AttentionBackend> Decoding<'a, B> {
                 &mut |q| q,
             );
             let [_, heads, _, dim] = qkv.k.dims();
-            cache.prefill_layer(
-                index,
-                qkv.k.clone().reshape([heads, seq, dim]),
-                qkv.v.clone().reshape([heads, seq, dim]),
-                &keep,
-            );
+            layers.push(PrefillLayer {
+                keys: qkv.k.clone().reshape([heads, seq, dim]),
+                values: qkv.v.clone().reshape([heads, seq, dim]),
+                evicted: keep.clone(),
+            });
             let context = crate::model::decoder::grouped_attention(qkv.q, qkv.k, qkv.v, &mask);
             x = layer.feed_forward(x + attn.output(context));
         }
-        cache.set_seen(seq);
-        self.model
-            .logits(x.narrow(1, seq - 1, 1))
-            .reshape([self.cfg.vocab_size])
+        let logits = self.model.logits(x.narrow(1, seq - 1, 1)).reshape([vocab]);
+        (logits, layers)
+    }
+
+    /// Appends one token to every sequence of a batched cache (`ids[sequence]`, each at its own
+    /// position) and returns their logits, `[batch, vocab]`.
+    ///
+    /// The batch rides in the sequence dimension of a single row (`[1, batch, hidden]`), so the
+    /// projections see one matrix and RoPE takes one position per sequence.
+    pub fn step_slots(&self, ids: &[u32], cache: &mut SlotCache<B>) -> Tensor<B, 2> {
+        let batch = ids.len();
+        assert_eq!(batch, cache.batch(), "one token per sequence of the cache");
+        let device = self.model.base.embed_tokens.val().device();
+        let input = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(
+                ids.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+                [1, batch],
+            ),
+            &device,
+        );
+        let rope = RopeTables::for_positions(&self.inv_freq, cache.seen(), &device);
+        let (heads, kv_heads, dim) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let (group, rows) = (heads / kv_heads, batch * kv_heads);
+        let mut pending = Vec::new();
+        let mut x = self.model.base.embed(input);
+        for (index, layer) in self.model.base.layers.iter().enumerate() {
+            let normed = layer.input_layernorm.forward(x.clone());
+            let (qkv, decisions) = match self.dms {
+                Some(dms) => {
+                    let (qkv, logits) = self.model.project_with_decisions(
+                        index,
+                        layer,
+                        x.clone(),
+                        normed,
+                        &rope,
+                        self.cfg,
+                        dms,
+                    );
+                    // [1, kv_heads, batch] -> one flag per row (sequence-major).
+                    let hard = apply_granularity(logits, dms.granularity)
+                        .greater_elem(0.0)
+                        .float()
+                        .swap_dims(1, 2)
+                        .reshape([rows]);
+                    (qkv, Some(hard))
+                }
+                None => (
+                    layer
+                        .self_attn
+                        .project(normed, &rope, &mut |q| q, &mut |q| q),
+                    None,
+                ),
+            };
+            // [1, heads, batch, dim] -> [batch * kv_heads, group, dim] (query heads of a KV head
+            // are adjacent).
+            let q = qkv.q.swap_dims(1, 2).reshape([rows, group, dim]);
+            let k = qkv.k.swap_dims(1, 2).reshape([rows, dim]);
+            let v = qkv.v.swap_dims(1, 2).reshape([rows, dim]);
+            let (context, later) = cache.step_layer(index, q, k, v, decisions);
+            pending.extend(later);
+            let context = context.reshape([1, batch, heads, dim]).swap_dims(1, 2);
+            x = layer.feed_forward(x + layer.self_attn.output(context));
+        }
+        cache.finish_step((!pending.is_empty()).then(|| Tensor::cat(pending, 0)));
+        self.model.logits(x).reshape([batch, self.cfg.vocab_size])
     }
 
     /// Appends one token and returns its logits, `[vocab]`.

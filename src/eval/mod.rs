@@ -8,6 +8,8 @@ pub mod heatmap;
 pub mod quality;
 pub mod report;
 pub mod sampling;
+pub mod slot_cache;
 
 pub use cache::{Budget, KvCache, Policy};
 pub use decode::Decoding;
+pub use slot_cache::{CacheMemory, SlotCache};

@@ -1,0 +1,211 @@
+//! The batched slot cache (`eval::slot_cache`, what `generate` decodes with): prompts of different
+//! lengths prefilled into one batch and decoded together give, per sequence, the teacher-forced
+//! logits under the inference mask (f32, 1e-4), hold exactly the entries of the per-token
+//! reference cache, and reuse evicted slots so the tables stay smaller than the tokens seen.
+
+mod common;
+
+use burn::tensor::{Int, Tensor, TensorData};
+use dms_retrofit::backend::Cpu;
+use dms_retrofit::checkpoint::{Checkpoint, SafetensorsStore};
+use dms_retrofit::dms::{DmsConfig, DmsModel, Granularity, Mode, Variant};
+use dms_retrofit::eval::Decoding;
+use dms_retrofit::model::FloatFormat;
+use serde_json::Value;
+
+fn golden_model(case: &str) -> (Checkpoint, DmsModel<Cpu>, DmsConfig) {
+    let dir = common::fixtures().join("dms").join(case);
+    let c: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+    let dms = DmsConfig {
+        variant: if c["variant"] == "adapter" {
+            Variant::Adapter
+        } else {
+            Variant::QNeuron
+        },
+        granularity: if c["granularity"] == "head" {
+            Granularity::Head
+        } else {
+            Granularity::Layer
+        },
+        window: c["window"].as_u64().unwrap() as usize,
+        tau: c["tau"].as_f64().unwrap(),
+        alpha_scale: c["alpha_scale"].as_f64().unwrap(),
+        offset: c["offset"].as_f64().unwrap(),
+    };
+    let ckpt = Checkpoint::open(
+        common::fixtures()
+            .join(c["model"].as_str().unwrap())
+            .to_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let device = Default::default();
+    let base = ckpt.load_decoder::<Cpu>(FloatFormat::F32, &device).unwrap();
+    let mut adapters =
+        SafetensorsStore::open(&[dir.join("inputs.safetensors")], FloatFormat::F32).unwrap();
+    let model = DmsModel::new(base, &ckpt.config, &dms, Some(&mut adapters), &device).unwrap();
+    (ckpt, model, dms)
+}
+
+fn forward_logits(
+    model: &DmsModel<Cpu>,
+    ckpt: &Checkpoint,
+    dms: &DmsConfig,
+    ids: &[u32],
+    mode: Mode<Cpu>,
+) -> Vec<Vec<f32>> {
+    let input = Tensor::<Cpu, 2, Int>::from_data(
+        TensorData::new(
+            ids.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+            [1, ids.len()],
+        ),
+        &Default::default(),
+    );
+    let out = model.forward(input, &ckpt.config, dms, &mode);
+    let v = model
+        .logits(out.hidden)
+        .into_data()
+        .into_vec::<f32>()
+        .unwrap();
+    v.chunks(ckpt.config.vocab_size)
+        .map(<[f32]>::to_vec)
+        .collect()
+}
+
+/// Three sequences with prompts of 1, 9 and 25 tokens, decoded together for `steps` tokens.
+fn check(case: &str, use_dms: bool) {
+    let (ckpt, model, dms) = golden_model(case);
+    let vocab = ckpt.config.vocab_size;
+    let prompts = [1usize, 9, 25];
+    let steps = 16;
+    let streams: Vec<Vec<u32>> = (0..prompts.len())
+        .map(|s| {
+            (0..prompts[s] + steps)
+                .map(|i| ((i * 53 + s * 71 + 11) % 250 + 3) as u32)
+                .collect()
+        })
+        .collect();
+    let references: Vec<Vec<Vec<f32>>> = streams
+        .iter()
+        .map(|ids| {
+            let mode = if use_dms {
+                Mode::Inference
+            } else {
+                Mode::Original
+            };
+            forward_logits(&model, &ckpt, &dms, ids, mode)
+        })
+        .collect();
+    let decoding = Decoding::new(&model, &ckpt.config, use_dms.then_some(&dms));
+    let mut cache = decoding.slot_cache(prompts.len());
+    for (s, &p) in prompts.iter().enumerate() {
+        let first = decoding.prefill_slots(&streams[s][..p], s, &mut cache);
+        common::assert_close(
+            &first.into_data().into_vec::<f32>().unwrap(),
+            &references[s][p - 1],
+            1e-4,
+            &format!("{case} prefill of sequence {s}"),
+        );
+    }
+    for t in 0..steps {
+        let ids: Vec<u32> = prompts
+            .iter()
+            .enumerate()
+            .map(|(s, &p)| streams[s][p + t])
+            .collect();
+        let logits = decoding
+            .step_slots(&ids, &mut cache)
+            .into_data()
+            .into_vec::<f32>()
+            .unwrap();
+        for (s, &p) in prompts.iter().enumerate() {
+            common::assert_close(
+                &logits[s * vocab..(s + 1) * vocab],
+                &references[s][p + t],
+                1e-4,
+                &format!("{case} sequence {s} step {t}"),
+            );
+        }
+    }
+    // The same entries as the per-token reference cache, sequence by sequence.
+    let kv_heads = ckpt.config.num_kv_heads;
+    let lengths = cache.lengths();
+    for (s, &p) in prompts.iter().enumerate() {
+        let mut reference = decoding.cache(None, None);
+        decoding.prefill(&streams[s][..p], &mut reference);
+        for &id in &streams[s][p..] {
+            decoding.step(id, &mut reference);
+        }
+        for (layer, heads) in reference.lengths().iter().enumerate() {
+            assert_eq!(
+                &lengths[layer][s * kv_heads..(s + 1) * kv_heads],
+                heads.as_slice(),
+                "{case}: live entries of sequence {s}, layer {layer}"
+            );
+        }
+    }
+    let memory = cache.memory(4);
+    let tokens: usize = cache.seen().iter().sum();
+    assert_eq!(
+        tokens,
+        prompts.iter().sum::<usize>() + prompts.len() * steps
+    );
+    if use_dms {
+        assert!(memory.live_bytes < memory.dense_bytes, "{case}: {memory:?}");
+        assert!(memory.compression_ratio > 1.2, "{case}: {memory:?}");
+    } else {
+        assert_eq!(memory.live_bytes, memory.dense_bytes);
+    }
+    assert!(memory.allocated_bytes >= memory.live_bytes);
+}
+
+#[test]
+fn adapter_batch_decode_equals_the_masked_forward() {
+    check("llama_adapter_head", true);
+}
+
+#[test]
+fn q_neuron_batch_decode_equals_the_masked_forward() {
+    check("qwen3_qneuron_head", true);
+}
+
+#[test]
+fn window_zero_batch_decode_equals_the_masked_forward() {
+    check("qwen2_adapter_head_w0", true);
+}
+
+#[test]
+fn layer_granularity_batch_decode_equals_the_masked_forward() {
+    check("llama3_tied_adapter_layer", true);
+}
+
+#[test]
+fn dense_batch_decode_equals_the_original_model() {
+    check("llama_adapter_head", false);
+}
+
+#[test]
+fn evicted_slots_are_reused_so_the_tables_stop_growing() {
+    let (ckpt, model, dms) = golden_model("qwen2_adapter_head_w0");
+    let decoding = Decoding::new(&model, &ckpt.config, Some(&dms));
+    let mut cache = decoding.slot_cache(2);
+    let prompt: Vec<u32> = (0..4).map(|i| i + 5).collect();
+    for s in 0..2 {
+        decoding.prefill_slots(&prompt, s, &mut cache);
+    }
+    let mut capacities = Vec::new();
+    for t in 0..300u32 {
+        decoding.step_slots(&[(t * 7) % 200 + 3, (t * 11) % 200 + 3], &mut cache);
+        capacities.push(cache.capacities().into_iter().max().unwrap());
+    }
+    let memory = cache.memory(4);
+    // Live entries are what a mixed-decision model retains; the table only holds its largest row.
+    let longest = cache.lengths().into_iter().flatten().max().unwrap();
+    assert!(longest < 304, "some head evicted: {longest}");
+    assert!(
+        *capacities.last().unwrap() < 304,
+        "tables grew with every token: {capacities:?}"
+    );
+    assert!(memory.allocated_bytes < memory.dense_bytes, "{memory:?}");
+}
