@@ -209,3 +209,38 @@ fn evicted_slots_are_reused_so_the_tables_stop_growing() {
     );
     assert!(memory.allocated_bytes < memory.dense_bytes, "{memory:?}");
 }
+
+#[test]
+fn a_repeated_cache_decodes_like_its_original_in_every_copy() {
+    let (ckpt, model, dms) = golden_model("llama_adapter_head");
+    let vocab = ckpt.config.vocab_size;
+    let decoding = Decoding::new(&model, &ckpt.config, Some(&dms));
+    let prompt: Vec<u32> = (0..30).map(|i| (i * 37 + 5) % 250 + 3).collect();
+    let mut single = decoding.slot_cache(1);
+    decoding.prefill_slots(&prompt, 0, &mut single);
+    let mut copies = single.repeat(3);
+    for t in 0..12u32 {
+        let id = (t * 13) % 200 + 3;
+        let one = decoding
+            .step_slots(&[id], &mut single)
+            .into_data()
+            .into_vec::<f32>()
+            .unwrap();
+        let three = decoding
+            .step_slots(&[id; 3], &mut copies)
+            .into_data()
+            .into_vec::<f32>()
+            .unwrap();
+        for copy in 0..3 {
+            common::assert_close(
+                &three[copy * vocab..(copy + 1) * vocab],
+                &one,
+                1e-5,
+                &format!("copy {copy} step {t}"),
+            );
+        }
+    }
+    let (one, three) = (single.memory(4), copies.memory(4));
+    assert_eq!(three.live_bytes, 3 * one.live_bytes);
+    assert_eq!(three.dense_bytes, 3 * one.dense_bytes);
+}

@@ -39,6 +39,12 @@ pub enum BenchCommand {
     /// RMSNorm, SwiGLU and RoPE, forward and backward: the backend's path (one fused kernel each
     /// on CUDA) beside burn's tensor-op formulas, timed and compared.
     Elementwise(super::bench_ops::ElementwiseArgs),
+    /// Teacher-forced eval throughput (original and DMS forward + perplexity + KL) at long
+    /// lengths, DMS decisions calibrated to a target CR.
+    Eval(super::bench_infer::EvalBenchArgs),
+    /// Decode throughput and KV memory through the slot cache: dense beside DMS at target CRs,
+    /// at given contexts and batch sizes.
+    Decode(super::bench_infer::DecodeBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -183,9 +189,15 @@ pub fn shape(name: &str) -> Result<ModelConfig> {
 
 /// Random weights: uniform in [-0.03, 0.03] (norm weights 1), from a fast counter-based generator
 /// run on every core (8B parameters took ~90 s of a GPU call on one thread).
-struct RandomWeights {
+pub(super) struct RandomWeights {
     format: FloatFormat,
     counter: u64,
+}
+
+impl RandomWeights {
+    pub(super) fn new(format: FloatFormat) -> Self {
+        Self { format, counter: 0 }
+    }
 }
 
 /// `count` values of `convert(uniform)`, one xorshift stream per thread.
@@ -415,6 +427,8 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Linear(args) => return super::bench_ops::run(args),
         BenchCommand::Attention(args) => return super::bench_ops::run_attention(args),
         BenchCommand::Elementwise(args) => return super::bench_ops::run_elementwise(args),
+        BenchCommand::Eval(args) => return super::bench_infer::run_eval(args),
+        BenchCommand::Decode(args) => return super::bench_infer::run_decode(args),
     };
     require_positive("--seq", args.seq)?;
     let spec: DeviceSpec = args.device.parse()?;

@@ -67,6 +67,8 @@ struct Stats {
     kv_bytes: u64,
     /// Of which live entries.
     kv_live_bytes: u64,
+    /// DMS (paged): the largest layer's gathered keys and values while it attends.
+    kv_transient_bytes: u64,
     /// A dense cache for the same tokens.
     kv_bytes_dense: u64,
     measured_cr: f64,
@@ -345,6 +347,7 @@ fn generate<B: AttentionBackend>(
         prefill_seconds,
         kv_bytes: memory.allocated_bytes,
         kv_live_bytes: memory.live_bytes,
+        kv_transient_bytes: memory.transient_bytes,
         kv_bytes_dense: memory.dense_bytes,
         measured_cr: memory.compression_ratio,
     };

@@ -1,6 +1,7 @@
 //! The command line: argument structs, logging setup, and printing. No tensor math lives here.
 
 mod bench;
+mod bench_infer;
 mod bench_ops;
 mod eval;
 mod export;

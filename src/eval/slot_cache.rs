@@ -1,12 +1,15 @@
 //! The physically evicting KV cache for a batch of sequences, laid out for the device.
 //!
-//! Each layer keeps one slot table per (sequence, KV head) "row": keys and values
-//! `[rows, capacity, head_dim]` and an additive bias `[rows, capacity]` (0 for a live slot,
-//! -inf for one never used). The host does the bookkeeping (which slot each new token takes, the
-//! DMS delayed-eviction ring) and the device only sees one scatter per layer and step plus the
-//! attention over the table. An evicted token's slot is reused by the next token of the same row,
-//! so a DMS row stops growing at its window plus what it retains; the table's capacity is the
-//! largest row of the layer (grown by an eighth at a time, so at most ~12% is unused headroom).
+//! Each layer keeps slots per (sequence, KV head) "row" and an additive bias `[rows, capacity]`
+//! (0 for a live slot, -inf for one never used). The host does the bookkeeping (which slot each
+//! new token takes, the DMS delayed-eviction ring) and the device only sees one scatter per layer
+//! and step plus the attention. An evicted token's slot is reused by the next token of the same
+//! row, so a DMS row stops growing at its window plus what it retains.
+//!
+//! Dense rows all grow alike and live in one table `[rows, capacity, head_dim]` (grown by an
+//! eighth at a time). DMS rows grow unevenly, so they own 16-slot pages of a per-layer pool and
+//! memory follows the live entries; attention gathers a layer's pages into a rectangle of its
+//! largest row, which exists for one layer at a time (reported as transient memory).
 //!
 //! It is the same eviction as [`super::cache::KvCache`] (the per-token reference), batched, and
 //! decoding through it gives the teacher-forced logits under the inference mask (tested).
@@ -25,6 +28,8 @@ struct Row {
     live: usize,
     /// DMS: the newest `window + 1` tokens as (slot, marked for eviction), oldest first.
     recent: VecDeque<(usize, bool)>,
+    /// Paged storage: the pool pages holding slots `i * PAGE ..`, in order.
+    pages: Vec<usize>,
 }
 
 impl Row {
@@ -42,21 +47,46 @@ impl Row {
     }
 }
 
-/// One layer's slot tables (`None` before anything is written) and rows.
+/// One layer's storage, bias and rows (`None` before anything is written).
 struct Layer<B: Backend> {
-    keys: Option<Tensor<B, 3>>,
-    values: Option<Tensor<B, 3>>,
-    /// f32 `[rows, capacity]`.
+    storage: Storage<B>,
+    /// f32 `[rows, capacity]`: 0 for a live slot, -inf otherwise.
     bias: Option<Tensor<B, 2>>,
+    /// Slots per row that attention covers (the largest row, rounded up).
     capacity: usize,
     rows: Vec<Row>,
+}
+
+/// Where a layer's keys and values live.
+enum Storage<B: Backend> {
+    /// Rows that grow alike (dense): `[rows, capacity, head_dim]`, attended in place.
+    Tables {
+        keys: Option<Tensor<B, 3>>,
+        values: Option<Tensor<B, 3>>,
+    },
+    /// Rows that grow unevenly (DMS heads retain very different shares): each row owns pages
+    /// of `PAGE` slots in a shared pool `[pages * PAGE, head_dim]`, so memory follows the live
+    /// entries rather than the largest row; attention gathers the rows' pages into one
+    /// `[rows, capacity, head_dim]` rectangle, one layer at a time.
+    Pages {
+        keys: Option<Tensor<B, 2>>,
+        values: Option<Tensor<B, 2>>,
+        /// Pages in the pool / handed out to rows.
+        allocated: usize,
+        used: usize,
+        /// `[rows, capacity / PAGE]`: the pool page of each row's page index (0 where none).
+        table: Option<Tensor<B, 2, Int>>,
+    },
 }
 
 /// What the cache holds, in bytes of the storage format and in entries.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct CacheMemory {
-    /// Key and value storage allocated on the device (the slot tables).
+    /// Key and value storage allocated on the device (slot tables or page pools).
     pub allocated_bytes: u64,
+    /// Paged storage: the largest layer's gathered rectangle, which exists while that layer
+    /// attends (one layer at a time); 0 for slot tables.
+    pub transient_bytes: u64,
     /// Key and value storage of the live entries.
     pub live_bytes: u64,
     /// What a dense cache would hold for the same tokens.
@@ -79,6 +109,8 @@ pub struct SlotCache<B: Backend> {
 
 /// Slot capacity granularity: tables grow by whole blocks of this many slots.
 const BLOCK: usize = 64;
+/// Slots per page of paged storage.
+const PAGE: usize = 16;
 
 impl<B: Backend> SlotCache<B> {
     pub fn new(
@@ -95,8 +127,19 @@ impl<B: Backend> SlotCache<B> {
             head_dim,
             layers: (0..layers)
                 .map(|_| Layer {
-                    keys: None,
-                    values: None,
+                    storage: match window {
+                        Some(_) => Storage::Pages {
+                            keys: None,
+                            values: None,
+                            allocated: 0,
+                            used: 0,
+                            table: None,
+                        },
+                        None => Storage::Tables {
+                            keys: None,
+                            values: None,
+                        },
+                    },
                     bias: None,
                     capacity: 0,
                     rows: vec![Row::default(); batch * kv_heads],
@@ -136,7 +179,21 @@ impl<B: Backend> SlotCache<B> {
     pub fn memory(&self, element_bytes: usize) -> CacheMemory {
         let entry = (2 * self.head_dim * element_bytes) as u64;
         let rows = (self.seen.len() * self.kv_heads) as u64;
-        let allocated: u64 = self.layers.iter().map(|l| l.capacity as u64 * rows).sum();
+        let allocated: u64 = self
+            .layers
+            .iter()
+            .map(|l| match &l.storage {
+                Storage::Tables { .. } => l.capacity as u64 * rows,
+                Storage::Pages { allocated, .. } => (allocated * PAGE) as u64,
+            })
+            .sum();
+        let transient = self
+            .layers
+            .iter()
+            .filter(|l| matches!(l.storage, Storage::Pages { .. }))
+            .map(|l| l.capacity as u64 * rows)
+            .max()
+            .unwrap_or(0);
         let live: u64 = self
             .layers
             .iter()
@@ -146,9 +203,71 @@ impl<B: Backend> SlotCache<B> {
             * (self.layers.len() * self.kv_heads) as u64;
         CacheMemory {
             allocated_bytes: allocated * entry,
+            transient_bytes: transient * entry,
             live_bytes: live * entry,
             dense_bytes: dense * entry,
             compression_ratio: dense as f64 / live.max(1) as f64,
+        }
+    }
+
+    /// A cache of `times` copies of this one-sequence cache (benchmarks: the same sizes and work
+    /// as `times` different prompts of that length).
+    pub fn repeat(&self, times: usize) -> Self {
+        assert_eq!(self.seen.len(), 1, "repeat a one-sequence cache");
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                let mut rows: Vec<Row> = (0..times).flat_map(|_| l.rows.iter().cloned()).collect();
+                let storage = match &l.storage {
+                    Storage::Tables { keys, values } => Storage::Tables {
+                        keys: keys.clone().map(|t| t.repeat_dim(0, times)),
+                        values: values.clone().map(|t| t.repeat_dim(0, times)),
+                    },
+                    Storage::Pages {
+                        keys,
+                        values,
+                        allocated,
+                        table,
+                        ..
+                    } => {
+                        // Copy c's pages sit `c * allocated` pages further into the pool.
+                        let per_copy = l.rows.len();
+                        for (r, row) in rows.iter_mut().enumerate() {
+                            let shift = (r / per_copy) * allocated;
+                            row.pages.iter_mut().for_each(|p| *p += shift);
+                        }
+                        Storage::Pages {
+                            keys: keys.clone().map(|t| t.repeat_dim(0, times)),
+                            values: values.clone().map(|t| t.repeat_dim(0, times)),
+                            allocated: allocated * times,
+                            used: allocated * times,
+                            table: table.clone().map(|t| {
+                                Tensor::cat(
+                                    (0..times)
+                                        .map(|c| t.clone().add_scalar((c * allocated) as i64))
+                                        .collect(),
+                                    0,
+                                )
+                            }),
+                        }
+                    }
+                };
+                Layer {
+                    storage,
+                    bias: l.bias.clone().map(|t| t.repeat_dim(0, times)),
+                    capacity: l.capacity,
+                    rows,
+                }
+            })
+            .collect();
+        Self {
+            window: self.window,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            layers,
+            seen: self.seen.repeat(times),
+            device: self.device.clone(),
         }
     }
 
@@ -159,26 +278,44 @@ impl<B: Backend> SlotCache<B> {
         }
     }
 
-    /// Makes room for slot `needed - 1` in every row of `layer`.
+    /// Makes room for slot `needed - 1` in every row of `layer` (bias, and tables when the
+    /// storage is tables; pages are handed out in [`Self::write`]).
     fn ensure_capacity(&mut self, layer: usize, needed: usize, dtype: burn::tensor::DType) {
         let l = &mut self.layers[layer];
         if needed <= l.capacity {
             return;
         }
-        let grown = needed.max(l.capacity + (l.capacity / 8).max(BLOCK));
-        let capacity = grown.div_ceil(BLOCK) * BLOCK;
-        let extra = capacity - l.capacity;
         let rows = l.rows.len();
-        let zeros =
-            || Tensor::<B, 3>::zeros([rows, extra, self.head_dim], &self.device).cast(dtype);
-        let grow = |old: Option<Tensor<B, 3>>| match old {
-            Some(old) => Tensor::cat(vec![old, zeros()], 1),
-            None => zeros(),
+        let capacity = match l.storage {
+            Storage::Tables { .. } => {
+                let grown = needed.max(l.capacity + (l.capacity / 8).max(BLOCK));
+                grown.div_ceil(BLOCK) * BLOCK
+            }
+            Storage::Pages { .. } => needed.div_ceil(PAGE) * PAGE,
         };
-        l.keys = Some(grow(l.keys.take()));
-        l.values = Some(grow(l.values.take()));
-        let unused = Tensor::<B, 2>::full([rows, extra], f32::NEG_INFINITY, &self.device)
-            .cast(FloatDType::F32);
+        let extra = capacity - l.capacity;
+        let device = &self.device;
+        match &mut l.storage {
+            Storage::Tables { keys, values } => {
+                let zeros =
+                    || Tensor::<B, 3>::zeros([rows, extra, self.head_dim], device).cast(dtype);
+                let grow = |old: Option<Tensor<B, 3>>| match old {
+                    Some(old) => Tensor::cat(vec![old, zeros()], 1),
+                    None => zeros(),
+                };
+                *keys = Some(grow(keys.take()));
+                *values = Some(grow(values.take()));
+            }
+            Storage::Pages { table, .. } => {
+                let more = Tensor::<B, 2, Int>::zeros([rows, extra / PAGE], device);
+                *table = Some(match table.take() {
+                    Some(old) => Tensor::cat(vec![old, more], 1),
+                    None => more,
+                });
+            }
+        }
+        let unused =
+            Tensor::<B, 2>::full([rows, extra], f32::NEG_INFINITY, device).cast(FloatDType::F32);
         l.bias = Some(match l.bias.take() {
             Some(old) => Tensor::cat(vec![old, unused], 1),
             None => unused,
@@ -194,25 +331,125 @@ impl<B: Backend> SlotCache<B> {
         keys: Tensor<B, 2>,
         values: Tensor<B, 2>,
     ) {
+        let dtype = keys.dtype();
         let needed = targets.iter().map(|&(_, s)| s + 1).max().unwrap_or(0);
-        self.ensure_capacity(layer, needed, keys.dtype());
+        self.ensure_capacity(layer, needed, dtype);
         let n = targets.len();
-        let flat: Vec<i64> = targets
-            .iter()
-            .flat_map(|&(r, s)| [r as i64, s as i64])
-            .collect();
-        let index = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [n, 2]), &self.device);
-        let l = &mut self.layers[layer];
-        // Taken out so each table is uniquely owned and the scatter writes in place.
-        let scatter = |t: &mut Option<Tensor<B, 3>>, v: Tensor<B, 2>| {
-            let table = t.take().expect("allocated by ensure_capacity");
-            *t = Some(table.scatter_nd(index.clone(), v, IndexingUpdateOp::Assign));
+        let head_dim = self.head_dim;
+        let device = &self.device;
+        let pairs = |pairs: Vec<i64>| {
+            let count = pairs.len() / 2;
+            Tensor::<B, 2, Int>::from_data(TensorData::new(pairs, [count, 2]), device)
         };
-        scatter(&mut l.keys, keys);
-        scatter(&mut l.values, values);
+        let slots = pairs(
+            targets
+                .iter()
+                .flat_map(|&(r, s)| [r as i64, s as i64])
+                .collect(),
+        );
+        let l = &mut self.layers[layer];
+        // Tensors are taken out so each is uniquely owned and the scatter writes in place.
+        match &mut l.storage {
+            Storage::Tables {
+                keys: key_table,
+                values: value_table,
+            } => {
+                let scatter = |t: &mut Option<Tensor<B, 3>>, v: Tensor<B, 2>| {
+                    let table = t.take().expect("allocated by ensure_capacity");
+                    *t = Some(table.scatter_nd(slots.clone(), v, IndexingUpdateOp::Assign));
+                };
+                scatter(key_table, keys);
+                scatter(value_table, values);
+            }
+            Storage::Pages {
+                keys: key_pool,
+                values: value_pool,
+                allocated,
+                used,
+                table,
+            } => {
+                // Hand out pages to rows whose new slots pass their last page.
+                let mut new_pages = Vec::new();
+                let mut page_ids = Vec::new();
+                for &(r, s) in targets {
+                    let row = &mut l.rows[r];
+                    while row.pages.len() * PAGE <= s {
+                        new_pages.extend([r as i64, row.pages.len() as i64]);
+                        page_ids.push(*used as i64);
+                        row.pages.push(*used);
+                        *used += 1;
+                    }
+                }
+                if !page_ids.is_empty() {
+                    let count = page_ids.len();
+                    let ids =
+                        Tensor::<B, 1, Int>::from_data(TensorData::new(page_ids, [count]), device);
+                    let t = table.take().expect("allocated by ensure_capacity");
+                    *table = Some(t.scatter_nd(pairs(new_pages), ids, IndexingUpdateOp::Assign));
+                }
+                if *used > *allocated {
+                    let grown = (*used).max(*allocated + *allocated / 8);
+                    let extra = (grown - *allocated) * PAGE;
+                    let zeros = || Tensor::<B, 2>::zeros([extra, head_dim], device).cast(dtype);
+                    let grow = |old: Option<Tensor<B, 2>>| match old {
+                        Some(old) => Tensor::cat(vec![old, zeros()], 0),
+                        None => zeros(),
+                    };
+                    *key_pool = Some(grow(key_pool.take()));
+                    *value_pool = Some(grow(value_pool.take()));
+                    *allocated = grown;
+                }
+                let physical: Vec<i64> = targets
+                    .iter()
+                    .map(|&(r, s)| (l.rows[r].pages[s / PAGE] * PAGE + s % PAGE) as i64)
+                    .collect();
+                let physical =
+                    Tensor::<B, 2, Int>::from_data(TensorData::new(physical, [n, 1]), device);
+                let scatter = |t: &mut Option<Tensor<B, 2>>, v: Tensor<B, 2>| {
+                    let pool = t.take().expect("allocated above");
+                    *t = Some(pool.scatter_nd(physical.clone(), v, IndexingUpdateOp::Assign));
+                };
+                scatter(key_pool, keys);
+                scatter(value_pool, values);
+            }
+        }
         let bias = l.bias.take().expect("allocated by ensure_capacity");
-        let live = Tensor::<B, 1>::zeros([n], &self.device).cast(FloatDType::F32);
-        l.bias = Some(bias.scatter_nd(index, live, IndexingUpdateOp::Assign));
+        let live = Tensor::<B, 1>::zeros([n], device).cast(FloatDType::F32);
+        l.bias = Some(bias.scatter_nd(slots, live, IndexingUpdateOp::Assign));
+    }
+
+    /// The layer's keys and values as `[rows, capacity, head_dim]` (paged storage gathers them).
+    fn tables(&self, layer: usize) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        let l = &self.layers[layer];
+        match &l.storage {
+            Storage::Tables { keys, values } => (
+                keys.clone().expect("written"),
+                values.clone().expect("written"),
+            ),
+            Storage::Pages {
+                keys,
+                values,
+                table,
+                ..
+            } => {
+                let rows = l.rows.len();
+                let offsets =
+                    Tensor::<B, 1, Int>::arange(0..PAGE as i64, &self.device).reshape([1, 1, PAGE]);
+                let starts = table
+                    .clone()
+                    .expect("written")
+                    .mul_scalar(PAGE as i64)
+                    .unsqueeze_dim::<3>(2);
+                let physical = (starts + offsets).reshape([rows * l.capacity]);
+                let gather = |pool: &Option<Tensor<B, 2>>| {
+                    pool.clone()
+                        .expect("written")
+                        .select(0, physical.clone())
+                        .reshape([rows, l.capacity, self.head_dim])
+                };
+                (gather(keys), gather(values))
+            }
+        }
     }
 
     /// Fills `sequence`'s rows of `layer` from its prompt: `keys`/`values` `[kv_heads, seq,
@@ -312,13 +549,9 @@ impl<B: Backend> SlotCache<B> {
             })
             .collect();
         self.write(layer, &targets, k, v);
-        let l = &self.layers[layer];
-        let context = attend(
-            q,
-            l.keys.clone().expect("written"),
-            l.values.clone().expect("written"),
-            l.bias.clone().expect("written"),
-        );
+        let (keys, values) = self.tables(layer);
+        let bias = self.layers[layer].bias.clone().expect("written");
+        let context = attend(q, keys, values, bias);
         (context, pending)
     }
 
