@@ -12,6 +12,8 @@
 # Cut:
 #   train.jsonl  Macbeth + A Midsummer Night's Dream + The Tempest, whole plays
 #   eval.jsonl   The Comedy of Errors, its first ~40 KB (a play the training split never sees)
+#   eval-long.jsonl  Hamlet + Othello, whole plays (held out too; enough text for long-context
+#                evaluation, e.g. 4 x 8192 tokens)
 # Each play is split into chunks at line boundaries: a chunk ends at the first blank line (the end
 # of a speech) once it holds >= 2048 bytes, or at any line boundary before it would exceed 4096
 # bytes. Each chunk is one JSON line {"text": "..."}; trailing whitespace of a chunk is dropped.
@@ -53,6 +55,7 @@ texts, out_dir = sys.argv[1], sys.argv[2]
 MIN_CHUNK, MAX_CHUNK = 2048, 4096
 TRAIN = ["macbeth_gut.txt", "midsummer_nights_dream_gut.txt", "tempest_gut.txt"]
 EVAL = ("comedy_of_errors_gut.txt", 40 * 1024)
+LONG = ["hamlet_gut.txt", "othello_gut.txt"]
 
 
 def chunks(path):
@@ -88,4 +91,5 @@ for c in chunks(os.path.join(texts, EVAL[0])):
     eval_docs.append(c); total += len(c)
 write("train.jsonl", train)
 write("eval.jsonl", eval_docs)
+write("eval-long.jsonl", [c for name in LONG for c in chunks(os.path.join(texts, name))])
 PY
