@@ -8,6 +8,7 @@
 #   WORK=dir   run folder, export and results (default /tmp/smollm2-gpu)
 #   DEVICE=cuda:0
 #   SKIP_TRAIN=1   reuse $WORK/run
+#   STUDY_CR=4     compression ratio of the chunking study
 #   scripts/gpu-smollm2-eval.sh
 # Results: $WORK/results/*.json (eval reports, generate stats) and the timings on stdout.
 set -uo pipefail
@@ -19,12 +20,13 @@ res=$work/results
 mkdir -p "$res"
 long=data/shakespeare/eval-long.jsonl
 
-timed() { # label, command...: runs it, prints the wall time
+exec 3>&1
+timed() { # label, command...: runs it, prints the wall time (to the script's stdout)
     local label=$1; shift
     local start=$(date +%s%N)
     "$@"; local rc=$?
     local ms=$(( ($(date +%s%N) - start) / 1000000 ))
-    printf '%-40s %4d.%01d s (rc %d)\n' "$label" $((ms / 1000)) $((ms % 1000 / 100)) $rc
+    printf '%-40s %4d.%01d s (rc %d)\n' "$label" $((ms / 1000)) $((ms % 1000 / 100)) $rc >&3
     return $rc
 }
 
@@ -46,10 +48,11 @@ timed "eval 4x8192 + all baselines" "$bin" eval "$work/export" --data "$long" --
     || tail -5 "$res/eval-8192.err"
 
 # 2. Approximation study: the baselines decide per chunk; chunk 1 is the exact per-token rule.
+# On the base model at a fixed CR, so every run has the same budget.
 for chunk in 1 auto 64; do
     flag=(); [ "$chunk" != auto ] && flag=(--baseline-chunk "$chunk")
-    timed "eval 8x512, baseline chunk $chunk" "$bin" eval "$work/export" --data "$long" \
-        --seq-len 512 --max-sequences 8 --device "$device" "${flag[@]}" --json \
+    timed "eval 8x512, baseline chunk $chunk" "$bin" eval "$model" --cr "${STUDY_CR:-4}" \
+        --data "$long" --seq-len 512 --max-sequences 8 --device "$device" "${flag[@]}" --json \
         > "$res/eval-512-chunk-$chunk.json" 2> "$res/eval-512-chunk-$chunk.err" \
         || tail -5 "$res/eval-512-chunk-$chunk.err"
 done

@@ -244,3 +244,51 @@ fn a_repeated_cache_decodes_like_its_original_in_every_copy() {
     assert_eq!(three.live_bytes, 3 * one.live_bytes);
     assert_eq!(three.dense_bytes, 3 * one.dense_bytes);
 }
+
+#[test]
+fn long_prompts_span_many_pages_and_still_match() {
+    let (ckpt, model, dms) = golden_model("llama_adapter_head");
+    let vocab = ckpt.config.vocab_size;
+    let decoding = Decoding::new(&model, &ckpt.config, Some(&dms));
+    let lens = [300usize, 170];
+    let steps = 24;
+    let streams: Vec<Vec<u32>> = lens
+        .iter()
+        .enumerate()
+        .map(|(s, &p)| {
+            (0..p + steps)
+                .map(|i| ((i * 31 + s * 7 + i / 5) % 250 + 3) as u32)
+                .collect()
+        })
+        .collect();
+    let mut cache = decoding.slot_cache(lens.len());
+    for (s, &p) in lens.iter().enumerate() {
+        decoding.prefill_slots(&streams[s][..p], s, &mut cache);
+    }
+    let references: Vec<Vec<Vec<f32>>> = streams
+        .iter()
+        .map(|ids| forward_logits(&model, &ckpt, &dms, ids, Mode::Inference))
+        .collect();
+    for t in 0..steps {
+        let ids: Vec<u32> = lens
+            .iter()
+            .enumerate()
+            .map(|(s, &p)| streams[s][p + t])
+            .collect();
+        let logits = decoding
+            .step_slots(&ids, &mut cache)
+            .into_data()
+            .into_vec::<f32>()
+            .unwrap();
+        for (s, &p) in lens.iter().enumerate() {
+            common::assert_close(
+                &logits[s * vocab..(s + 1) * vocab],
+                &references[s][p + t],
+                1e-4,
+                &format!("sequence {s} step {t}"),
+            );
+        }
+    }
+    let memory = cache.memory(4);
+    assert!(memory.compression_ratio > 1.5, "{memory:?}");
+}

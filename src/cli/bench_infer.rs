@@ -15,6 +15,7 @@ use clap::Args;
 use serde::Serialize;
 
 use super::bench::{RandomWeights, require_positive, shape};
+use super::generate::checked_tokens;
 use super::{ComputeArgs, on_backend};
 use crate::data::Sequence;
 use crate::dms::{DmsConfig, DmsModel, Mode, Variant};
@@ -306,7 +307,8 @@ fn decode_bench<B: AttentionBackend>(
                 .into_data()
                 .convert::<i64>()
                 .into_vec::<i64>();
-            let first = first.map_err(|e| anyhow::anyhow!("{e:?}"))?[0] as u32;
+            let first = first.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let first = checked_tokens(&first, cfg.vocab_size, 0)?[0];
             tracing::info!(
                 context,
                 cr,
@@ -325,11 +327,8 @@ fn decode_bench<B: AttentionBackend>(
                         .into_data()
                         .convert::<i64>()
                         .into_vec::<i64>();
-                    tokens = next
-                        .map_err(|e| anyhow::anyhow!("{e:?}"))?
-                        .into_iter()
-                        .map(|i| i as u32)
-                        .collect();
+                    let next = next.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                    tokens = checked_tokens(&next, cfg.vocab_size, step + 1)?;
                     if step >= 2 {
                         times.push(start.elapsed().as_secs_f64());
                     }

@@ -156,6 +156,18 @@ fn read_prompts(args: &GenerateArgs) -> Result<Vec<String>> {
     Ok(prompts)
 }
 
+/// Greedy ids read back from the device, checked: an argmax outside the vocabulary means the
+/// logits were not finite.
+pub(super) fn checked_tokens(ids: &[i64], vocab: usize, step: usize) -> Result<Vec<u32>> {
+    match ids.iter().find(|&&id| id < 0 || id as usize >= vocab) {
+        Some(id) => bail!(
+            "decode step {step}: the logits are not finite (argmax {id} outside the vocabulary \
+             of {vocab}); if this happens with --dtype bf16, try --dtype f32"
+        ),
+        None => Ok(ids.iter().map(|&id| id as u32).collect()),
+    }
+}
+
 /// Prefill, then sample and stream tokens, on backend `B`.
 fn generate<B: AttentionBackend>(
     args: &GenerateArgs,
@@ -256,11 +268,10 @@ fn generate<B: AttentionBackend>(
         let next = if args.temperature <= 0.0 {
             // Greedy: only the argmax ids come back from the device.
             let ids = logits.argmax(1).into_data().convert::<i64>();
-            ids.into_vec::<i64>()
-                .map_err(|e| anyhow::anyhow!("cannot read the tokens back: {e:?}"))?
-                .into_iter()
-                .map(|id| id as u32)
-                .collect::<Vec<u32>>()
+            let ids = ids
+                .into_vec::<i64>()
+                .map_err(|e| anyhow::anyhow!("cannot read the tokens back: {e:?}"))?;
+            checked_tokens(&ids, cfg.vocab_size, step)?
         } else {
             let values = logits
                 .into_data()

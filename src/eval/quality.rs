@@ -99,7 +99,9 @@ impl<'a, B: AttentionBackend> Batch<'a, B> {
         }
         (
             Tensor::from_data(TensorData::new(ids, [batch, rows, 1]), device),
-            Tensor::from_data(TensorData::new(weights, [batch, rows]), device),
+            // Explicitly f32: on a bf16 device the data's dtype is not what the ops assume.
+            Tensor::<B, 2>::from_data(TensorData::new(weights, [batch, rows]), device)
+                .cast(FloatDType::F32),
         )
     }
 

@@ -97,6 +97,7 @@ pub fn evaluate_length<B: AttentionBackend>(
     // The original model's hidden states per batch, kept for the baselines' KL.
     let mut teachers = Vec::new();
     let batches: Vec<&[Sequence]> = sequences.chunks(settings.batch.max(1)).collect();
+    let started = std::time::Instant::now();
     for seqs in &batches {
         let batch = Batch::new(seqs, &device);
         let teacher = original_hidden(model, cfg, &batch);
@@ -117,6 +118,10 @@ pub fn evaluate_length<B: AttentionBackend>(
             teachers.push(teacher);
         }
     }
+    tracing::info!(
+        seconds = started.elapsed().as_secs_f64(),
+        "original and DMS scored"
+    );
     let n = sequences.len() as f64;
     let mut rows = vec![row("original (dense)", &original, 1.0)];
     let per_head: Option<Vec<Vec<f64>>> = (!retained_sum.is_empty()).then(|| {
@@ -151,6 +156,7 @@ pub fn evaluate_length<B: AttentionBackend>(
         baseline_chunk = Some(chunk);
         tracing::info!(chunk, budget_cr = cr, "baselines decide once per chunk");
         for baseline in Baseline::ALL {
+            let started = std::time::Instant::now();
             let mut totals = Totals::default();
             let mut crs = 0.0;
             for (seqs, teacher) in batches.iter().zip(&teachers) {
@@ -165,6 +171,11 @@ pub fn evaluate_length<B: AttentionBackend>(
                 ));
                 crs += run.compression_ratio * seqs.len() as f64;
             }
+            tracing::info!(
+                baseline = baseline.name(),
+                seconds = started.elapsed().as_secs_f64(),
+                "baseline scored"
+            );
             rows.push(row(baseline.name(), &totals, crs / n));
         }
     }

@@ -107,7 +107,7 @@ pub struct SlotCache<B: Backend> {
     device: B::Device,
 }
 
-/// Slot capacity granularity: tables grow by whole blocks of this many slots.
+/// Slot capacity granularity: attention covers whole blocks of this many slots per row.
 const BLOCK: usize = 64;
 /// Slots per page of paged storage.
 const PAGE: usize = 16;
@@ -286,13 +286,10 @@ impl<B: Backend> SlotCache<B> {
             return;
         }
         let rows = l.rows.len();
-        let capacity = match l.storage {
-            Storage::Tables { .. } => {
-                let grown = needed.max(l.capacity + (l.capacity / 8).max(BLOCK));
-                grown.div_ceil(BLOCK) * BLOCK
-            }
-            Storage::Pages { .. } => needed.div_ceil(PAGE) * PAGE,
-        };
+        // Whole blocks of 64 slots, grown by an eighth: few distinct attention shapes (each is
+        // a GEMM the GPU backend tunes once) and key counts the GEMM tiles evenly.
+        let grown = needed.max(l.capacity + (l.capacity / 8).max(BLOCK));
+        let capacity = grown.div_ceil(BLOCK) * BLOCK;
         let extra = capacity - l.capacity;
         let device = &self.device;
         match &mut l.storage {
