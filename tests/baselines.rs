@@ -123,7 +123,11 @@ fn larger_chunks_hold_the_budget_at_boundaries_and_a_whole_sequence_chunk_is_den
             let held = if start == 0 {
                 len
             } else {
-                budget.at(start + 1).saturating_sub(1).max(floor).min(start) + rows
+                let limit = match baseline {
+                    Baseline::StreamingLlm { sinks } => budget.with_sinks(start + 1, sinks),
+                    _ => budget.at(start + 1),
+                };
+                limit.saturating_sub(1).max(floor).min(start) + rows
             };
             assert_eq!(
                 run.compression_ratio,

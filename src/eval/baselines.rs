@@ -123,7 +123,10 @@ pub fn run_baseline<B: AttentionBackend>(
             baseline,
             Baseline::Tova | Baseline::H2o | Baseline::SnapKv
         ));
-        let limit = (end < len).then(|| budget.at(end + 1));
+        let limit = (end < len).then(|| match baseline {
+            Baseline::StreamingLlm { sinks } => budget.with_sinks(end + 1, sinks),
+            _ => budget.at(end + 1),
+        });
         let keep = limit.map(|limit| limit.saturating_sub(1).max(floor));
         // Newest entries kept whatever their score: H2O's recent half of the next token's budget
         // (taken before the floor, as the per-token rule does), SnapKV's chunk.

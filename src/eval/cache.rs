@@ -34,6 +34,13 @@ impl Budget {
     pub fn at(&self, seen: usize) -> usize {
         ((seen as f64 / self.compression_ratio).ceil() as usize).max(1)
     }
+
+    /// StreamingLLM's budget: never below its sinks plus the newest token. Keeping the sinks is
+    /// the rule's point; under `at` alone token 0 would leave at position 1 (budget 1) and never
+    /// return. The extra entries count in its measured CR.
+    pub fn with_sinks(&self, seen: usize, sinks: usize) -> usize {
+        self.at(seen).max((sinks + 1).min(seen))
+    }
 }
 
 /// One KV head's storage in one layer.
@@ -291,7 +298,6 @@ impl<B: Backend> KvCache<B> {
     ) -> Tensor<B, 3> {
         let [heads, group, dim] = q.dims();
         let position = self.seen;
-        let budget_now = self.budget.map(|b| b.at(position + 1));
         let budget_next = self.budget.map(|b| b.at(position + 2));
         let policy = self.policy;
         let mut contexts = Vec::with_capacity(heads);
@@ -314,7 +320,10 @@ impl<B: Backend> KvCache<B> {
                     }
                 }
                 Policy::StreamingLlm { sinks } => {
-                    let limit = budget_now.expect("StreamingLLM needs a budget");
+                    let limit = self
+                        .budget
+                        .expect("StreamingLLM needs a budget")
+                        .with_sinks(position + 1, sinks);
                     while cache.len() + 1 > limit {
                         let rows = cache.live_rows();
                         let victim = rows
@@ -423,11 +432,22 @@ mod tests {
                     None,
                 );
                 cache.advance();
+                let limit = match policy {
+                    Policy::StreamingLlm { sinks } => budget.with_sinks(t + 1, sinks),
+                    _ => budget.at(t + 1),
+                };
                 for len in &cache.lengths()[0] {
-                    assert!(*len <= budget.at(t + 1), "{policy:?} t{t}: {len}");
+                    assert!(*len <= limit, "{policy:?} t{t}: {len}");
                 }
             }
             assert!((cache.compression_ratio() - 4.0).abs() < 0.5, "{policy:?}");
+            if let Policy::StreamingLlm { sinks } = policy {
+                // The sinks survive the first positions, where the plain budget is 1.
+                for head in &cache.heads[0] {
+                    let held: Vec<usize> = head.position.iter().flatten().copied().collect();
+                    assert!((0..sinks).all(|p| held.contains(&p)), "{held:?}");
+                }
+            }
         }
     }
 }
