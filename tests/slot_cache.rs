@@ -5,77 +5,12 @@
 
 mod common;
 
-use burn::tensor::{Int, Tensor, TensorData};
-use dms_retrofit::backend::Cpu;
-use dms_retrofit::checkpoint::{Checkpoint, SafetensorsStore};
-use dms_retrofit::dms::{DmsConfig, DmsModel, Granularity, Mode, Variant};
+use dms_retrofit::dms::Mode;
 use dms_retrofit::eval::Decoding;
-use dms_retrofit::model::FloatFormat;
-use serde_json::Value;
-
-fn golden_model(case: &str) -> (Checkpoint, DmsModel<Cpu>, DmsConfig) {
-    let dir = common::fixtures().join("dms").join(case);
-    let c: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
-    let dms = DmsConfig {
-        variant: if c["variant"] == "adapter" {
-            Variant::Adapter
-        } else {
-            Variant::QNeuron
-        },
-        granularity: if c["granularity"] == "head" {
-            Granularity::Head
-        } else {
-            Granularity::Layer
-        },
-        window: c["window"].as_u64().unwrap() as usize,
-        tau: c["tau"].as_f64().unwrap(),
-        alpha_scale: c["alpha_scale"].as_f64().unwrap(),
-        offset: c["offset"].as_f64().unwrap(),
-    };
-    let ckpt = Checkpoint::open(
-        common::fixtures()
-            .join(c["model"].as_str().unwrap())
-            .to_str()
-            .unwrap(),
-    )
-    .unwrap();
-    let device = Default::default();
-    let base = ckpt.load_decoder::<Cpu>(FloatFormat::F32, &device).unwrap();
-    let mut adapters =
-        SafetensorsStore::open(&[dir.join("inputs.safetensors")], FloatFormat::F32).unwrap();
-    let model = DmsModel::new(base, &ckpt.config, &dms, Some(&mut adapters), &device).unwrap();
-    (ckpt, model, dms)
-}
-
-fn forward_logits(
-    model: &DmsModel<Cpu>,
-    ckpt: &Checkpoint,
-    dms: &DmsConfig,
-    ids: &[u32],
-    mode: Mode<Cpu>,
-) -> Vec<Vec<f32>> {
-    let input = Tensor::<Cpu, 2, Int>::from_data(
-        TensorData::new(
-            ids.iter().map(|&i| i as i64).collect::<Vec<_>>(),
-            [1, ids.len()],
-        ),
-        &Default::default(),
-    );
-    let out = model.forward(input, &ckpt.config, dms, &mode);
-    let v = model
-        .logits(out.hidden)
-        .into_data()
-        .into_vec::<f32>()
-        .unwrap();
-    v.chunks(ckpt.config.vocab_size)
-        .map(<[f32]>::to_vec)
-        .collect()
-}
 
 /// Three sequences with prompts of 1, 9 and 25 tokens, decoded together for `steps` tokens.
 fn check(case: &str, use_dms: bool) {
-    let (ckpt, model, dms) = golden_model(case);
+    let (ckpt, model, dms) = common::golden_dms_model(case);
     let vocab = ckpt.config.vocab_size;
     let prompts = [1usize, 9, 25];
     let steps = 16;
@@ -94,7 +29,7 @@ fn check(case: &str, use_dms: bool) {
             } else {
                 Mode::Original
             };
-            forward_logits(&model, &ckpt, &dms, ids, mode)
+            common::forward_logits(&model, &ckpt, &dms, ids, mode)
         })
         .collect();
     let decoding = Decoding::new(&model, &ckpt.config, use_dms.then_some(&dms));
@@ -187,7 +122,7 @@ fn dense_batch_decode_equals_the_original_model() {
 
 #[test]
 fn evicted_slots_are_reused_so_the_tables_stop_growing() {
-    let (ckpt, model, dms) = golden_model("qwen2_adapter_head_w0");
+    let (ckpt, model, dms) = common::golden_dms_model("qwen2_adapter_head_w0");
     let decoding = Decoding::new(&model, &ckpt.config, Some(&dms));
     let mut cache = decoding.slot_cache(2);
     let prompt: Vec<u32> = (0..4).map(|i| i + 5).collect();
@@ -212,7 +147,7 @@ fn evicted_slots_are_reused_so_the_tables_stop_growing() {
 
 #[test]
 fn a_repeated_cache_decodes_like_its_original_in_every_copy() {
-    let (ckpt, model, dms) = golden_model("llama_adapter_head");
+    let (ckpt, model, dms) = common::golden_dms_model("llama_adapter_head");
     let vocab = ckpt.config.vocab_size;
     let decoding = Decoding::new(&model, &ckpt.config, Some(&dms));
     let prompt: Vec<u32> = (0..30).map(|i| (i * 37 + 5) % 250 + 3).collect();
@@ -247,7 +182,7 @@ fn a_repeated_cache_decodes_like_its_original_in_every_copy() {
 
 #[test]
 fn long_prompts_span_many_pages_and_still_match() {
-    let (ckpt, model, dms) = golden_model("llama_adapter_head");
+    let (ckpt, model, dms) = common::golden_dms_model("llama_adapter_head");
     let vocab = ckpt.config.vocab_size;
     let decoding = Decoding::new(&model, &ckpt.config, Some(&dms));
     let lens = [300usize, 170];
@@ -267,7 +202,7 @@ fn long_prompts_span_many_pages_and_still_match() {
     }
     let references: Vec<Vec<Vec<f32>>> = streams
         .iter()
-        .map(|ids| forward_logits(&model, &ckpt, &dms, ids, Mode::Inference))
+        .map(|ids| common::forward_logits(&model, &ckpt, &dms, ids, Mode::Inference))
         .collect();
     for t in 0..steps {
         let ids: Vec<u32> = lens

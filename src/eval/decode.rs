@@ -200,33 +200,9 @@ impl<'a, B: AttentionBackend> Decoding<'a, B> {
         let mut pending = Vec::new();
         let mut x = self.model.base.embed(input);
         for (index, layer) in self.model.base.layers.iter().enumerate() {
-            let normed = layer.input_layernorm.forward(x.clone());
-            let (qkv, decisions) = match self.dms {
-                Some(dms) => {
-                    let (qkv, logits) = self.model.project_with_decisions(
-                        index,
-                        layer,
-                        x.clone(),
-                        normed,
-                        &rope,
-                        self.cfg,
-                        dms,
-                    );
-                    // [1, kv_heads, batch] -> one flag per row (sequence-major).
-                    let hard = apply_granularity(logits, dms.granularity)
-                        .greater_elem(0.0)
-                        .float()
-                        .swap_dims(1, 2)
-                        .reshape([rows]);
-                    (qkv, Some(hard))
-                }
-                None => (
-                    layer
-                        .self_attn
-                        .project(normed, &rope, &mut |q| q, &mut |q| q),
-                    None,
-                ),
-            };
+            let (qkv, hard) = self.project(index, x.clone(), &rope);
+            // [1, kv_heads, batch] -> one flag per row (sequence-major).
+            let decisions = hard.map(|h| h.swap_dims(1, 2).reshape([rows]));
             // [1, heads, batch, dim] -> [batch * kv_heads, group, dim] (query heads of a KV head
             // are adjacent).
             let q = qkv.q.swap_dims(1, 2).reshape([rows, group, dim]);
@@ -241,6 +217,36 @@ impl<'a, B: AttentionBackend> Decoding<'a, B> {
         self.model.logits(x).reshape([batch, self.cfg.vocab_size])
     }
 
+    /// One layer's projections of `x` (`[batch, seq, hidden]`, before the layer's norm) and, for
+    /// a DMS model, the hard eviction decisions (0/1, `[batch, kv_heads, seq]`) each token makes
+    /// about its predecessor.
+    fn project(
+        &self,
+        index: usize,
+        x: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+    ) -> (crate::model::decoder::Qkv<B>, Option<Tensor<B, 3>>) {
+        let layer = &self.model.base.layers[index];
+        let normed = layer.input_layernorm.forward(x.clone());
+        match self.dms {
+            Some(dms) => {
+                let (qkv, logits) = self
+                    .model
+                    .project_with_decisions(index, layer, x, normed, rope, self.cfg, dms);
+                let hard = apply_granularity(logits, dms.granularity)
+                    .greater_elem(0.0)
+                    .float();
+                (qkv, Some(hard))
+            }
+            None => (
+                layer
+                    .self_attn
+                    .project(normed, rope, &mut |q| q, &mut |q| q),
+                None,
+            ),
+        }
+    }
+
     /// Appends one token and returns its logits, `[vocab]`.
     pub fn step(&self, id: u32, cache: &mut KvCache<B>) -> Tensor<B, 1> {
         let device = self.model.base.embed_tokens.val().device();
@@ -252,31 +258,10 @@ impl<'a, B: AttentionBackend> Decoding<'a, B> {
         let group = heads / kv_heads;
         let mut x = self.model.base.embed(input);
         for (index, layer) in self.model.base.layers.iter().enumerate() {
-            let normed = layer.input_layernorm.forward(x.clone());
-            let (qkv, flags) = match self.dms {
-                Some(dms) => {
-                    let (qkv, logits) = self.model.project_with_decisions(
-                        index,
-                        layer,
-                        x.clone(),
-                        normed,
-                        &rope,
-                        self.cfg,
-                        dms,
-                    );
-                    let hard = apply_granularity(logits, dms.granularity)
-                        .greater_elem(0.0)
-                        .float();
-                    let flags: Vec<bool> = to_bools(hard).into_iter().map(|h| h[0]).collect();
-                    (qkv, (position > 0).then_some(flags))
-                }
-                None => (
-                    layer
-                        .self_attn
-                        .project(normed, &rope, &mut |q| q, &mut |q| q),
-                    None,
-                ),
-            };
+            let (qkv, hard) = self.project(index, x.clone(), &rope);
+            let flags = hard
+                .filter(|_| position > 0)
+                .map(|h| to_bools(h).into_iter().map(|h| h[0]).collect::<Vec<bool>>());
             let context = cache.step_layer(
                 index,
                 qkv.q.reshape([kv_heads, group, dim]),

@@ -3,6 +3,13 @@
 
 use std::path::PathBuf;
 
+use burn::tensor::{Int, Tensor, TensorData};
+use dms_retrofit::backend::Cpu;
+use dms_retrofit::checkpoint::{Checkpoint, SafetensorsStore};
+use dms_retrofit::dms::{DmsConfig, DmsModel, Granularity, Mode, Variant};
+use dms_retrofit::model::FloatFormat;
+use serde_json::Value;
+
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
@@ -30,4 +37,67 @@ pub fn assert_close(actual: &[f32], expected: &[f32], tolerance: f32, label: &st
         expected[worst_at]
     );
     worst
+}
+
+/// A DMS model from a golden case of `tests/fixtures/dms` (its adapter weights and settings give
+/// mixed decisions), with its base checkpoint and DMS settings.
+pub fn golden_dms_model(case: &str) -> (Checkpoint, DmsModel<Cpu>, DmsConfig) {
+    let dir = fixtures().join("dms").join(case);
+    let c: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+    let dms = DmsConfig {
+        variant: if c["variant"] == "adapter" {
+            Variant::Adapter
+        } else {
+            Variant::QNeuron
+        },
+        granularity: if c["granularity"] == "head" {
+            Granularity::Head
+        } else {
+            Granularity::Layer
+        },
+        window: c["window"].as_u64().unwrap() as usize,
+        tau: c["tau"].as_f64().unwrap(),
+        alpha_scale: c["alpha_scale"].as_f64().unwrap(),
+        offset: c["offset"].as_f64().unwrap(),
+    };
+    let ckpt = Checkpoint::open(
+        fixtures()
+            .join(c["model"].as_str().unwrap())
+            .to_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let device = Default::default();
+    let base = ckpt.load_decoder::<Cpu>(FloatFormat::F32, &device).unwrap();
+    let mut adapters =
+        SafetensorsStore::open(&[dir.join("inputs.safetensors")], FloatFormat::F32).unwrap();
+    let model = DmsModel::new(base, &ckpt.config, &dms, Some(&mut adapters), &device).unwrap();
+    (ckpt, model, dms)
+}
+
+/// Teacher-forced logits of one sequence, one `[vocab]` row per position.
+pub fn forward_logits(
+    model: &DmsModel<Cpu>,
+    ckpt: &Checkpoint,
+    dms: &DmsConfig,
+    ids: &[u32],
+    mode: Mode<Cpu>,
+) -> Vec<Vec<f32>> {
+    let input = Tensor::<Cpu, 2, Int>::from_data(
+        TensorData::new(
+            ids.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+            [1, ids.len()],
+        ),
+        &Default::default(),
+    );
+    let out = model.forward(input, &ckpt.config, dms, &mode);
+    let v = model
+        .logits(out.hidden)
+        .into_data()
+        .into_vec::<f32>()
+        .unwrap();
+    v.chunks(ckpt.config.vocab_size)
+        .map(<[f32]>::to_vec)
+        .collect()
 }
