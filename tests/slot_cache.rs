@@ -6,14 +6,18 @@
 mod common;
 
 use dms_retrofit::dms::Mode;
-use dms_retrofit::eval::Decoding;
+use dms_retrofit::eval::{CacheMemory, Decoding};
 
-/// Three sequences with prompts of 1, 9 and 25 tokens, decoded together for `steps` tokens.
+/// Three sequences with prompts of 1, 9 and 25 tokens, decoded together for 16 tokens.
 fn check(case: &str, use_dms: bool) {
+    check_batch(case, &[1, 9, 25], 16, use_dms);
+}
+
+/// Sequences with `prompts` tokens of prompt each, prefilled into one cache and decoded together
+/// for `steps` tokens, against the teacher-forced logits and the per-token reference cache.
+fn check_batch(case: &str, prompts: &[usize], steps: usize, use_dms: bool) -> CacheMemory {
     let (ckpt, model, dms) = common::golden_dms_model(case);
     let vocab = ckpt.config.vocab_size;
-    let prompts = [1usize, 9, 25];
-    let steps = 16;
     let streams: Vec<Vec<u32>> = (0..prompts.len())
         .map(|s| {
             (0..prompts[s] + steps)
@@ -93,6 +97,7 @@ fn check(case: &str, use_dms: bool) {
         assert_eq!(memory.live_bytes, memory.dense_bytes);
     }
     assert!(memory.allocated_bytes >= memory.live_bytes);
+    memory
 }
 
 #[test]
@@ -182,48 +187,6 @@ fn a_repeated_cache_decodes_like_its_original_in_every_copy() {
 
 #[test]
 fn long_prompts_span_many_pages_and_still_match() {
-    let (ckpt, model, dms) = common::golden_dms_model("llama_adapter_head");
-    let vocab = ckpt.config.vocab_size;
-    let decoding = Decoding::new(&model, &ckpt.config, Some(&dms));
-    let lens = [300usize, 170];
-    let steps = 24;
-    let streams: Vec<Vec<u32>> = lens
-        .iter()
-        .enumerate()
-        .map(|(s, &p)| {
-            (0..p + steps)
-                .map(|i| ((i * 31 + s * 7 + i / 5) % 250 + 3) as u32)
-                .collect()
-        })
-        .collect();
-    let mut cache = decoding.slot_cache(lens.len());
-    for (s, &p) in lens.iter().enumerate() {
-        decoding.prefill_slots(&streams[s][..p], s, &mut cache);
-    }
-    let references: Vec<Vec<Vec<f32>>> = streams
-        .iter()
-        .map(|ids| common::forward_logits(&model, &ckpt, &dms, ids, Mode::Inference))
-        .collect();
-    for t in 0..steps {
-        let ids: Vec<u32> = lens
-            .iter()
-            .enumerate()
-            .map(|(s, &p)| streams[s][p + t])
-            .collect();
-        let logits = decoding
-            .step_slots(&ids, &mut cache)
-            .into_data()
-            .into_vec::<f32>()
-            .unwrap();
-        for (s, &p) in lens.iter().enumerate() {
-            common::assert_close(
-                &logits[s * vocab..(s + 1) * vocab],
-                &references[s][p + t],
-                1e-4,
-                &format!("sequence {s} step {t}"),
-            );
-        }
-    }
-    let memory = cache.memory(4);
+    let memory = check_batch("llama_adapter_head", &[300, 170], 24, true);
     assert!(memory.compression_ratio > 1.5, "{memory:?}");
 }

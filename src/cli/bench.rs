@@ -15,7 +15,7 @@ use crate::backend::{Cpu, CpuAutodiff, DeviceSpec};
 use crate::data::Sequence;
 use crate::dms::noise::NoiseKey;
 use crate::dms::{DmsConfig, DmsModel};
-use crate::model::attention::TrainBackend;
+use crate::model::attention::{AttentionBackend, TrainBackend};
 use crate::model::{
     Architecture, Decoder, FloatFormat, ModelConfig, RopeConfig, RopeScaling, WeightKey,
     WeightSource,
@@ -189,15 +189,9 @@ pub fn shape(name: &str) -> Result<ModelConfig> {
 
 /// Random weights: uniform in [-0.03, 0.03] (norm weights 1), from a fast counter-based generator
 /// run on every core (8B parameters took ~90 s of a GPU call on one thread).
-pub(super) struct RandomWeights {
+struct RandomWeights {
     format: FloatFormat,
     counter: u64,
-}
-
-impl RandomWeights {
-    pub(super) fn new(format: FloatFormat) -> Self {
-        Self { format, counter: 0 }
-    }
 }
 
 /// `count` values of `convert(uniform)`, one xorshift stream per thread.
@@ -253,6 +247,25 @@ impl WeightSource for RandomWeights {
     }
 }
 
+/// A DMS model (fresh decision parameters) over random weights of `cfg`, on the device.
+pub(super) fn random_model<B: AttentionBackend>(
+    cfg: &ModelConfig,
+    format: FloatFormat,
+    dms: &DmsConfig,
+    device: &B::Device,
+) -> Result<DmsModel<B>> {
+    let started = Instant::now();
+    let mut source = RandomWeights { format, counter: 0 };
+    let base = Decoder::<B>::load(cfg, &mut source, device)?;
+    let model = DmsModel::new(base, cfg, dms, None, device)?;
+    B::sync(device)?;
+    tracing::info!(
+        "random weights on the device in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(model)
+}
+
 fn step_bench<B: TrainBackend>(
     args: &StepArgs,
     format: FloatFormat,
@@ -263,15 +276,8 @@ fn step_bench<B: TrainBackend>(
         window: args.window,
         ..DmsConfig::default()
     };
-    let mut source = RandomWeights { format, counter: 0 };
     let started = Instant::now();
-    let base = Decoder::<B>::load(&cfg, &mut source, device)?;
-    B::sync(device)?;
-    tracing::info!(
-        "random weights on the device in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
-    let model = DmsModel::new(base, &cfg, &dms, None, device)?;
+    let model = random_model::<B>(&cfg, format, &dms, device)?;
     let mut model = apply_trainable(model, Trainable::Adapter);
     let recompute_mlp = !args.keep_mlp_activations && !args.recompute_layers;
     model.base.recompute_mlp(recompute_mlp);

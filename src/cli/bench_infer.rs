@@ -14,7 +14,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use clap::Args;
 use serde::Serialize;
 
-use super::bench::{RandomWeights, require_positive, shape};
+use super::bench::{random_model, require_positive, shape};
 use super::generate::checked_tokens;
 use super::{ComputeArgs, on_backend};
 use crate::data::Sequence;
@@ -22,7 +22,7 @@ use crate::dms::{DmsConfig, DmsModel, Mode, Variant};
 use crate::eval::Decoding;
 use crate::eval::quality::{Batch, dms_hidden, original_hidden, score_hidden};
 use crate::model::attention::AttentionBackend;
-use crate::model::{Decoder, FloatFormat, ModelConfig};
+use crate::model::{FloatFormat, ModelConfig};
 
 #[derive(Args, Debug)]
 pub struct EvalBenchArgs {
@@ -113,25 +113,6 @@ fn bench_ids(len: usize, vocab: usize, salt: usize) -> Vec<i64> {
     (0..len)
         .map(|i| ((i * 7919 + salt * 104_729 + 11) % vocab) as i64)
         .collect()
-}
-
-/// A random-weight model of `shape` with borrowed-neuron DMS decisions.
-fn random_model<B: AttentionBackend>(
-    cfg: &ModelConfig,
-    format: FloatFormat,
-    dms: &DmsConfig,
-    device: &B::Device,
-) -> Result<DmsModel<B>> {
-    let started = Instant::now();
-    let mut source = RandomWeights::new(format);
-    let base = Decoder::<B>::load(cfg, &mut source, device)?;
-    let model = DmsModel::new(base, cfg, dms, None, device)?;
-    B::sync(device)?;
-    tracing::info!(
-        "random weights on the device in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
-    Ok(model)
 }
 
 /// The decision offset at which `len`-token sequences keep about `1 / cr` of their keys (the
