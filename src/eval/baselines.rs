@@ -341,7 +341,8 @@ fn chunk_attention<B: AttentionBackend>(
     let q = q
         .cast(FloatDType::F32)
         .reshape([batch, kv_heads, group * rows, dim]);
-    let scores = q.matmul(keys.cast(FloatDType::F32).swap_dims(2, 3)) * (1.0 / (dim as f64).sqrt());
+    let scores = B::score_matmul(q, keys.cast(FloatDType::F32).swap_dims(2, 3))
+        * (1.0 / (dim as f64).sqrt());
     let scores = scores.reshape([batch, kv_heads, group, rows, held]);
     // Query r (the chunk's r-th) sees keys up to held - rows + r.
     let causal: Vec<f32> = (0..rows)

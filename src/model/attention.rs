@@ -108,6 +108,13 @@ pub trait AttentionBackend: super::mlp::MlpBackend {
             options,
         )
     }
+
+    /// `a · b` for small f32 score products outside the attention kernels (the eval baselines'
+    /// eviction scores, `[batch, kv_heads, rows, dim] x [batch, kv_heads, dim, held]`). The default
+    /// is burn's matmul.
+    fn score_matmul(a: Tensor<Self, 4>, b: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        a.matmul(b)
+    }
 }
 
 /// Backends that train: the autodiff backend and the backend its frozen teacher runs on.
@@ -178,6 +185,23 @@ impl AttentionBackend for crate::backend::Cuda {
                 want_bias_grad,
                 options,
             ),
+        }
+    }
+
+    /// burn's matmul kernel chosen by its heuristic, not autotuned: the baselines' score shapes
+    /// change with every chunk (the retained count grows), and autotune benchmarks ~20 candidates
+    /// for each new shape class, about a minute of a first `eval` for products that take
+    /// microseconds. Falls back to the autotuned matmul if the heuristic's kernel cannot launch.
+    fn score_matmul(a: Tensor<Self, 4>, b: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        use burn_cubecl::kernel::matmul::{MatmulStrategy, matmul};
+        let dtype = a.dtype();
+        let (lhs, rhs) = (
+            a.clone().into_primitive().tensor(),
+            b.clone().into_primitive().tensor(),
+        );
+        match matmul(lhs, rhs, None, MatmulStrategy::Cube, dtype) {
+            Ok(out) => float(out),
+            Err(_) => a.matmul(b),
         }
     }
 }
