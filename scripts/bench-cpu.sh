@@ -19,6 +19,9 @@ printf "%-34s %10.0f %12s\n" "tiny recipe (seq 128, batch 4)" \
 if [ -f "$smollm2/model.safetensors" ]; then
     /usr/bin/time -v "$bin" train --recipe recipes/smollm2-135m.toml --set run.output_dir="$work/smollm2" \
         --set "model.source=\"$(realpath "$smollm2")\"" --set train.max_steps=3 --set train.micro_batch=1 \
+        --set 'run.device="cpu"' --set data.seq_len=512 --set dms.window=64 \
+        --set 'data.train_files=["../data/shakespeare/train.jsonl"]' \
+        --set 'data.eval_files=["../data/shakespeare/eval.jsonl"]' \
         --set run.eval_every=0 --quiet --json > "$work/smollm2.json" 2> "$work/smollm2.time"
     printf "%-34s %10.1f %12s\n" "SmolLM2-135M (seq 512, batch 1)" \
         "$(python3 -c "import json;print(json.load(open('$work/smollm2.json'))['tokens_per_s'])")" "$(rss "$work/smollm2.time")"

@@ -15,7 +15,11 @@ fn root() -> PathBuf {
 }
 
 fn tiny_run(out: &Path) {
-    let sets: Vec<String> = vec![
+    tiny_run_with(out, &[]);
+}
+
+fn tiny_run_with(out: &Path, extra: &[&str]) {
+    let mut sets: Vec<String> = vec![
         "train.max_steps=30".into(),
         "dms.final_step=20".into(),
         "data.seq_len=64".into(),
@@ -23,6 +27,7 @@ fn tiny_run(out: &Path) {
         "train.lr=3e-3".into(),
         format!("run.output_dir=\"{}\"", out.display()),
     ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
     let recipe = Recipe::load(&root().join("recipes/tiny.toml"), &sets).unwrap();
     let options = TrainOptions {
         recipe_dir: root().join("recipes"),
@@ -342,4 +347,95 @@ fn explicit_cpu_f32_equals_the_defaults() {
         String::from_utf8(out.stdout).unwrap()
     };
     assert_eq!(run(&[]), run(&["--device", "cpu", "--dtype", "f32"]));
+}
+
+/// The report of `eval MODEL` over the eval sample at 96 tokens, with extra flags.
+fn eval_report(model: &Path, extra: &[&str]) -> Value {
+    let data = root().join("data/shakespeare/eval.jsonl");
+    let mut args = vec![
+        "eval",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--seq-len",
+        "96",
+        "--max-sequences",
+        "2",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let (ok, stdout, stderr) = cli(&args);
+    assert!(ok, "{stderr}");
+    serde_json::from_str(&stdout).unwrap()
+}
+
+fn row<'a>(report: &'a Value, method: &str) -> &'a Value {
+    report["lengths"][0]["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["method"] == method)
+        .unwrap()
+}
+
+#[test]
+fn a_retrofit_that_changed_base_weights_is_compared_with_the_original() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    tiny_run_with(&run, &["train.trainable=\"adapter+attention\""]);
+    let export = dir.path().join("export");
+    let (ok, _, stderr) = cli(&[
+        "export",
+        run.to_str().unwrap(),
+        "--out",
+        export.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let base = root().join("data/tiny-llama");
+    // The original model's rows, evaluated on their own at the retrofit's measured CR.
+    let from_run = eval_report(&run, &[]);
+    let cr = row(&from_run, "DMS")["compression_ratio"].as_f64().unwrap();
+    let cr = format!("{cr}");
+    let alone = eval_report(&base, &["--cr", &cr]);
+    for model in [&run, &export] {
+        let report = eval_report(model, &[]);
+        assert!(
+            report["original"]
+                .as_str()
+                .unwrap()
+                .contains("base checkpoint"),
+            "{}",
+            report["original"]
+        );
+        for method in ["original (dense)", "H2O", "TOVA"] {
+            let (a, b) = (row(&report, method), row(&alone, method));
+            assert!(
+                (a["perplexity"].as_f64().unwrap() - b["perplexity"].as_f64().unwrap()).abs()
+                    < 1e-6 * b["perplexity"].as_f64().unwrap(),
+                "{method}: {a} vs {b}"
+            );
+        }
+    }
+    // `--original self`: the retrofit's own weights with eviction off, another perplexity.
+    let own = eval_report(&export, &["--original", "self"]);
+    assert_eq!(own["original"], "the model itself with eviction off");
+    let (own_ppl, base_ppl) = (
+        row(&own, "original (dense)")["perplexity"]
+            .as_f64()
+            .unwrap(),
+        row(&alone, "original (dense)")["perplexity"]
+            .as_f64()
+            .unwrap(),
+    );
+    assert!((own_ppl - base_ppl).abs() > 1e-4, "{own_ppl} vs {base_ppl}");
+    // A DMS model is no original.
+    let err = error_of(&[
+        "eval",
+        export.to_str().unwrap(),
+        "--data",
+        root().join("data/shakespeare/eval.jsonl").to_str().unwrap(),
+        "--original",
+        export.to_str().unwrap(),
+    ]);
+    assert!(err.contains("is a DMS model"), "{err}");
 }

@@ -1,4 +1,5 @@
-//! Every shipped recipe parses and validates; the official-settings recipes keep those settings.
+//! Every shipped recipe parses and validates; the big-model recipes keep the official DMS
+//! settings, with the trainable set and lr the SmolLM2 campaign supports (docs/quality.md).
 
 use std::path::PathBuf;
 
@@ -23,28 +24,45 @@ fn all_shipped_recipes_validate() {
             n += 1;
         }
     }
-    assert!(n >= 6, "expected the six shipped recipes, found {n}");
+    assert!(n >= 7, "expected the seven shipped recipes, found {n}");
 }
 
 #[test]
 fn official_recipes_keep_the_official_settings() {
-    for name in [
-        "qwen3-8b.toml",
-        "llama3-8b.toml",
-        "llama3.2-1b.toml",
-        "qwen2.5-7b.toml",
+    for (name, lr) in [
+        ("qwen3-8b.toml", 1e-5),
+        ("llama3-8b.toml", 1e-5),
+        ("llama3.2-1b.toml", 2e-5),
+        ("qwen2.5-7b.toml", 1e-5),
     ] {
         let r = recipe(name);
         assert_eq!(r.dms.variant, Variant::Adapter, "{name}");
         assert_eq!(r.dms.granularity, Granularity::Head, "{name}");
         assert_eq!(r.dms.window, 512, "{name}");
-        assert_eq!(r.train.lr, 3e-5, "{name}");
+        assert_eq!(r.train.lr, lr, "{name}");
         assert_eq!(r.train.betas, [0.9, 0.95], "{name}");
-        assert_eq!(r.train.trainable, Trainable::Adapter, "{name}");
+        assert_eq!(r.train.trainable, Trainable::AdapterAndAttention, "{name}");
         let s = r.dms.schedule();
         assert_eq!(
             (s.cr_start, s.cr_final, s.final_step),
             (1.0, 16.0, 510),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn smollm2_recipes_are_the_campaign_winners() {
+    for (name, cr) in [("smollm2-135m.toml", 8.0), ("smollm2-135m-cr4.toml", 4.0)] {
+        let r = recipe(name);
+        assert_eq!(r.train.trainable, Trainable::AdapterAndAttention, "{name}");
+        assert_eq!(r.train.lr, 1e-4, "{name}");
+        assert_eq!((r.data.seq_len, r.dms.window), (2048, 256), "{name}");
+        assert_eq!(r.train.max_steps, 360, "{name}");
+        let s = r.dms.schedule();
+        assert_eq!(
+            (s.cr_final, s.final_step),
+            (cr, (35.0 * (cr - 1.0)) as u64),
             "{name}"
         );
     }

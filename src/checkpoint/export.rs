@@ -45,6 +45,22 @@ pub struct ExportedDms {
     pub config: DmsConfig,
     /// The compression ratio the model was trained to (`dms_cr`).
     pub cr: f64,
+    /// The checkpoint the retrofit started from (our `dms_retrofit_base_*` keys; other exporters
+    /// do not write them).
+    pub base: Option<BaseOrigin>,
+}
+
+/// Where a retrofit came from, so `eval` can compare it with the original model even when
+/// training changed more than the DMS adapters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BaseOrigin {
+    /// As the recipe named it (a folder or a hub id).
+    pub source: String,
+    /// Its resolved folder when the run was trained.
+    pub dir: PathBuf,
+    /// Training changed weights of the base model (`train.trainable` beyond `adapter`): the
+    /// retrofit with eviction off is no longer the original model.
+    pub weights_changed: bool,
 }
 
 /// Reads the `dms_*` keys of a config, if it has them.
@@ -87,6 +103,21 @@ pub fn read_dms_keys(raw: &Value) -> Result<Option<ExportedDms>> {
             offset: number("dms_initial_alpha_offset")?,
         },
         cr: number("dms_cr").unwrap_or(1.0),
+        base: raw
+            .get("dms_retrofit_base_model")
+            .and_then(Value::as_str)
+            .map(|source| BaseOrigin {
+                source: source.to_string(),
+                dir: PathBuf::from(
+                    raw.get("dms_retrofit_base_dir")
+                        .and_then(Value::as_str)
+                        .unwrap_or(source),
+                ),
+                weights_changed: raw
+                    .get("dms_retrofit_base_weights_changed")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
+            }),
     }))
 }
 
@@ -113,6 +144,17 @@ pub fn write_dms_keys(config: &mut Value, dms: &ExportedDms) -> Result<()> {
     ];
     for (k, v) in keys {
         obj.insert(k.to_string(), v);
+    }
+    if let Some(base) = &dms.base {
+        obj.insert("dms_retrofit_base_model".into(), json!(base.source));
+        obj.insert(
+            "dms_retrofit_base_dir".into(),
+            json!(base.dir.to_string_lossy()),
+        );
+        obj.insert(
+            "dms_retrofit_base_weights_changed".into(),
+            json!(base.weights_changed),
+        );
     }
     Ok(())
 }

@@ -223,9 +223,15 @@ pub fn hub_offline() -> bool {
         .unwrap_or(false)
 }
 
-/// The snapshot folder of a cached repo revision, if the cache has it.
+/// The snapshot folder of a cached model revision, if the cache has it.
 pub fn cached_snapshot(cache: &Path, id: &HubId) -> Option<(PathBuf, String)> {
-    let repo = cache.join(format!("models--{}", id.repo_id.replace('/', "--")));
+    cached_repo_snapshot(cache, "models", id)
+}
+
+/// The snapshot folder of a cached repo revision of a kind (`models`, `datasets`), if the cache
+/// has it.
+pub fn cached_repo_snapshot(cache: &Path, kind: &str, id: &HubId) -> Option<(PathBuf, String)> {
+    let repo = cache.join(format!("{kind}--{}", id.repo_id.replace('/', "--")));
     let commit = match std::fs::read_to_string(repo.join("refs").join(&id.revision)) {
         Ok(commit) => commit.trim().to_string(),
         // A revision given as a commit hash has no ref file.

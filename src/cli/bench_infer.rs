@@ -15,11 +15,11 @@ use clap::Args;
 use serde::Serialize;
 
 use super::bench::{random_model, require_positive, shape};
-use super::generate::checked_tokens;
 use super::{ComputeArgs, on_backend};
 use crate::data::Sequence;
 use crate::dms::{DmsConfig, DmsModel, Mode, Variant};
 use crate::eval::Decoding;
+use crate::eval::generation::checked_tokens;
 use crate::eval::quality::{Batch, dms_hidden, original_hidden, score_hidden};
 use crate::model::attention::AttentionBackend;
 use crate::model::{FloatFormat, ModelConfig};

@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use super::loading::load_model;
+use super::loading::{load_model, load_original};
 use super::{ComputeArgs, on_backend};
 use crate::data::dataset::DataKeys;
 use crate::data::{DataConfig, Dataset};
-use crate::eval::report::{Baselines, Report, Settings, evaluate_length};
+use crate::eval::report::{Baselines, Models, Report, Settings, evaluate_length};
 use crate::model::FloatFormat;
 use crate::model::attention::AttentionBackend;
 
@@ -39,6 +39,12 @@ pub struct EvalArgs {
     /// Sequences per forward pass. Default: as many as fit 16,384 tokens.
     #[arg(long)]
     pub batch: Option<usize>,
+    /// The original model the retrofit is compared with (its perplexity row, the baselines, the
+    /// KL): a base checkpoint folder or hub id, or `self` for MODEL with eviction off. Default:
+    /// the recorded base checkpoint when training changed its weights (`train.trainable` beyond
+    /// `adapter`), else MODEL with eviction off (the same weights).
+    #[arg(long, value_name = "BASE|self")]
+    pub original: Option<String>,
     /// Budget CR for the baselines when MODEL has no DMS (otherwise DMS's measured CR is used).
     #[arg(long)]
     pub cr: Option<f64>,
@@ -116,8 +122,13 @@ fn evaluate<B: AttentionBackend>(
             args.model
         );
     }
+    let original = load_original(&loaded, args.original.as_deref(), format, device)?;
     let mut report = Report {
         model: loaded.description.clone(),
+        original: match &original {
+            Some(o) => o.description.clone(),
+            None => "the model itself with eviction off".to_string(),
+        },
         data: args.data.clone(),
         dms: loaded.dms.clone(),
         lengths: Vec::new(),
@@ -149,15 +160,13 @@ fn evaluate<B: AttentionBackend>(
             baseline_chunk: args.baseline_chunk.unwrap_or(0),
         };
         let started = std::time::Instant::now();
-        let length = evaluate_length(
-            &loaded.model,
+        let models = Models {
+            model: &loaded.model,
+            original: original.as_ref().map(|o| &o.model),
             cfg,
-            loaded.dms.as_ref(),
-            seq_len,
-            &dataset.train,
-            eos,
-            settings,
-        );
+            dms: loaded.dms.as_ref(),
+        };
+        let length = evaluate_length(models, seq_len, &dataset.train, eos, settings);
         let seconds = started.elapsed().as_secs_f64();
         tracing::info!(
             seq_len,

@@ -182,6 +182,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
     let dms = ExportedDms {
         config: state.dms.clone(),
         cr: state.scheduled_cr,
+        base: Some(state.base_origin()),
     };
     let card = model_card(&state, &dir, &recipe, dtype);
     let options = ExportOptions {

@@ -3,10 +3,8 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::Tensor;
 use clap::Args;
 use serde::Serialize;
 
@@ -15,7 +13,7 @@ use super::loading::{Loaded, load_model};
 use super::{ComputeArgs, on_backend};
 use crate::data::{ChatTemplate, Message};
 use crate::eval::Decoding;
-use crate::eval::sampling::{Rng, sample};
+use crate::eval::generation::{Event, Finish, Sampling, generate_batch};
 use crate::model::FloatFormat;
 use crate::model::attention::AttentionBackend;
 
@@ -81,12 +79,11 @@ struct Completion<'a> {
     prompt: &'a str,
     completion: String,
     generated_tokens: usize,
-    /// `eos` or `length`.
-    finish: &'static str,
+    finish: Finish,
 }
 
 /// EOS ids from config.json and generation_config.json (a number or a list).
-fn eos_ids<B: AttentionBackend>(loaded: &Loaded<B>) -> Vec<u32> {
+pub(super) fn eos_ids<B: AttentionBackend>(loaded: &Loaded<B>) -> Vec<u32> {
     let mut ids = loaded.ckpt.config.eos_token_ids.clone();
     if let Some(path) = &loaded.ckpt.files.generation_config
         && let Ok(text) = std::fs::read_to_string(path)
@@ -156,18 +153,6 @@ fn read_prompts(args: &GenerateArgs) -> Result<Vec<String>> {
     Ok(prompts)
 }
 
-/// Greedy ids read back from the device, checked: an argmax outside the vocabulary means the
-/// logits were not finite.
-pub(super) fn checked_tokens(ids: &[i64], vocab: usize, step: usize) -> Result<Vec<u32>> {
-    match ids.iter().find(|&&id| id < 0 || id as usize >= vocab) {
-        Some(id) => bail!(
-            "decode step {step}: the logits are not finite (argmax {id} outside the vocabulary \
-             of {vocab}); if this happens with --dtype bf16, try --dtype f32"
-        ),
-        None => Ok(ids.iter().map(|&id| id as u32).collect()),
-    }
-}
-
 /// Prefill, then sample and stream tokens, on backend `B`.
 fn generate<B: AttentionBackend>(
     args: &GenerateArgs,
@@ -223,33 +208,17 @@ fn generate<B: AttentionBackend>(
         }
         sequences.push(ids);
     }
-    let eos = eos_ids(&loaded);
     tracing::info!("{}", loaded.description);
     let cfg = &loaded.ckpt.config;
     let decoding = Decoding::new(&loaded.model, cfg, loaded.dms.as_ref());
+    let sampling = Sampling {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        ignore_eos: args.ignore_eos,
+        eos: eos_ids(&loaded),
+    };
     let batch = sequences.len();
-    let mut cache = decoding.slot_cache(batch);
-    if loaded.dms.is_none() {
-        // A dense cache's final size is known: allocate it once.
-        let longest = sequences.iter().map(Vec::len).max().unwrap_or(0);
-        cache.reserve(
-            longest + args.max_new_tokens,
-            loaded.model.base.embed_tokens.val().dtype(),
-        );
-    }
-    let mut rngs: Vec<Rng> = (0..batch as u64).map(|i| Rng::new(args.seed + i)).collect();
-
-    let start = Instant::now();
-    let firsts: Vec<Tensor<B, 1>> = sequences
-        .iter()
-        .enumerate()
-        .map(|(index, ids)| decoding.prefill_slots(ids, index, &mut cache))
-        .collect();
-    let mut logits: Tensor<B, 2> = Tensor::stack(firsts, 0);
-    B::sync(device)?;
-    let prefill_seconds = start.elapsed().as_secs_f64();
-    let prompt_lens: Vec<usize> = sequences.iter().map(Vec::len).collect();
-    let mut finished: Vec<Option<&'static str>> = vec![None; batch];
     let single = args.prompts.is_none();
     let mut printed = String::new();
     let mut stdout = std::io::stdout();
@@ -263,44 +232,10 @@ fn generate<B: AttentionBackend>(
         );
         bar
     });
-    let decode_start = Instant::now();
-    for step in 0..args.max_new_tokens {
-        let next = if args.temperature <= 0.0 {
-            // Greedy: only the argmax ids come back from the device.
-            let ids = logits.argmax(1).into_data().convert::<i64>();
-            let ids = ids
-                .into_vec::<i64>()
-                .map_err(|e| anyhow::anyhow!("cannot read the tokens back: {e:?}"))?;
-            checked_tokens(&ids, cfg.vocab_size, step)?
-        } else {
-            let values = logits
-                .into_data()
-                .convert::<f32>()
-                .into_vec::<f32>()
-                .map_err(|e| anyhow::anyhow!("cannot read the logits back: {e:?}"))?;
-            values
-                .chunks(cfg.vocab_size)
-                .zip(&mut rngs)
-                .map(|(row, rng)| sample(row, args.temperature, args.top_p, rng))
-                .collect()
-        };
-        for (index, &token) in next.iter().enumerate() {
-            if finished[index].is_some() {
-                continue;
-            }
-            if !args.ignore_eos && eos.contains(&token) {
-                finished[index] = Some("eos");
-            } else {
-                sequences[index].push(token);
-                if step + 1 == args.max_new_tokens {
-                    finished[index] = Some("length");
-                }
-            }
-            if let Some(bar) = &progress {
-                bar.inc(1);
-            }
-            if single {
-                let text = tokenizer.decode(&sequences[0][prompt_lens[0]..], true)?;
+    let mut on_event = |event: Event<'_>| -> Result<()> {
+        match event {
+            Event::Token { generated, .. } if single => {
+                let text = tokenizer.decode(generated, true)?;
                 // Hold back a trailing partial UTF-8 sequence until the next token completes it.
                 if !text.ends_with('\u{FFFD}')
                     && text.len() >= printed.len()
@@ -310,52 +245,56 @@ fn generate<B: AttentionBackend>(
                     stdout.flush()?;
                     printed = text;
                 }
-            } else if let Some(finish) = finished[index] {
+            }
+            Event::Token { .. } => {
+                if let Some(bar) = &progress {
+                    bar.inc(1);
+                }
+            }
+            Event::Finished { .. } if single => {}
+            Event::Finished {
+                index,
+                generated,
+                finish,
+            } => {
                 let line = serde_json::to_string(&Completion {
                     index,
                     prompt: &prompts[index],
-                    completion: tokenizer.decode(&sequences[index][prompt_lens[index]..], true)?,
-                    generated_tokens: sequences[index].len() - prompt_lens[index],
+                    completion: tokenizer.decode(generated, true)?,
+                    generated_tokens: generated.len(),
                     finish,
                 })?;
-                if let Some(bar) = &progress {
-                    bar.suspend(|| println!("{line}"));
-                } else {
-                    println!("{line}");
+                match &progress {
+                    Some(bar) => bar.suspend(|| println!("{line}")),
+                    None => println!("{line}"),
                 }
             }
         }
-        if finished.iter().all(Option::is_some) {
-            break;
-        }
-        // Finished sequences keep the batch's shape with their last token; nothing is read.
-        let feed: Vec<u32> = sequences
-            .iter()
-            .map(|s| *s.last().expect("non-empty"))
-            .collect();
-        logits = decoding.step_slots(&feed, &mut cache);
-    }
-    B::sync(device)?;
-    let seconds = decode_start.elapsed().as_secs_f64();
+        Ok(())
+    };
+    let seeds: Vec<u64> = (0..batch as u64).map(|i| args.seed + i).collect();
+    let run = generate_batch(
+        &decoding,
+        &sequences,
+        &seeds,
+        &sampling,
+        format.bytes(),
+        &mut on_event,
+    )?;
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
-    let generated: usize = sequences
-        .iter()
-        .zip(&prompt_lens)
-        .map(|(s, &p)| s.len() - p)
-        .sum();
     if single {
         writeln!(stdout)?;
     }
-    let memory = cache.memory(format.bytes());
+    let memory = &run.memory;
     let stats = Stats {
         model: loaded.description.clone(),
         batch,
-        prompt_tokens: prompt_lens.iter().sum(),
-        generated_tokens: generated,
-        decode_tokens_per_s: generated as f64 / seconds.max(1e-9),
-        prefill_seconds,
+        prompt_tokens: sequences.iter().map(Vec::len).sum(),
+        generated_tokens: run.generated_tokens,
+        decode_tokens_per_s: run.generated_tokens as f64 / run.decode_seconds.max(1e-9),
+        prefill_seconds: run.prefill_seconds,
         kv_bytes: memory.allocated_bytes,
         kv_live_bytes: memory.live_bytes,
         kv_transient_bytes: memory.transient_bytes,

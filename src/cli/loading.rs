@@ -3,10 +3,11 @@
 
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 
 use super::export::{locate_snapshot, open_base};
 use crate::checkpoint::Checkpoint;
+use crate::checkpoint::export::BaseOrigin;
 use crate::dms::{DmsConfig, DmsModel};
 use crate::model::FloatFormat;
 use crate::model::attention::AttentionBackend;
@@ -20,6 +21,8 @@ pub struct Loaded<B: AttentionBackend> {
     pub dms: Option<DmsConfig>,
     /// What was loaded, for reports.
     pub description: String,
+    /// The checkpoint a retrofit started from, where it is known.
+    pub base: Option<BaseOrigin>,
 }
 
 /// Loads `spec` in `format` onto `device`.
@@ -40,6 +43,7 @@ pub fn load_model<B: AttentionBackend>(
             ckpt,
             model,
             dms: Some(dms),
+            base: Some(state.base_origin()),
             description: format!(
                 "run snapshot {} (step {}, scheduled CR {:.2})",
                 dir.display(),
@@ -52,10 +56,12 @@ pub fn load_model<B: AttentionBackend>(
     if ckpt.dms.is_some() {
         let (model, dms) = ckpt.load_dms_model::<B>(None, format, device)?;
         let cr = ckpt.dms.as_ref().map(|d| d.cr).unwrap_or(1.0);
+        let base = ckpt.dms.as_ref().and_then(|d| d.base.clone());
         return Ok(Loaded {
             ckpt,
             model,
             dms: Some(dms),
+            base,
             description: format!("DMS checkpoint {spec} (trained to CR {cr:.2})"),
         });
     }
@@ -67,6 +73,54 @@ pub fn load_model<B: AttentionBackend>(
             adapters: Vec::new(),
         },
         dms: None,
+        base: None,
         description: format!("base checkpoint {spec} (no DMS: dense cache)"),
     })
+}
+
+/// The original model `eval` compares a retrofit with: `--original SPEC` (`self`: the retrofit
+/// with eviction off), else the recorded base when training changed its weights; `None` when the
+/// retrofit with eviction off is the original (adapter-only training, or a base checkpoint).
+pub fn load_original<B: AttentionBackend>(
+    loaded: &Loaded<B>,
+    flag: Option<&str>,
+    format: FloatFormat,
+    device: &B::Device,
+) -> Result<Option<Loaded<B>>> {
+    let spec = match (flag, &loaded.base) {
+        (Some("self"), _) => return Ok(None),
+        (Some(spec), _) => spec.to_string(),
+        (None, Some(base)) if base.weights_changed => match base.dir.is_dir() {
+            true => base.dir.to_string_lossy().into_owned(),
+            false => base.source.clone(),
+        },
+        _ => return Ok(None),
+    };
+    let original = load_model::<B>(&spec, format, device).with_context(|| {
+        format!(
+            "cannot load the original model '{spec}': training changed the base model's weights, \
+             so the comparison needs the original; pass --original BASE (its folder or hub id), \
+             or --original self to compare with the retrofit's own dense version"
+        )
+    })?;
+    if original.dms.is_some() {
+        bail!(
+            "--original '{spec}' is a DMS model; give the base checkpoint the retrofit started from"
+        );
+    }
+    let (a, b) = (&loaded.ckpt.config, &original.ckpt.config);
+    if (a.vocab_size, a.num_layers, a.hidden_size) != (b.vocab_size, b.num_layers, b.hidden_size) {
+        bail!(
+            "--original '{spec}' has another shape (vocabulary {}, {} layers, hidden {}) than the \
+             retrofit (vocabulary {}, {} layers, hidden {}); give the base checkpoint it started from",
+            b.vocab_size,
+            b.num_layers,
+            b.hidden_size,
+            a.vocab_size,
+            a.num_layers,
+            a.hidden_size
+        );
+    }
+    tracing::info!("original model: {}", original.description);
+    Ok(Some(original))
 }

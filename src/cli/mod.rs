@@ -5,6 +5,7 @@ mod bench_infer;
 mod bench_ops;
 mod eval;
 mod export;
+mod gen_data;
 mod generate;
 mod inspect;
 mod loading;
@@ -53,6 +54,9 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Generate text through the evicting KV cache; reports tokens/s, KV bytes and measured CR.
     Generate(generate::GenerateArgs),
+    /// Sample the model's own answers to prompts as chat JSONL training data (self-distillation),
+    /// batched, resumable.
+    GenData(gen_data::GenDataArgs),
     /// Benchmarks (print JSON lines).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -159,6 +163,7 @@ pub fn main() -> ExitCode {
         Command::Export(args) => export::run(args),
         Command::Logits(args) => logits::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::GenData(args) => gen_data::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Bench(command) => bench::run(command),
         Command::Selftest(args) => selftest::run(args),

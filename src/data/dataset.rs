@@ -72,6 +72,14 @@ fn default_true() -> bool {
     true
 }
 
+fn default_text_field() -> String {
+    "text".to_string()
+}
+
+fn default_messages_field() -> String {
+    "messages".to_string()
+}
+
 /// The recipe's `[data]` section.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -88,6 +96,12 @@ pub struct DataConfig {
     /// Render `messages` lines with the checkpoint's chat template.
     #[serde(default)]
     pub chat_template: bool,
+    /// The key (JSONL) or column (parquet) that holds a document's text.
+    #[serde(default = "default_text_field")]
+    pub text_field: String,
+    /// The key or column that holds a chat conversation (a list of `{role, content}`).
+    #[serde(default = "default_messages_field")]
+    pub messages_field: String,
     /// Tokens per sequence.
     pub seq_len: usize,
     /// Concatenate documents and cut into `seq_len` windows (else one document per sequence).
@@ -133,6 +147,8 @@ impl DataConfig {
             eval_files: Vec::new(),
             heldout_fraction: default_heldout_fraction(),
             chat_template: false,
+            text_field: default_text_field(),
+            messages_field: default_messages_field(),
             seq_len,
             packing: true,
             shuffle_seed: 0,
@@ -146,7 +162,7 @@ impl DataConfig {
     pub fn validate(&self) -> Result<()> {
         ensure!(
             !self.train_files.is_empty(),
-            "{} must list at least one .jsonl or .txt file",
+            "{} must list at least one .jsonl, .parquet or .txt file",
             self.keys.train_files
         );
         ensure!(
@@ -234,19 +250,17 @@ pub struct Dataset {
 }
 
 /// A document as read, before encoding.
-enum Body {
+pub(super) enum Body {
     Text(String),
     Messages(Vec<Message>),
 }
 
-struct Doc {
-    /// 1-based line of a `.jsonl` file (the first line of a paragraph for `.txt`).
-    line: usize,
-    body: Body,
+pub(super) struct Doc {
+    /// 1-based line of a `.jsonl` file (the first line of a paragraph for `.txt`, the row of a
+    /// `.parquet` file).
+    pub(super) line: usize,
+    pub(super) body: Body,
 }
-
-const JSONL_EXPECTED: &str = "each line must be a JSON object {\"text\": \"...\"} or \
-     {\"messages\": [{\"role\": \"...\", \"content\": \"...\"}, ...]}";
 
 /// Special-token ids used when encoding and packing.
 #[derive(Clone, Copy)]
@@ -398,33 +412,60 @@ fn heldout_count(fraction: f64, n: usize) -> usize {
     ((fraction * n as f64).ceil() as usize).clamp(1, n - 1)
 }
 
+/// The local files of a data key: paths (relative to `base_dir`), `*` / `?` globs over file
+/// names, and Hugging Face dataset files `hf://datasets/ORG/NAME[@REV]/PATH` (see [`super::hub`]).
 fn resolve_files(files: &[PathBuf], base_dir: &Path, key: &str) -> Result<Vec<PathBuf>> {
-    files
-        .iter()
-        .map(|p| {
-            let path = if p.is_absolute() {
-                p.clone()
-            } else {
-                base_dir.join(p)
-            };
-            if !path.is_file() {
-                bail!(
-                    "{key}: '{}' does not exist or is not a file (relative paths are resolved \
-                     against '{}')",
-                    path.display(),
-                    base_dir.display()
-                );
+    let mut out = Vec::new();
+    for p in files {
+        let spec = p.to_string_lossy();
+        if let Some(hub) = super::hub::DatasetFiles::parse(&spec) {
+            let found = hub.resolve().with_context(|| format!("{key}: '{spec}'"))?;
+            for path in found {
+                out.push(check_extension(path, key)?);
             }
-            match extension(&path).as_deref() {
-                Some("jsonl") | Some("txt") => Ok(path),
-                _ => bail!(
-                    "{key}: '{}' has an unknown extension; data files must be .jsonl (one \
-                     {{\"text\": ...}} or {{\"messages\": [...]}} object per line) or .txt",
-                    path.display()
-                ),
+            continue;
+        }
+        let path = if p.is_absolute() {
+            p.clone()
+        } else {
+            base_dir.join(p)
+        };
+        if super::hub::is_glob(&spec) {
+            let found = super::hub::glob_local(&path)?;
+            ensure!(
+                !found.is_empty(),
+                "{key}: no file matches '{}' (relative paths are resolved against '{}')",
+                path.display(),
+                base_dir.display()
+            );
+            for path in found {
+                out.push(check_extension(path, key)?);
             }
-        })
-        .collect()
+            continue;
+        }
+        if !path.is_file() {
+            bail!(
+                "{key}: '{}' does not exist or is not a file (relative paths are resolved \
+                 against '{}')",
+                path.display(),
+                base_dir.display()
+            );
+        }
+        out.push(check_extension(path, key)?);
+    }
+    Ok(out)
+}
+
+fn check_extension(path: PathBuf, key: &str) -> Result<PathBuf> {
+    match extension(&path).as_deref() {
+        Some("jsonl") | Some("txt") | Some("parquet") => Ok(path),
+        _ => bail!(
+            "{key}: '{}' has an unknown extension; data files must be .jsonl (one \
+             {{\"text\": ...}} or {{\"messages\": [...]}} object per line), .parquet (a text \
+             or messages column) or .txt",
+            path.display()
+        ),
+    }
 }
 
 fn extension(path: &Path) -> Option<String> {
@@ -435,6 +476,13 @@ fn extension(path: &Path) -> Option<String> {
 
 /// Reads one file into documents (no encoding yet).
 fn read_documents(path: &Path, cfg: &DataConfig) -> Result<Vec<Doc>> {
+    if extension(path).as_deref() == Some("parquet") {
+        let (docs, nulls) = super::parquet::read_documents(path, cfg)?;
+        if nulls > 0 {
+            tracing::warn!("{}: {nulls} rows with a null value skipped", path.display());
+        }
+        return Ok(docs);
+    }
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read '{}' as UTF-8 text", path.display()))?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
@@ -480,33 +528,40 @@ fn read_documents(path: &Path, cfg: &DataConfig) -> Result<Vec<Doc>> {
 }
 
 fn parse_jsonl_line(line: &str, cfg: &DataConfig) -> Result<Body> {
-    let value: Value = serde_json::from_str(line)
-        .map_err(|e| anyhow!("not valid JSON ({e}); {JSONL_EXPECTED}"))?;
+    let (text_key, messages_key) = (cfg.text_field.as_str(), cfg.messages_field.as_str());
+    let expected = format!(
+        "each line must be a JSON object {{\"{text_key}\": \"...\"}} or {{\"{messages_key}\": \
+         [{{\"role\": ..., \"content\": ...}}, ...]}} (keys: data.text_field, data.messages_field)"
+    );
+    let value: Value =
+        serde_json::from_str(line).map_err(|e| anyhow!("not valid JSON ({e}); {expected}"))?;
     let Value::Object(obj) = value else {
-        bail!("not a JSON object; {JSONL_EXPECTED}");
+        bail!("not a JSON object; {expected}");
     };
-    match (obj.get("text"), obj.get("messages")) {
-        (Some(_), Some(_)) => bail!("has both \"text\" and \"messages\"; {JSONL_EXPECTED}"),
+    match (obj.get(text_key), obj.get(messages_key)) {
+        (Some(_), Some(_)) => {
+            bail!("has both \"{text_key}\" and \"{messages_key}\"; {expected}")
+        }
         (Some(Value::String(s)), None) => Ok(Body::Text(s.clone())),
-        (Some(_), None) => bail!("\"text\" must be a string; {JSONL_EXPECTED}"),
+        (Some(_), None) => bail!("\"{text_key}\" must be a string; {expected}"),
         (None, Some(messages)) => {
             if !cfg.chat_template {
                 bail!(
-                    "a chat conversation (\"messages\") but data.chat_template is false; set \
-                     data.chat_template = true to render it with the checkpoint's chat template, \
-                     or give the line a \"text\" field instead"
+                    "a chat conversation (\"{messages_key}\") but data.chat_template is false; \
+                     set data.chat_template = true to render it with the checkpoint's chat \
+                     template, or give the line a \"{text_key}\" field instead"
                 );
             }
             let messages: Vec<Message> = serde_json::from_value(messages.clone()).map_err(|e| {
                 anyhow!(
-                    "\"messages\" must be a list of {{\"role\": string, \"content\": string}} \
-                     ({e})"
+                    "\"{messages_key}\" must be a list of {{\"role\": string, \"content\": \
+                     string}} ({e})"
                 )
             })?;
-            ensure!(!messages.is_empty(), "\"messages\" is an empty list");
+            ensure!(!messages.is_empty(), "\"{messages_key}\" is an empty list");
             Ok(Body::Messages(messages))
         }
-        (None, None) => bail!("no \"text\" or \"messages\" key; {JSONL_EXPECTED}"),
+        (None, None) => bail!("no \"{text_key}\" or \"{messages_key}\" key; {expected}"),
     }
 }
 
@@ -1044,6 +1099,103 @@ mod tests {
         assert!(
             err.contains("chat.jsonl:2:") && err.contains("no chat template"),
             "{err}"
+        );
+    }
+
+    /// A dataset of fixture files (absolute paths), unpacked so each document is one sequence.
+    fn unpacked(files: &[&str], edit: impl Fn(&mut DataConfig)) -> Result<Dataset> {
+        let files = files.iter().map(|f| repo(f)).collect();
+        let mut cfg = DataConfig::new(files, 256);
+        cfg.heldout_fraction = 0.0;
+        cfg.packing = false;
+        edit(&mut cfg);
+        let template = ChatTemplate::from_tokenizer_config(&repo(
+            "tests/fixtures/tokenizers/qwen3/tokenizer_config.json",
+        ))
+        .unwrap();
+        Dataset::build(
+            &cfg,
+            Path::new("."),
+            bytes_tok(),
+            Some(&template),
+            None,
+            EOS,
+            PAD,
+        )
+    }
+
+    fn error_text(result: Result<Dataset>) -> String {
+        match result {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn parquet_rows_equal_their_jsonl_twins() {
+        // Text column (snappy, two row groups, a null row skipped, an empty row counted).
+        let jsonl = unpacked(&["tests/fixtures/parquet/text.jsonl"], |_| {}).unwrap();
+        let parquet = unpacked(&["tests/fixtures/parquet/text-snappy.parquet"], |_| {}).unwrap();
+        assert_eq!(parquet.train, jsonl.train);
+        assert_eq!(parquet.stats.documents, 4);
+        assert_eq!(parquet.stats.empty_documents, 1);
+        // Another column name (gzip), chosen by data.text_field.
+        let content = unpacked(&["tests/fixtures/parquet/content-gzip.parquet"], |c| {
+            c.text_field = "content".into()
+        })
+        .unwrap();
+        assert_eq!(content.train, jsonl.train);
+        // Conversations as list<struct<role, content>> (zstd), rendered like JSONL messages.
+        let chat = |f: &str| unpacked(&[f], |c| c.chat_template = true).unwrap().train;
+        let twin = chat("tests/fixtures/parquet/chat.jsonl");
+        assert_eq!(twin.len(), 2);
+        assert_eq!(chat("tests/fixtures/parquet/chat-zstd.parquet"), twin);
+        // A pattern picks files in sorted order.
+        let both = unpacked(&["tests/fixtures/parquet/*-*.parquet"], |c| {
+            c.chat_template = true
+        });
+        // chat-zstd has no text column, content-gzip no text or messages column: one error
+        // naming the file, its columns and the keys to set.
+        let err = error_text(both);
+        assert!(
+            err.contains("content-gzip.parquet")
+                && err.contains("content, score")
+                && err.contains("data.text_field"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn parquet_errors_name_the_file_and_the_fix() {
+        let err = |files: &[&str], edit: fn(&mut DataConfig)| error_text(unpacked(files, edit));
+        let e = err(&["tests/fixtures/parquet/chat-zstd.parquet"], |_| {});
+        assert!(
+            e.contains("chat-zstd.parquet") && e.contains("data.chat_template = true"),
+            "{e}"
+        );
+        // A text column that holds no strings.
+        let e = err(&["tests/fixtures/parquet/text-snappy.parquet"], |c| {
+            c.text_field = "id".into()
+        });
+        assert!(
+            e.contains("text-snappy.parquet: row 1, column 'id'")
+                && e.contains("expected a string"),
+            "{e}"
+        );
+        let e = err(&["tests/fixtures/parquet/text.jsonl"], |c| {
+            c.train_files = vec![repo("tests/fixtures/parquet/nothing-*.parquet")]
+        });
+        assert!(
+            e.contains("no file matches") && e.contains("nothing-*.parquet"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("bad.parquet");
+        std::fs::write(&bad, "not parquet").unwrap();
+        let e = error_text(unpacked(&[bad.to_str().unwrap()], |_| {}));
+        assert!(
+            e.contains("bad.parquet") && e.contains("not a readable parquet file"),
+            "{e}"
         );
     }
 

@@ -1,6 +1,8 @@
 //! Text in: tokenisation and chat templates, training datasets and packing.
 
 pub mod dataset;
+pub mod hub;
+mod parquet;
 pub mod tokenizer;
 
 pub use dataset::{

@@ -4,6 +4,7 @@
 pub mod baselines;
 pub mod cache;
 pub mod decode;
+pub mod generation;
 pub mod heatmap;
 pub mod quality;
 pub mod report;

@@ -37,6 +37,8 @@ pub struct LengthReport {
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub model: String,
+    /// What the original rows, the baselines and the KL ran on.
+    pub original: String,
     pub data: Vec<PathBuf>,
     pub dms: Option<DmsConfig>,
     pub lengths: Vec<LengthReport>,
@@ -77,21 +79,37 @@ pub fn auto_chunk(seq_len: usize, budget: Budget) -> usize {
     (budget.at(seq_len) / 16).max(1)
 }
 
-/// Scores `sequences` (all `seq_len` tokens long) `settings.batch` at a time: the original model,
-/// DMS when `dms` is given (exact inference mask), and unless the baselines are `None`, every
-/// [`Baseline`] decoding the original model at the compression ratio they name.
+/// What one measurement runs: the model under test and what it is compared with.
+pub struct Models<'a, B: AttentionBackend> {
+    pub model: &'a DmsModel<B>,
+    /// The original model when it is not `model` with eviction off (training changed weights).
+    pub original: Option<&'a DmsModel<B>>,
+    pub cfg: &'a ModelConfig,
+    /// `model`'s DMS settings; `None` for a dense model (baselines only).
+    pub dms: Option<&'a DmsConfig>,
+}
+
+/// Scores `sequences` (all `seq_len` tokens long) `settings.batch` at a time: the original model
+/// (`original`, else `model` with eviction off), `model` under DMS when `dms` is given (exact
+/// inference mask), and unless the baselines are `None`, every [`Baseline`] decoding the original
+/// model at the compression ratio they name.
 pub fn evaluate_length<B: AttentionBackend>(
-    model: &DmsModel<B>,
-    cfg: &ModelConfig,
-    dms: Option<&DmsConfig>,
+    models: Models<'_, B>,
     seq_len: usize,
     sequences: &[Sequence],
     eos: u32,
     settings: Settings,
 ) -> LengthReport {
+    let Models {
+        model,
+        original,
+        cfg,
+        dms,
+    } = models;
     let device = model.base.embed_tokens.val().device();
+    let reference = original.unwrap_or(model);
     let eos = [eos];
-    let mut original = Totals::default();
+    let mut original_totals = Totals::default();
     let mut dms_totals = Totals::default();
     let mut retained_sum: Vec<Vec<f64>> = Vec::new();
     // The original model's hidden states per batch, kept for the baselines' KL.
@@ -100,8 +118,14 @@ pub fn evaluate_length<B: AttentionBackend>(
     let started = std::time::Instant::now();
     for seqs in &batches {
         let batch = Batch::new(seqs, &device);
-        let teacher = original_hidden(model, cfg, &batch);
-        original.add(&score_hidden(model, &batch, teacher.clone(), None, &eos));
+        let teacher = original_hidden(reference, cfg, &batch);
+        original_totals.add(&score_hidden(
+            reference,
+            &batch,
+            teacher.clone(),
+            None,
+            &eos,
+        ));
         if let Some(dms) = dms {
             let (hidden, retained) = dms_hidden(model, cfg, dms, &batch);
             dms_totals.add(&score_hidden(model, &batch, hidden, Some(&teacher), &eos));
@@ -123,7 +147,7 @@ pub fn evaluate_length<B: AttentionBackend>(
         "original and DMS scored"
     );
     let n = sequences.len() as f64;
-    let mut rows = vec![row("original (dense)", &original, 1.0)];
+    let mut rows = vec![row("original (dense)", &original_totals, 1.0)];
     let per_head: Option<Vec<Vec<f64>>> = (!retained_sum.is_empty()).then(|| {
         retained_sum
             .iter()
@@ -161,9 +185,9 @@ pub fn evaluate_length<B: AttentionBackend>(
             let mut crs = 0.0;
             for (seqs, teacher) in batches.iter().zip(&teachers) {
                 let batch = Batch::new(seqs, &device);
-                let run = run_baseline(model, cfg, &batch, baseline, budget, chunk);
+                let run = run_baseline(reference, cfg, &batch, baseline, budget, chunk);
                 totals.add(&score_hidden(
-                    model,
+                    reference,
                     &batch,
                     run.hidden,
                     Some(teacher),

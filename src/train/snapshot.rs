@@ -42,6 +42,18 @@ pub struct SnapshotState {
     pub last_metrics: BTreeMap<String, f64>,
 }
 
+impl SnapshotState {
+    /// The base checkpoint, and whether training changed any of its weights (a trained tensor
+    /// that is not a DMS adapter's).
+    pub fn base_origin(&self) -> crate::checkpoint::export::BaseOrigin {
+        crate::checkpoint::export::BaseOrigin {
+            source: self.base_source.clone(),
+            dir: self.base_dir.clone(),
+            weights_changed: self.tensors.iter().any(|n| !n.contains("dms_proj_alpha")),
+        }
+    }
+}
+
 /// Writes a snapshot folder atomically: `files` get the trainable tensors, the state and the recipe;
 /// `extra` may add more (the optimizer state) into the temporary folder before the rename.
 pub fn write_snapshot<B: Backend>(
