@@ -9,7 +9,8 @@
 #   WORK=dir     one folder per candidate (default /tmp/campaign)
 #   CORPUS=dir   scripts/get-shakespeare.sh output (default data/corpus/shakespeare)
 #   ONLY="a b"   candidates to run (default: all below)
-#   PHASE=train|eval|all   (default all)
+#   PHASE=gendata|train|eval|all   (default all = train + eval; gendata samples $CORPUS/chat.jsonl
+#                  from the base model for the chat candidates, from scripts/make-chat-prompts.py)
 #   TRAIN_TIMEOUT=seconds  per training run (default 520); a run stopped by it keeps its checkpoints
 #   scripts/gpu-smollm2-campaign.sh
 # Results: $WORK/<name>/train.log, run/metrics.jsonl, run/summary.json, eval-<len>.json.
@@ -40,8 +41,14 @@ declare -A candidates=(
     [h-all-cr4]="train.trainable=\"all\" train.lr=3e-5 dms.cr_final=4.0"
     [i-attention-cr10]="train.trainable=\"adapter+attention\" train.lr=1e-4 dms.cr_final=10.0 dms.steps_per_cr=27"
     [j-all-lr1e-4]="train.trainable=\"all\" train.lr=1e-4"
+    # Next round (not yet run): the overshoot, a longer hold, tau, self-generated chat data.
+    [k-attention-cr4-twosided]="train.trainable=\"adapter+attention\" train.lr=1e-4 dms.cr_final=4.0 dms.compression_loss=\"two_sided\""
+    [l-attention-hold]="train.trainable=\"adapter+attention\" train.lr=1e-4 train.max_steps=600"
+    [m-attention-tau0.3]="train.trainable=\"adapter+attention\" train.lr=1e-4 dms.tau=0.3"
+    [n-attention-chat]="train.trainable=\"adapter+attention\" train.lr=1e-4 data.train_files=[\"$corpus/chat.jsonl\"] data.chat_template=true"
+    [o-attention-mix]="train.trainable=\"adapter+attention\" train.lr=1e-4 data.train_files=[\"$corpus/train.jsonl\",\"$corpus/chat.jsonl\"] data.chat_template=true"
 )
-names=${ONLY:-$(printf '%s\n' "${!candidates[@]}" | sort)}
+names=${ONLY:-a-adapter b-adapter-cw10 c-adapter-fast d-attention e-all f-adapter-cr10}
 
 train_one() {
     local name=$1 dir=$work/$1 sets=()
@@ -68,6 +75,12 @@ eval_one() {
     echo "$name: eval done"
 }
 
+if [[ $phase == gendata ]]; then
+    [ -f "$corpus/chat-prompts.jsonl" ] || python3 scripts/make-chat-prompts.py "$corpus"
+    "$bin" gen-data --model "$model" --prompts "$corpus/chat-prompts.jsonl" --out "$corpus/chat.jsonl" \
+        --max-new-tokens 384 --temperature 0.7 --batch 128 --device cuda:0 --force
+    exit
+fi
 if [[ $phase == train || $phase == all ]]; then
     for n in $names; do train_one "$n" & done; wait
 fi

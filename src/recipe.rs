@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::data::dataset::DataConfig;
+use crate::dms::losses::CompressionLoss;
 use crate::dms::{CompressionSchedule, DmsConfig, Granularity, Variant};
 
 /// A whole run.
@@ -55,6 +56,8 @@ pub struct DmsSection {
     /// Steps per unit of CR (paper: 100, official recipe: 34).
     pub steps_per_cr: Option<f64>,
     pub compression_weight: f64,
+    /// `hinge` (official, one-sided) or `two_sided`.
+    pub compression_loss: CompressionLoss,
 }
 
 impl Default for DmsSection {
@@ -72,6 +75,7 @@ impl Default for DmsSection {
             final_step: None,
             steps_per_cr: None,
             compression_weight: 1.0,
+            compression_loss: CompressionLoss::Hinge,
         }
     }
 }

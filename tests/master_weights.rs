@@ -72,6 +72,7 @@ fn adapters_train_in_f32_beside_f64_activations() {
         dms: &dms,
         target: 0.5,
         compression_weight: 1.0,
+        compression_loss: Default::default(),
         eos: u32::MAX,
         kl_chunk: 5,
         loss_scale: 1.0,

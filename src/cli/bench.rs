@@ -304,6 +304,7 @@ fn step_bench<B: TrainBackend>(
         dms: &dms,
         target: 1.0 - 1.0 / 8.0,
         compression_weight: 1.0,
+        compression_loss: Default::default(),
         eos: 151645,
         kl_chunk: args.kl_chunk,
         loss_scale: 1.0,

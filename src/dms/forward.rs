@@ -14,7 +14,9 @@ use super::decision::{
 use super::mask::{inference_key_bias, inference_key_decisions, training_key_bias};
 use super::{DmsConfig, Variant};
 use crate::model::attention::AttentionBackend;
-use crate::model::decoder::{Attention, AttentionMask, DecoderLayer, Qkv, grouped_attention};
+use crate::model::decoder::{
+    Attention, AttentionHook, AttentionMask, Masked, Qkv, grouped_attention,
+};
 use crate::model::{Decoder, ModelConfig, ParamSlot, RopeTables, WeightKey, WeightSource};
 
 /// What the attention layers do with the eviction decisions.
@@ -108,15 +110,12 @@ impl<B: AttentionBackend> DmsModel<B> {
         let [_, seq] = input_ids.dims();
         let device = input_ids.device();
         let rope = RopeTables::for_model(model, 0, seq, &device);
-        let mut hidden = self.base.embed(input_ids);
-        let mut layers = Vec::new();
-        for (index, layer) in self.base.layers.iter().enumerate() {
-            let (next, decisions) =
-                self.layer_forward(index, layer, hidden, &rope, model, dms, mode);
-            hidden = next;
-            layers.extend(decisions);
+        let mut hook = DmsAttention::new(self, &rope, model, dms, mode);
+        let hidden = self.base.layers_with(self.base.embed(input_ids), &mut hook);
+        DmsOutput {
+            hidden,
+            layers: hook.decisions,
         }
-        DmsOutput { hidden, layers }
     }
 
     /// Runs decoder layer `index` alone (for per-layer recomputation); `rope` must cover the
@@ -130,8 +129,9 @@ impl<B: AttentionBackend> DmsModel<B> {
         dms: &DmsConfig,
         mode: &Mode<B>,
     ) -> (Tensor<B, 3>, Option<LayerDecisions<B>>) {
-        let layer = &self.base.layers[index];
-        self.layer_forward(index, layer, hidden, rope, model, dms, mode)
+        let mut hook = DmsAttention::new(self, rope, model, dms, mode);
+        let out = self.base.layers[index].forward_with(index, hidden, &mut hook);
+        (out, hook.decisions.pop())
     }
 
     /// Final norm + LM head.
@@ -145,58 +145,81 @@ impl<B: AttentionBackend> DmsModel<B> {
     ///
     /// # Shapes
     /// - `residual`, `normed`: `[batch, seq, hidden]` → logits `[batch, kv_heads, seq]`
-    #[allow(clippy::too_many_arguments)]
     pub fn project_with_decisions(
         &self,
         index: usize,
-        layer: &DecoderLayer<B>,
-        residual: Tensor<B, 3>,
+        attn: &Attention<B>,
+        residual: &Tensor<B, 3>,
         normed: Tensor<B, 3>,
         rope: &RopeTables<B>,
-        model: &ModelConfig,
         dms: &DmsConfig,
     ) -> (Qkv<B>, Tensor<B, 3>) {
-        let attn = &layer.self_attn;
         let keep = (dms.variant == Variant::QNeuron).then(|| {
             q_neuron_keep_mask::<B>(
-                model.num_heads,
-                model.num_kv_heads,
-                model.head_dim,
+                attn.num_heads,
+                attn.num_kv_heads,
+                attn.head_dim,
                 &residual.device(),
             )
         });
         let (qkv, borrowed) = project_reading_q_neuron(attn, normed, rope, keep.as_ref());
         let raw = match borrowed {
             Some(raw) => raw,
-            None => self.adapters[index].raw(residual),
+            None => self.adapters[index].raw(residual.clone()),
         };
         (qkv, scale_logits(raw, dms))
     }
+}
 
-    #[allow(clippy::too_many_arguments)]
-    fn layer_forward(
-        &self,
+/// DMS in every attention layer: decisions from the adapter (or the borrowed query channel), the
+/// delayed-eviction mask the mode asks for, and the decisions kept for the losses and caches.
+struct DmsAttention<'a, B: AttentionBackend> {
+    model: &'a DmsModel<B>,
+    rope: &'a RopeTables<B>,
+    dms: &'a DmsConfig,
+    mode: &'a Mode<'a, B>,
+    decisions: Vec<LayerDecisions<B>>,
+}
+
+impl<'a, B: AttentionBackend> DmsAttention<'a, B> {
+    fn new(
+        model: &'a DmsModel<B>,
+        rope: &'a RopeTables<B>,
+        cfg: &ModelConfig,
+        dms: &'a DmsConfig,
+        mode: &'a Mode<'a, B>,
+    ) -> Self {
+        Self {
+            model,
+            rope,
+            dms,
+            mode,
+            decisions: Vec::with_capacity(cfg.num_layers),
+        }
+    }
+}
+
+impl<B: AttentionBackend> AttentionHook<B> for DmsAttention<'_, B> {
+    fn attend(
+        &mut self,
         index: usize,
-        layer: &DecoderLayer<B>,
-        residual: Tensor<B, 3>,
-        rope: &RopeTables<B>,
-        model: &ModelConfig,
-        dms: &DmsConfig,
-        mode: &Mode<B>,
-    ) -> (Tensor<B, 3>, Option<LayerDecisions<B>>) {
-        let attn = &layer.self_attn;
-        let normed = layer.input_layernorm.forward(residual.clone());
-        if let Mode::Original = mode {
-            let out = attn.forward(normed, rope, &AttentionMask::Causal { offset: 0 });
-            return (layer.feed_forward(residual + out), None);
+        attn: &Attention<B>,
+        residual: &Tensor<B, 3>,
+        normed: Tensor<B, 3>,
+    ) -> Tensor<B, 4> {
+        let (rope, dms) = (self.rope, self.dms);
+        if let Mode::Original = self.mode {
+            let mask = AttentionMask::Causal { offset: 0 };
+            return Masked { rope, mask: &mask }.attend(index, attn, residual, normed);
         }
 
         // 1. Projections and noise-free decision logits.
-        let (qkv, logits) =
-            self.project_with_decisions(index, layer, residual.clone(), normed, rope, model, dms);
+        let (qkv, logits) = self
+            .model
+            .project_with_decisions(index, attn, residual, normed, rope, dms);
 
         // 2. Mask from the decisions (one-token shift inside the mask builders).
-        let (bias, decisions) = match mode {
+        let (bias, decisions) = match self.mode {
             Mode::Train { noise } => {
                 let [_, batch, heads, seq] = noise.dims();
                 let noise = (*noise)
@@ -237,9 +260,10 @@ impl<B: AttentionBackend> DmsModel<B> {
             }
             Mode::Original => unreachable!("handled above"),
         };
+        self.decisions.push(decisions);
 
-        // 3. Attention with the per-KV-head bias, then the MLP half of the block.
-        let context = grouped_attention(
+        // 3. Attention with the per-KV-head bias.
+        grouped_attention(
             qkv.q,
             qkv.k,
             qkv.v,
@@ -248,9 +272,7 @@ impl<B: AttentionBackend> DmsModel<B> {
                 key_bias: bias,
                 window: dms.window,
             },
-        );
-        let out = attn.output(context);
-        (layer.feed_forward(residual + out), Some(decisions))
+        )
     }
 }
 

@@ -147,6 +147,30 @@ pub fn compression_loss<B: Backend>(frac_closed: Tensor<B, 1>, target: f64) -> T
     activation::relu(frac_closed.cast(FloatDType::F32).neg() + target).mean()
 }
 
+/// Which compression loss pulls the decisions towards the scheduled fraction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CompressionLoss {
+    /// The official one-sided hinge ([`compression_loss`]): compressing more than scheduled is
+    /// free, so a run may overshoot its target CR.
+    #[default]
+    Hinge,
+    /// `mean_b |target - frac_closed[b]|`: also pulls back decisions that overshoot, so the run
+    /// ends at its scheduled CR (not in the official recipe).
+    TwoSided,
+}
+
+impl CompressionLoss {
+    pub fn loss<B: Backend>(self, frac_closed: Tensor<B, 1>, target: f64) -> Tensor<B, 1> {
+        match self {
+            CompressionLoss::Hinge => compression_loss(frac_closed, target),
+            CompressionLoss::TwoSided => (frac_closed.cast(FloatDType::F32).neg() + target)
+                .abs()
+                .mean(),
+        }
+    }
+}
+
 /// Token ids as an Int tensor.
 pub fn ids_tensor<B: Backend>(
     ids: &[i64],
@@ -225,5 +249,24 @@ mod tests {
                 "d head",
             );
         }
+    }
+
+    /// The two-sided loss equals the hinge below the target and pulls an overshoot back (its
+    /// gradient on the closed fraction is +1/B above the target, -1/B below).
+    #[test]
+    fn two_sided_loss_pulls_back_overshoot() {
+        let device = Default::default();
+        let frac = Tensor::<CpuAutodiff, 1>::from_floats([0.5, 0.9], &device).require_grad();
+        let target = 0.75;
+        let hinge = CompressionLoss::Hinge.loss(frac.clone(), target);
+        let two = CompressionLoss::TwoSided.loss(frac.clone(), target);
+        assert!((hinge.clone().into_scalar() - 0.125).abs() < 1e-6);
+        assert!((two.clone().into_scalar() - 0.2).abs() < 1e-6);
+        let grads = two.backward();
+        let g: Vec<f32> = frac.grad(&grads).unwrap().into_data().to_vec().unwrap();
+        assert_eq!(g, vec![-0.5, 0.5]);
+        let grads = hinge.backward();
+        let g: Vec<f32> = frac.grad(&grads).unwrap().into_data().to_vec().unwrap();
+        assert_eq!(g, vec![-0.5, 0.0]);
     }
 }

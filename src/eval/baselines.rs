@@ -16,7 +16,7 @@ use super::cache::{Budget, Policy};
 use super::quality::Batch;
 use crate::dms::DmsModel;
 use crate::model::attention::AttentionBackend;
-use crate::model::decoder::{AttentionMask, grouped_attention};
+use crate::model::decoder::{Attention, AttentionHook, AttentionMask, grouped_attention};
 use crate::model::rope::inverse_frequencies;
 use crate::model::{ModelConfig, RopeTables};
 
@@ -135,59 +135,101 @@ pub fn run_baseline<B: AttentionBackend>(
             (Baseline::SnapKv, Some(keep)) => rows.min(keep),
             _ => 0,
         };
-        let mut x = model.base.embed(batch.ids.clone().narrow(1, start, rows));
-        for (layer, cache) in model.base.layers.iter().zip(caches.iter_mut()) {
-            let attn = &layer.self_attn;
-            let qkv = attn.project(
-                layer.input_layernorm.forward(x.clone()),
-                &rope,
-                &mut |q| q,
-                &mut |q| q,
-            );
-            let keys = match cache.keys.take() {
-                Some(old) => Tensor::cat(vec![old, qkv.k], 2),
-                None => qkv.k,
-            };
-            let values = match cache.values.take() {
-                Some(old) => Tensor::cat(vec![old, qkv.v], 2),
-                None => qkv.v,
-            };
-            cache.positions.extend(start..end);
-            let held = keys.dims()[2];
-            held_last = held;
-            let context = grouped_attention(
-                qkv.q.clone(),
-                keys.clone(),
-                values.clone(),
-                &AttentionMask::Causal {
-                    offset: held - rows,
-                },
-            );
-            x = layer.feed_forward(x + attn.output(context));
-            match keep {
-                Some(0) => cache.positions.clear(),
-                Some(keep) if keep < held => {
-                    let (k, v) = evict(cache, baseline, keep, protected, qkv.q, keys, values);
-                    cache.keys = Some(k);
-                    cache.values = Some(v);
-                }
-                _ => {
-                    if baseline == Baseline::H2o && keep.is_some() {
-                        // Accumulate even when nothing leaves yet.
-                        let weights = chunk_attention(qkv.q, keys.clone(), rows);
-                        cache.accumulate(weights);
-                    }
-                    cache.keys = Some(keys);
-                    cache.values = Some(values);
-                }
-            }
-        }
+        let mut hook = Evicting {
+            caches: &mut caches,
+            baseline,
+            rope: &rope,
+            start,
+            keep,
+            protected,
+            held: 0,
+        };
+        let x = model.base.layers_with(
+            model.base.embed(batch.ids.clone().narrow(1, start, rows)),
+            &mut hook,
+        );
+        held_last = hook.held;
         outputs.push(x);
         start = end;
     }
     BaselineRun {
         hidden: Tensor::cat(outputs, 1),
         compression_ratio: len as f64 / held_last.max(1) as f64,
+    }
+}
+
+/// One chunk through every layer: attend to the retained cache plus the chunk (causally), then
+/// keep what the policy chooses for the next chunk.
+struct Evicting<'a, B: AttentionBackend> {
+    caches: &'a mut [LayerCache<B>],
+    baseline: Baseline,
+    rope: &'a RopeTables<B>,
+    /// The chunk's first position.
+    start: usize,
+    /// Entries each head keeps for the next chunk (`None` after the last chunk).
+    keep: Option<usize>,
+    /// Newest entries kept whatever their score.
+    protected: usize,
+    /// Entries the chunk's last query attended to (the last layer's).
+    held: usize,
+}
+
+impl<B: AttentionBackend> AttentionHook<B> for Evicting<'_, B> {
+    fn attend(
+        &mut self,
+        index: usize,
+        attn: &Attention<B>,
+        _residual: &Tensor<B, 3>,
+        normed: Tensor<B, 3>,
+    ) -> Tensor<B, 4> {
+        let cache = &mut self.caches[index];
+        let qkv = attn.project(normed, self.rope, &mut |q| q, &mut |q| q);
+        let rows = qkv.q.dims()[2];
+        let keys = match cache.keys.take() {
+            Some(old) => Tensor::cat(vec![old, qkv.k], 2),
+            None => qkv.k,
+        };
+        let values = match cache.values.take() {
+            Some(old) => Tensor::cat(vec![old, qkv.v], 2),
+            None => qkv.v,
+        };
+        cache.positions.extend(self.start..self.start + rows);
+        let held = keys.dims()[2];
+        self.held = held;
+        let context = grouped_attention(
+            qkv.q.clone(),
+            keys.clone(),
+            values.clone(),
+            &AttentionMask::Causal {
+                offset: held - rows,
+            },
+        );
+        match self.keep {
+            Some(0) => cache.positions.clear(),
+            Some(keep) if keep < held => {
+                let (k, v) = evict(
+                    cache,
+                    self.baseline,
+                    keep,
+                    self.protected,
+                    qkv.q,
+                    keys,
+                    values,
+                );
+                cache.keys = Some(k);
+                cache.values = Some(v);
+            }
+            _ => {
+                if self.baseline == Baseline::H2o && self.keep.is_some() {
+                    // Accumulate even when nothing leaves yet.
+                    let weights = chunk_attention(qkv.q, keys.clone(), rows);
+                    cache.accumulate(weights);
+                }
+                cache.keys = Some(keys);
+                cache.values = Some(values);
+            }
+        }
+        context
     }
 }
 

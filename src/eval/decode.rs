@@ -9,6 +9,7 @@ use crate::dms::decision::apply_granularity;
 use crate::dms::mask::inference_key_decisions;
 use crate::dms::{DmsConfig, DmsModel, Mode};
 use crate::model::attention::AttentionBackend;
+use crate::model::decoder::{Attention, AttentionHook, AttentionMask, Qkv, grouped_attention};
 use crate::model::rope::inverse_frequencies;
 use crate::model::{ModelConfig, RopeTables};
 
@@ -153,29 +154,16 @@ impl<'a, B: AttentionBackend> Decoding<'a, B> {
             return (logits.reshape([vocab]), layers);
         }
         let rope = RopeTables::new(&self.inv_freq, 0, seq, &device);
-        let mask = crate::model::decoder::AttentionMask::Causal { offset: 0 };
-        let keep = vec![vec![false; seq]; self.cfg.num_kv_heads];
-        let mut layers = Vec::with_capacity(self.cfg.num_layers);
-        let mut x = self.model.base.embed(input);
-        for layer in &self.model.base.layers {
-            let attn = &layer.self_attn;
-            let qkv = attn.project(
-                layer.input_layernorm.forward(x.clone()),
-                &rope,
-                &mut |q| q,
-                &mut |q| q,
-            );
-            let [_, heads, _, dim] = qkv.k.dims();
-            layers.push(PrefillLayer {
-                keys: qkv.k.clone().reshape([heads, seq, dim]),
-                values: qkv.v.clone().reshape([heads, seq, dim]),
-                evicted: keep.clone(),
-            });
-            let context = crate::model::decoder::grouped_attention(qkv.q, qkv.k, qkv.v, &mask);
-            x = layer.feed_forward(x + attn.output(context));
-        }
+        let mut hook = RecordingPrefill {
+            rope: &rope,
+            layers: Vec::with_capacity(self.cfg.num_layers),
+        };
+        let x = self
+            .model
+            .base
+            .layers_with(self.model.base.embed(input), &mut hook);
         let logits = self.model.logits(x.narrow(1, seq - 1, 1)).reshape([vocab]);
-        (logits, layers)
+        (logits, hook.layers)
     }
 
     /// Appends one token to every sequence of a batched cache (`ids[sequence]`, each at its own
@@ -195,24 +183,18 @@ impl<'a, B: AttentionBackend> Decoding<'a, B> {
             &device,
         );
         let rope = RopeTables::for_positions(&self.inv_freq, cache.seen(), &device);
-        let (heads, kv_heads, dim) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        let (group, rows) = (heads / kv_heads, batch * kv_heads);
-        let mut pending = Vec::new();
-        let mut x = self.model.base.embed(input);
-        for (index, layer) in self.model.base.layers.iter().enumerate() {
-            let (qkv, hard) = self.project(index, x.clone(), &rope);
-            // [1, kv_heads, batch] -> one flag per row (sequence-major).
-            let decisions = hard.map(|h| h.swap_dims(1, 2).reshape([rows]));
-            // [1, heads, batch, dim] -> [batch * kv_heads, group, dim] (query heads of a KV head
-            // are adjacent).
-            let q = qkv.q.swap_dims(1, 2).reshape([rows, group, dim]);
-            let k = qkv.k.swap_dims(1, 2).reshape([rows, dim]);
-            let v = qkv.v.swap_dims(1, 2).reshape([rows, dim]);
-            let (context, later) = cache.step_layer(index, q, k, v, decisions);
-            pending.extend(later);
-            let context = context.reshape([1, batch, heads, dim]).swap_dims(1, 2);
-            x = layer.feed_forward(x + layer.self_attn.output(context));
-        }
+        let mut hook = SlotStep {
+            decoding: self,
+            rope: &rope,
+            cache,
+            batch,
+            pending: Vec::new(),
+        };
+        let x = self
+            .model
+            .base
+            .layers_with(self.model.base.embed(input), &mut hook);
+        let pending = hook.pending;
         cache.finish_step((!pending.is_empty()).then(|| Tensor::cat(pending, 0)));
         self.model.logits(x).reshape([batch, self.cfg.vocab_size])
     }
@@ -223,27 +205,22 @@ impl<'a, B: AttentionBackend> Decoding<'a, B> {
     fn project(
         &self,
         index: usize,
-        x: Tensor<B, 3>,
+        attn: &Attention<B>,
+        residual: &Tensor<B, 3>,
+        normed: Tensor<B, 3>,
         rope: &RopeTables<B>,
-    ) -> (crate::model::decoder::Qkv<B>, Option<Tensor<B, 3>>) {
-        let layer = &self.model.base.layers[index];
-        let normed = layer.input_layernorm.forward(x.clone());
+    ) -> (Qkv<B>, Option<Tensor<B, 3>>) {
         match self.dms {
             Some(dms) => {
                 let (qkv, logits) = self
                     .model
-                    .project_with_decisions(index, layer, x, normed, rope, self.cfg, dms);
+                    .project_with_decisions(index, attn, residual, normed, rope, dms);
                 let hard = apply_granularity(logits, dms.granularity)
                     .greater_elem(0.0)
                     .float();
                 (qkv, Some(hard))
             }
-            None => (
-                layer
-                    .self_attn
-                    .project(normed, rope, &mut |q| q, &mut |q| q),
-                None,
-            ),
+            None => (attn.project(normed, rope, &mut |q| q, &mut |q| q), None),
         }
     }
 
@@ -254,25 +231,114 @@ impl<'a, B: AttentionBackend> Decoding<'a, B> {
         let input =
             Tensor::<B, 2, Int>::from_data(TensorData::new(vec![id as i64], [1, 1]), &device);
         let rope = RopeTables::new(&self.inv_freq, position, 1, &device);
-        let (heads, kv_heads, dim) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        let group = heads / kv_heads;
-        let mut x = self.model.base.embed(input);
-        for (index, layer) in self.model.base.layers.iter().enumerate() {
-            let (qkv, hard) = self.project(index, x.clone(), &rope);
-            let flags = hard
-                .filter(|_| position > 0)
-                .map(|h| to_bools(h).into_iter().map(|h| h[0]).collect::<Vec<bool>>());
-            let context = cache.step_layer(
-                index,
-                qkv.q.reshape([kv_heads, group, dim]),
-                qkv.k.reshape([kv_heads, 1, dim]),
-                qkv.v.reshape([kv_heads, 1, dim]),
-                flags.as_deref(),
-            );
-            let out = layer.self_attn.output(context.reshape([1, heads, 1, dim]));
-            x = layer.feed_forward(x + out);
-        }
+        let mut hook = CacheStep {
+            decoding: self,
+            rope: &rope,
+            cache,
+            position,
+        };
+        let x = self
+            .model
+            .base
+            .layers_with(self.model.base.embed(input), &mut hook);
         cache.advance();
         self.model.logits(x).reshape([self.cfg.vocab_size])
+    }
+}
+
+/// A dense prompt's pass: plain causal attention, each layer's keys and values recorded.
+struct RecordingPrefill<'a, B: Backend> {
+    rope: &'a RopeTables<B>,
+    layers: Vec<PrefillLayer<B>>,
+}
+
+impl<B: AttentionBackend> AttentionHook<B> for RecordingPrefill<'_, B> {
+    fn attend(
+        &mut self,
+        _index: usize,
+        attn: &Attention<B>,
+        _residual: &Tensor<B, 3>,
+        normed: Tensor<B, 3>,
+    ) -> Tensor<B, 4> {
+        let qkv = attn.project(normed, self.rope, &mut |q| q, &mut |q| q);
+        let [_, heads, seq, dim] = qkv.k.dims();
+        self.layers.push(PrefillLayer {
+            keys: qkv.k.clone().reshape([heads, seq, dim]),
+            values: qkv.v.clone().reshape([heads, seq, dim]),
+            evicted: vec![vec![false; seq]; heads],
+        });
+        grouped_attention(qkv.q, qkv.k, qkv.v, &AttentionMask::Causal { offset: 0 })
+    }
+}
+
+/// One token per sequence through the batched slot cache: each layer stores its keys and values
+/// (and DMS decisions) and attends over what the cache holds.
+struct SlotStep<'a, 'c, B: AttentionBackend> {
+    decoding: &'a Decoding<'a, B>,
+    rope: &'a RopeTables<B>,
+    cache: &'c mut SlotCache<B>,
+    batch: usize,
+    /// Decisions the cache applies after the step (read back once, not per layer).
+    pending: Vec<Tensor<B, 1>>,
+}
+
+impl<B: AttentionBackend> AttentionHook<B> for SlotStep<'_, '_, B> {
+    fn attend(
+        &mut self,
+        index: usize,
+        attn: &Attention<B>,
+        residual: &Tensor<B, 3>,
+        normed: Tensor<B, 3>,
+    ) -> Tensor<B, 4> {
+        let (heads, kv_heads, dim) = (attn.num_heads, attn.num_kv_heads, attn.head_dim);
+        let (group, rows) = (heads / kv_heads, self.batch * kv_heads);
+        let (qkv, hard) = self
+            .decoding
+            .project(index, attn, residual, normed, self.rope);
+        // [1, kv_heads, batch] -> one flag per row (sequence-major).
+        let decisions = hard.map(|h| h.swap_dims(1, 2).reshape([rows]));
+        // [1, heads, batch, dim] -> [batch * kv_heads, group, dim] (query heads of a KV head are
+        // adjacent).
+        let q = qkv.q.swap_dims(1, 2).reshape([rows, group, dim]);
+        let k = qkv.k.swap_dims(1, 2).reshape([rows, dim]);
+        let v = qkv.v.swap_dims(1, 2).reshape([rows, dim]);
+        let (context, later) = self.cache.step_layer(index, q, k, v, decisions);
+        self.pending.extend(later);
+        context.reshape([1, self.batch, heads, dim]).swap_dims(1, 2)
+    }
+}
+
+/// One token through the per-token reference cache.
+struct CacheStep<'a, 'c, B: AttentionBackend> {
+    decoding: &'a Decoding<'a, B>,
+    rope: &'a RopeTables<B>,
+    cache: &'c mut KvCache<B>,
+    position: usize,
+}
+
+impl<B: AttentionBackend> AttentionHook<B> for CacheStep<'_, '_, B> {
+    fn attend(
+        &mut self,
+        index: usize,
+        attn: &Attention<B>,
+        residual: &Tensor<B, 3>,
+        normed: Tensor<B, 3>,
+    ) -> Tensor<B, 4> {
+        let (heads, kv_heads, dim) = (attn.num_heads, attn.num_kv_heads, attn.head_dim);
+        let group = heads / kv_heads;
+        let (qkv, hard) = self
+            .decoding
+            .project(index, attn, residual, normed, self.rope);
+        let flags = hard
+            .filter(|_| self.position > 0)
+            .map(|h| to_bools(h).into_iter().map(|h| h[0]).collect::<Vec<bool>>());
+        let context = self.cache.step_layer(
+            index,
+            qkv.q.reshape([kv_heads, group, dim]),
+            qkv.k.reshape([kv_heads, 1, dim]),
+            qkv.v.reshape([kv_heads, 1, dim]),
+            flags.as_deref(),
+        );
+        context.reshape([1, heads, 1, dim])
     }
 }

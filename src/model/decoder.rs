@@ -278,17 +278,6 @@ impl<B: AttentionBackend> Attention<B> {
         self.o_proj
             .forward(context.swap_dims(1, 2).reshape([batch, seq, heads * dim]))
     }
-
-    /// Plain forward: project, attend causally (optionally with a bias), project out.
-    pub fn forward(
-        &self,
-        x: Tensor<B, 3>,
-        rope: &RopeTables<B>,
-        mask: &AttentionMask<B>,
-    ) -> Tensor<B, 3> {
-        let qkv = self.project(x, rope, &mut |q| q, &mut |q| q);
-        self.output(grouped_attention(qkv.q, qkv.k, qkv.v, mask))
-    }
 }
 
 /// Scaled dot-product attention where the `heads / kv_heads` query heads of a group share one KV
@@ -322,6 +311,43 @@ pub fn grouped_attention<B: AttentionBackend>(
                 ..AttentionOptions::causal(*offset)
             },
         ),
+    }
+}
+
+/// The part of a decoder block that differs between its callers: how one layer's attention turns
+/// its input into a context. The plain causal pass ([`Masked`]), the DMS student and the exact
+/// inference mask (`dms`), a cache's prefill and decode step and the evicting baselines (`eval`)
+/// each implement it; the block around it (norms, residuals, MLP) is written once, in
+/// [`DecoderLayer::forward_with`].
+pub trait AttentionHook<B: AttentionBackend> {
+    /// Layer `index`'s attention context `[batch, heads, seq, head_dim]` (before the output
+    /// projection), from its input before the norm (`residual`, which DMS adapters read) and
+    /// after it (`normed`, which the projections read).
+    fn attend(
+        &mut self,
+        index: usize,
+        attn: &Attention<B>,
+        residual: &Tensor<B, 3>,
+        normed: Tensor<B, 3>,
+    ) -> Tensor<B, 4>;
+}
+
+/// Attention over the layer's own keys under a mask: the original model.
+pub struct Masked<'a, B: Backend> {
+    pub rope: &'a RopeTables<B>,
+    pub mask: &'a AttentionMask<B>,
+}
+
+impl<B: AttentionBackend> AttentionHook<B> for Masked<'_, B> {
+    fn attend(
+        &mut self,
+        _index: usize,
+        attn: &Attention<B>,
+        _residual: &Tensor<B, 3>,
+        normed: Tensor<B, 3>,
+    ) -> Tensor<B, 4> {
+        let qkv = attn.project(normed, self.rope, &mut |q| q, &mut |q| q);
+        grouped_attention(qkv.q, qkv.k, qkv.v, self.mask)
     }
 }
 
@@ -376,23 +402,31 @@ impl<B: Backend> DecoderLayer<B> {
 }
 
 impl<B: AttentionBackend> DecoderLayer<B> {
-    /// The MLP half of the block: `x + mlp(norm(x))`.
-    pub fn feed_forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
-    }
-
+    /// The block: `h = x + o_proj(attend(norm(x)))`, then `h + mlp(norm(h))`, with `hook`
+    /// attending as layer `index`.
+    ///
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` → same
+    pub fn forward_with(
+        &self,
+        index: usize,
+        x: Tensor<B, 3>,
+        hook: &mut dyn AttentionHook<B>,
+    ) -> Tensor<B, 3> {
+        let normed = self.input_layernorm.forward(x.clone());
+        let context = hook.attend(index, &self.self_attn, &x, normed);
+        let h = x + self.self_attn.output(context);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+
+    /// The block with plain attention under `mask`.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
         mask: &AttentionMask<B>,
     ) -> Tensor<B, 3> {
-        let attended = self
-            .self_attn
-            .forward(self.input_layernorm.forward(x.clone()), rope, mask);
-        self.feed_forward(x + attended)
+        self.forward_with(0, x, &mut Masked { rope, mask })
     }
 }
 
@@ -508,16 +542,30 @@ impl<B: AttentionBackend> Decoder<B> {
         }
     }
 
+    /// Every layer over the embedded input `x`, `hook` attending: the final hidden states before
+    /// the final norm.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]` → same
+    pub fn layers_with(&self, x: Tensor<B, 3>, hook: &mut dyn AttentionHook<B>) -> Tensor<B, 3> {
+        self.layers
+            .iter()
+            .enumerate()
+            .fold(x, |x, (index, layer)| layer.forward_with(index, x, hook))
+    }
+
+    /// The original model's final hidden states (before the final norm), causal from position 0.
+    pub fn hidden(&self, input_ids: Tensor<B, 2, Int>, rope: &RopeTables<B>) -> Tensor<B, 3> {
+        let mask = AttentionMask::Causal { offset: 0 };
+        self.layers_with(self.embed(input_ids), &mut Masked { rope, mask: &mask })
+    }
+
     /// Full causal forward from position 0.
     ///
     /// # Shapes
     /// - `input_ids`: `[batch, seq]` → logits `[batch, seq, vocab]`
     pub fn forward(&self, input_ids: Tensor<B, 2, Int>, rope: &RopeTables<B>) -> Tensor<B, 3> {
-        let mask = AttentionMask::Causal { offset: 0 };
-        let hidden = self.layers.iter().fold(self.embed(input_ids), |x, layer| {
-            layer.forward(x, rope, &mask)
-        });
-        self.logits(hidden)
+        self.logits(self.hidden(input_ids, rope))
     }
 }
 

@@ -30,7 +30,7 @@ use crate::checkpoint::Checkpoint;
 use crate::data::ChatTemplate;
 use crate::data::dataset::{Dataset, Sequence, sample_index};
 use crate::dms::losses::{
-    compression_loss, distillation_loss, distillation_loss_chunked_backward, frac_closed,
+    CompressionLoss, distillation_loss, distillation_loss_chunked_backward, frac_closed,
     ids_tensor, loss_mask,
 };
 use crate::dms::mask::{inference_key_decisions, retained_fraction};
@@ -302,6 +302,7 @@ pub struct StepSetup<'a> {
     /// Target fraction of closed decisions (`1 - 1/CR`).
     pub target: f64,
     pub compression_weight: f64,
+    pub compression_loss: CompressionLoss,
     pub eos: u32,
     pub kl_chunk: usize,
     /// Multiplies the loss before backward (1 / gradient-accumulation steps).
@@ -352,7 +353,7 @@ pub fn distillation_micro_step<B: TrainBackend>(
     let teacher = match separate_teacher {
         Some(teacher) => {
             let rope = crate::model::RopeTables::for_model(cfg, 0, seq, &device);
-            Tensor::from_inner(teacher_hidden(teacher, batch.input.clone().inner(), &rope))
+            Tensor::from_inner(teacher.hidden(batch.input.clone().inner(), &rope))
         }
         None => {
             model
@@ -421,7 +422,7 @@ impl<B: TrainBackend> StepLoss<B> {
             &mut |chunk| grads.accumulate(model, GradientsParams::from_grads(chunk, model)),
         );
         let frac = frac_closed(decisions);
-        let compression = compression_loss(frac.clone(), setup.target);
+        let compression = setup.compression_loss.loss(frac.clone(), setup.target);
         // The product is in the activation dtype; the hinge is f32.
         let surrogate = (student_hidden * grad_hidden).sum().cast(FloatDType::F32)
             + compression.clone() * (setup.compression_weight * setup.loss_scale);
@@ -578,7 +579,7 @@ pub fn evaluate<B: AttentionBackend>(
         let refs: Vec<&Sequence> = chunk.iter().collect();
         let batch = make_batch::<B>(&refs, device);
         let rope = crate::model::RopeTables::for_model(cfg, 0, batch.shape[1], device);
-        let teacher_hidden = teacher_hidden(teacher, batch.input.clone(), &rope);
+        let teacher_hidden = teacher.hidden(batch.input.clone(), &rope);
         let out = student.forward(batch.input.clone(), cfg, dms, &Mode::Inference);
         let mask = loss_mask::<B>(&batch.ids, &batch.mask, batch.shape, eos, device);
         let count = mask.clone().sum().into_scalar().elem::<f64>();
@@ -607,21 +608,6 @@ pub fn evaluate<B: AttentionBackend>(
         frac_closed: closed / decisions.max(1.0),
         compression_ratio: heads / retained.max(f64::MIN_POSITIVE),
     }
-}
-
-/// Final hidden states of the original model.
-fn teacher_hidden<B: AttentionBackend>(
-    teacher: &Decoder<B>,
-    input: Tensor<B, 2, burn::tensor::Int>,
-    rope: &crate::model::RopeTables<B>,
-) -> Tensor<B, 3> {
-    let mask = crate::model::decoder::AttentionMask::Causal { offset: 0 };
-    teacher
-        .layers
-        .iter()
-        .fold(teacher.embed(input), |x, layer| {
-            layer.forward(x, rope, &mask)
-        })
 }
 
 /// Appends one line to `metrics.jsonl`.
@@ -936,6 +922,7 @@ pub fn train<B: TrainBackend>(
                 dms: &dms,
                 target,
                 compression_weight: recipe.dms.compression_weight,
+                compression_loss: recipe.dms.compression_loss,
                 eos,
                 kl_chunk: t.kl_chunk,
                 loss_scale: 1.0 / t.grad_accum as f64,
@@ -1201,6 +1188,7 @@ mod tests {
             dms: &dms,
             target: 0.5,
             compression_weight: 1.0,
+            compression_loss: CompressionLoss::Hinge,
             eos: u32::MAX,
             kl_chunk: 6,
             loss_scale: 1.0,
@@ -1308,6 +1296,7 @@ mod tests {
                     dms: &dms,
                     target: 0.6,
                     compression_weight: 1.0,
+                    compression_loss: CompressionLoss::Hinge,
                     eos: u32::MAX,
                     kl_chunk: 4,
                     loss_scale: 0.5,
