@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Compiles the CUDA kernels (src/model/cuda/*.cu, as the binary does at run time) with NVRTC on a
+"""Compiles the CUDA kernels (src/ops/cuda/*.cu, as the binary does at run time) with NVRTC on a
 machine without a GPU, and with ptxas (if found) prints each kernel's registers, spills and shared
 memory: compile errors and register spills show up before a GPU run.
 
@@ -20,7 +20,7 @@ import sysconfig
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The order the binary concatenates them in (src/model/cuda/mod.rs, Kernels::compile).
+# The order the binary concatenates them in (src/ops/cuda/mod.rs, Kernels::compile).
 SOURCES = ["common.cu", "softmax.cu", "elementwise.cu", "flash.cu"]
 
 
@@ -43,7 +43,7 @@ def main():
     if not lib_path:
         sys.exit("libnvrtc not found: set NVRTC_LIB (e.g. pip install nvidia-cuda-nvrtc)")
     nvrtc = ctypes.CDLL(lib_path)
-    source = "\n".join(open(os.path.join(ROOT, "src/model/cuda", f)).read() for f in SOURCES)
+    source = "\n".join(open(os.path.join(ROOT, "src/ops/cuda", f)).read() for f in SOURCES)
     program = ctypes.c_void_p()
     if nvrtc.nvrtcCreateProgram(ctypes.byref(program), source.encode(), b"kernels.cu", 0, None, None):
         sys.exit("nvrtcCreateProgram failed")

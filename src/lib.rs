@@ -1,6 +1,7 @@
 //! dms-retrofit: retrofit Llama and Qwen checkpoints with Dynamic Memory Sparsification (DMS).
 //!
-//! Layout: [`model`] (the architectures), [`dms`] (the method), [`checkpoint`] (Hugging Face files),
+//! Layout: [`model`] (the architectures), [`ops`] (their operations and CUDA kernels), [`dms`]
+//! (the method), [`checkpoint`] (Hugging Face files),
 //! [`data`] (text), [`train`] (the loop), [`run`] (the run folder), [`eval`] (inference),
 //! [`atomic`] (crash-safe writes), [`backend`] (devices), [`cli`] (commands).
 
@@ -12,6 +13,7 @@ pub mod data;
 pub mod dms;
 pub mod eval;
 pub mod model;
+pub mod ops;
 pub mod recipe;
 pub mod run;
 pub mod train;

@@ -15,11 +15,11 @@ use crate::backend::{Cpu, CpuAutodiff, DeviceSpec};
 use crate::data::Sequence;
 use crate::dms::noise::NoiseKey;
 use crate::dms::{DmsConfig, DmsModel};
-use crate::model::attention::{AttentionBackend, TrainBackend};
 use crate::model::{
     Architecture, Decoder, FloatFormat, ModelConfig, RopeConfig, RopeScaling, WeightKey,
     WeightSource,
 };
+use crate::ops::attention::{AttentionBackend, TrainBackend};
 use crate::recipe::Trainable;
 use crate::train::{
     StepPhase, StepSetup, apply_trainable, clip_global_norm, distillation_micro_step, make_batch,
@@ -411,8 +411,8 @@ struct HandoffsPerStep {
 
 /// Resets the CUDA hand-off statistics and returns what was gathered since the last call.
 #[cfg(feature = "cuda")]
-fn take_handoffs() -> Option<crate::model::cuda::HandoffStats> {
-    Some(crate::model::cuda::take_handoff_stats())
+fn take_handoffs() -> Option<crate::ops::cuda::HandoffStats> {
+    Some(crate::ops::cuda::take_handoff_stats())
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -21,8 +21,8 @@ use crate::dms::{DmsConfig, DmsModel, Mode, Variant};
 use crate::eval::Decoding;
 use crate::eval::generation::checked_tokens;
 use crate::eval::quality::{Batch, dms_hidden, original_hidden, score_hidden};
-use crate::model::attention::AttentionBackend;
 use crate::model::{FloatFormat, ModelConfig};
+use crate::ops::attention::AttentionBackend;
 
 #[derive(Args, Debug)]
 pub struct EvalBenchArgs {

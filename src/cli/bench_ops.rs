@@ -19,11 +19,11 @@ use super::bench::require_positive;
 use super::on_backend;
 use crate::backend::DeviceSpec;
 use crate::model::FloatFormat;
-use crate::model::attention::{
+use crate::ops::attention::{
     AttentionBackend, AttentionOptions, attention_backward, attention_forward,
 };
-use crate::model::elementwise::{self, ElementwiseBackend};
-use crate::model::linear::{LinearBackend, burn_ops};
+use crate::ops::elementwise::{self, ElementwiseBackend};
+use crate::ops::linear::{LinearBackend, burn_ops};
 
 #[derive(Args, Debug)]
 pub struct LinearArgs {

@@ -13,7 +13,7 @@ use crate::data::dataset::DataKeys;
 use crate::data::{DataConfig, Dataset};
 use crate::eval::report::{Baselines, Models, Report, Settings, evaluate_length};
 use crate::model::FloatFormat;
-use crate::model::attention::AttentionBackend;
+use crate::ops::attention::AttentionBackend;
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {

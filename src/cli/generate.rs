@@ -15,7 +15,7 @@ use crate::data::{ChatTemplate, Message};
 use crate::eval::Decoding;
 use crate::eval::generation::{Event, Finish, Sampling, generate_batch};
 use crate::model::FloatFormat;
-use crate::model::attention::AttentionBackend;
+use crate::ops::attention::AttentionBackend;
 
 #[derive(Args, Debug)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "prompts"])))]

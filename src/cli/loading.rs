@@ -10,7 +10,7 @@ use crate::checkpoint::Checkpoint;
 use crate::checkpoint::export::BaseOrigin;
 use crate::dms::{DmsConfig, DmsModel};
 use crate::model::FloatFormat;
-use crate::model::attention::AttentionBackend;
+use crate::ops::attention::AttentionBackend;
 use crate::train::snapshot::{self, load_trainable};
 
 /// A model ready for inference on backend `B`.

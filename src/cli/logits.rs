@@ -9,8 +9,8 @@ use serde::Serialize;
 use crate::checkpoint::Checkpoint;
 use crate::data::Tokenizer;
 use crate::dms::Mode;
-use crate::model::attention::AttentionBackend;
 use crate::model::{FloatFormat, RopeTables};
+use crate::ops::attention::AttentionBackend;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Eviction {

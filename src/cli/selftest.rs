@@ -24,13 +24,13 @@ use serde::{Deserialize, Serialize};
 
 use super::bench_ops::f32_values;
 use crate::backend::{Cpu, DeviceSpec};
-use crate::model::attention::{
+use crate::model::{FloatFormat, RopeTables};
+use crate::ops::attention::{
     AttentionBackend, AttentionForward, AttentionGrads, AttentionOptions, attention_backward,
     attention_forward,
 };
-use crate::model::elementwise::{ElementwiseBackend, burn_ops as elementwise_ops};
-use crate::model::linear::{LinearBackend, burn_ops as linear_ops};
-use crate::model::{FloatFormat, RopeTables};
+use crate::ops::elementwise::{ElementwiseBackend, burn_ops as elementwise_ops};
+use crate::ops::linear::{LinearBackend, burn_ops as linear_ops};
 
 #[derive(Args, Debug)]
 pub struct SelftestArgs {
@@ -416,7 +416,7 @@ fn run_variant(
     filter: Option<&str>,
     burn_gpu: bool,
 ) -> Result<Vec<Check>> {
-    use crate::model::cuda::take_handoff_stats;
+    use crate::ops::cuda::take_handoff_stats;
     let device = burn::backend::cuda::CudaDevice::new(index);
     crate::backend::init_cuda(&device, variant.format())?;
     // Our kernels ran when there was at least one hand-off to our CUDA work and none failed.

@@ -92,7 +92,7 @@ impl<B: Backend> DmsAdapter<B> {
     }
 }
 
-impl<B: crate::model::linear::LinearBackend + crate::model::elementwise::ElementwiseBackend>
+impl<B: crate::ops::linear::LinearBackend + crate::ops::elementwise::ElementwiseBackend>
     DmsAdapter<B>
 {
     /// Raw (unscaled) decision values from the layer's input residual, before `input_layernorm`.

@@ -13,11 +13,11 @@ use super::decision::{
 };
 use super::mask::{inference_key_bias, inference_key_decisions, training_key_bias};
 use super::{DmsConfig, Variant};
-use crate::model::attention::AttentionBackend;
 use crate::model::decoder::{
     Attention, AttentionHook, AttentionMask, Masked, Qkv, grouped_attention,
 };
 use crate::model::{Decoder, ModelConfig, ParamSlot, RopeTables, WeightKey, WeightSource};
+use crate::ops::attention::AttentionBackend;
 
 /// What the attention layers do with the eviction decisions.
 pub enum Mode<'a, B: Backend> {

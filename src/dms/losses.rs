@@ -1,6 +1,6 @@
 //! Distillation and compression losses (spec §3.1-3.2).
 
-use crate::model::elementwise::ElementwiseBackend;
+use crate::ops::elementwise::ElementwiseBackend;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{FloatDType, Int, Tensor, TensorData, activation};
 
@@ -15,7 +15,7 @@ pub fn token_kl<B: ElementwiseBackend>(
     student: Tensor<B, 3>,
     teacher: Tensor<B, 3>,
 ) -> Tensor<B, 2> {
-    crate::model::elementwise::token_kl(student, teacher)
+    crate::ops::elementwise::token_kl(student, teacher)
 }
 
 /// Which tokens count in the distillation loss: `attention_mask == 1` and not an EOS id.

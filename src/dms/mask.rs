@@ -3,7 +3,7 @@
 //!
 //! The attention never builds a `[q, k]` mask: it takes one bias value per key and KV head
 //! (`[batch, kv_heads, seq]`, shared by the query heads of the group) and applies it outside the
-//! window itself (`crate::model::attention`).
+//! window itself (`crate::ops::attention`).
 
 use burn::tensor::{Bool, Tensor, TensorData, activation, backend::Backend};
 

@@ -15,10 +15,10 @@ use serde::Serialize;
 use super::cache::{Budget, Policy};
 use super::quality::Batch;
 use crate::dms::DmsModel;
-use crate::model::attention::AttentionBackend;
 use crate::model::decoder::{Attention, AttentionHook, AttentionMask, grouped_attention};
 use crate::model::rope::inverse_frequencies;
 use crate::model::{ModelConfig, RopeTables};
+use crate::ops::attention::AttentionBackend;
 
 /// A training-free eviction policy with a per-head budget of `ceil(seen / CR)` entries.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]

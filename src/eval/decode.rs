@@ -8,10 +8,10 @@ use super::slot_cache::SlotCache;
 use crate::dms::decision::apply_granularity;
 use crate::dms::mask::inference_key_decisions;
 use crate::dms::{DmsConfig, DmsModel, Mode};
-use crate::model::attention::AttentionBackend;
 use crate::model::decoder::{Attention, AttentionHook, AttentionMask, Qkv, grouped_attention};
 use crate::model::rope::inverse_frequencies;
 use crate::model::{ModelConfig, RopeTables};
+use crate::ops::attention::AttentionBackend;
 
 /// A model ready to decode: DMS eviction when `dms` is set, else the original model.
 pub struct Decoding<'a, B: Backend> {

@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::Decoding;
 use super::sampling::{Rng, sample};
 use super::slot_cache::CacheMemory;
-use crate::model::attention::AttentionBackend;
+use crate::ops::attention::AttentionBackend;
 
 /// How tokens are chosen and when a sequence stops.
 #[derive(Clone, Debug)]

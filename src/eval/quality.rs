@@ -10,7 +10,7 @@ use crate::dms::losses::{loss_mask, token_kl};
 use crate::dms::mask::{inference_key_decisions, retained_fraction};
 use crate::dms::{DmsConfig, DmsModel, Mode};
 use crate::model::ModelConfig;
-use crate::model::attention::AttentionBackend;
+use crate::ops::attention::AttentionBackend;
 
 /// Sums over tokens, so several sequences combine exactly.
 #[derive(Clone, Debug, Default, Serialize)]

@@ -12,7 +12,7 @@ use super::quality::{Batch, Totals, dms_hidden, original_hidden, score_hidden};
 use crate::data::Sequence;
 use crate::dms::{DmsConfig, DmsModel};
 use crate::model::ModelConfig;
-use crate::model::attention::AttentionBackend;
+use crate::ops::attention::AttentionBackend;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct MethodRow {

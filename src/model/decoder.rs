@@ -8,13 +8,13 @@ use anyhow::Result;
 use burn::module::{Module, Param};
 use burn::tensor::{Int, Tensor, backend::Backend};
 
-use super::attention::{AttentionBackend, AttentionOptions, delayed_attention};
 use super::config::ModelConfig;
-use super::elementwise::{ElementwiseBackend, rms_norm, swiglu};
-use super::linear::{LinearBackend, linear};
-use super::mlp::{MlpBackend, swiglu_mlp};
 use super::rope::RopeTables;
 use super::weights::{LayerNorm, ParamSlot, Projection, WeightKey, WeightSource};
+use crate::ops::attention::{AttentionBackend, AttentionOptions, delayed_attention};
+use crate::ops::elementwise::{ElementwiseBackend, rms_norm, swiglu};
+use crate::ops::linear::{LinearBackend, linear};
+use crate::ops::mlp::{MlpBackend, swiglu_mlp};
 
 /// Builds a parameter from a [`WeightSource`], checking its shape against the config.
 ///
@@ -161,7 +161,7 @@ pub struct Mlp<B: Backend> {
     pub up_proj: Linear<B>,
     pub down_proj: Linear<B>,
     /// Under autodiff, keep only the input and recompute the gate and up projections in the
-    /// backward ([`super::mlp`]); set for training by [`Decoder::recompute_mlp`].
+    /// backward ([`crate::ops::mlp`]); set for training by [`Decoder::recompute_mlp`].
     pub recompute: bool,
 }
 
@@ -281,7 +281,7 @@ impl<B: AttentionBackend> Attention<B> {
 }
 
 /// Scaled dot-product attention where the `heads / kv_heads` query heads of a group share one KV
-/// head, computed in query chunks (see [`super::attention`]).
+/// head, computed in query chunks (see [`crate::ops::attention`]).
 ///
 /// # Shapes
 /// - `q`: `[batch, heads, q_len, head_dim]`
@@ -444,7 +444,7 @@ pub struct Decoder<B: Backend> {
 
 impl<B: Backend> Decoder<B> {
     /// Whether training keeps only each MLP's input and recomputes its gate and up projections
-    /// in the backward (see [`super::mlp`]); off after loading.
+    /// in the backward (see [`crate::ops::mlp`]); off after loading.
     pub fn recompute_mlp(&mut self, on: bool) {
         for layer in &mut self.layers {
             layer.mlp.recompute = on;

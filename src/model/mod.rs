@@ -1,13 +1,8 @@
-//! The architectures: one config-driven decoder for Llama, Qwen2 and Qwen3.
+//! The architectures: one config-driven decoder for Llama, Qwen2 and Qwen3 (config, weights,
+//! RoPE, the block). The operations it is built from, and their CUDA kernels, are [`crate::ops`].
 
-pub mod attention;
 pub mod config;
-#[cfg(feature = "cuda")]
-pub mod cuda;
 pub mod decoder;
-pub mod elementwise;
-pub mod linear;
-pub mod mlp;
 pub mod rope;
 pub mod weights;
 

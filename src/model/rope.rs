@@ -3,7 +3,7 @@
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 
 use super::config::{ModelConfig, RopeConfig, RopeScaling};
-use super::elementwise::{ElementwiseBackend, rope};
+use crate::ops::elementwise::{ElementwiseBackend, rope};
 
 /// Inverse frequencies for each pair of channels, after any long-context scaling.
 ///

@@ -36,11 +36,11 @@ use crate::dms::losses::{
 use crate::dms::mask::{inference_key_decisions, retained_fraction};
 use crate::dms::noise::NoiseKey;
 use crate::dms::{DmsConfig, DmsModel, Mode};
-use crate::model::attention::{AttentionBackend, TrainBackend};
 use crate::model::decoder::in_dtype;
 use crate::model::{
     Decoder, FloatFormat, LayerNorm, ModelConfig, ParamSlot, Projection, WeightKey,
 };
+use crate::ops::attention::{AttentionBackend, TrainBackend};
 use crate::recipe::{Recipe, Trainable};
 use crate::run::RunFolder;
 

@@ -32,7 +32,7 @@ impl Rows {
         let shape = tensor.meta.shape().to_vec();
         let cols = shape.last().copied().unwrap_or(1);
         let rows = shape.iter().rev().skip(1).product::<usize>();
-        if let Some(ld) = crate::model::linear::row_stride(&shape, tensor.meta.strides()) {
+        if let Some(ld) = crate::ops::linear::row_stride(&shape, tensor.meta.strides()) {
             return Self {
                 tensor,
                 rows,

@@ -65,7 +65,7 @@ pub trait ElementwiseBackend: Backend {
 
     /// Rotates `x` by the angles whose cosines and sines are tabulated per position; `inverse`
     /// rotates back (the backward of a rotation is its inverse). The tables hold each frequency
-    /// twice (`[f_0 .. f_{d/2-1}, f_0 .. f_{d/2-1}]`, see [`super::RopeTables`]).
+    /// twice (`[f_0 .. f_{d/2-1}, f_0 .. f_{d/2-1}]`, see [`crate::model::RopeTables`]).
     ///
     /// # Shapes
     /// - `x`: `[batch, heads, seq, head_dim]` (any layout), `cos`, `sin`: `[seq, head_dim]` →

@@ -9,7 +9,7 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 
 use super::{BLOCK, Cube, Gemm, KernelArg, Matrix, on_cubecl_stream};
 use crate::backend::Cuda;
-use crate::model::attention::{AttentionGrads, AttentionOptions};
+use crate::ops::attention::{AttentionGrads, AttentionOptions};
 
 /// Longest query chunk: shorter chunks skip more of the causal upper triangle, longer ones
 /// launch fewer GEMMs.
