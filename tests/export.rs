@@ -13,7 +13,7 @@ use dms_retrofit::checkpoint::{Checkpoint, SafetensorsStore};
 use dms_retrofit::dms::{DmsModel, Mode};
 use dms_retrofit::model::FloatFormat;
 use dms_retrofit::recipe::Recipe;
-use dms_retrofit::train::snapshot::{load_trainable, read_state};
+use dms_retrofit::run::snapshot::{load_trainable, read_state};
 use dms_retrofit::train::{TrainOptions, train};
 
 fn recipes() -> PathBuf {

@@ -5,10 +5,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
+use crate::checkpoint::SafetensorsStore;
 use crate::checkpoint::export::{ExportOptions, ExportedDms, write_export};
-use crate::checkpoint::{Checkpoint, SafetensorsStore};
 use crate::model::FloatFormat;
-use crate::train::snapshot::{self, SnapshotState};
+use crate::run::snapshot::{self, SnapshotState};
+use crate::run::{locate_snapshot, open_base, run_of};
 
 #[derive(Args, Debug)]
 pub struct ExportArgs {
@@ -58,56 +59,6 @@ pub fn parse_size(text: &str) -> Result<u64> {
         bail!("--max-shard-size must be positive");
     }
     Ok(bytes)
-}
-
-/// The snapshot folder a path names: itself if it holds state.json, else a run's newest checkpoint.
-pub fn locate_snapshot(path: &Path) -> Result<PathBuf> {
-    if path.join(snapshot::STATE_FILE).is_file() {
-        return Ok(path.to_path_buf());
-    }
-    if !path.exists() {
-        bail!("'{}' does not exist", path.display());
-    }
-    match snapshot::list_checkpoints(path)?.pop() {
-        Some((_, dir)) => Ok(dir),
-        None => bail!(
-            "'{}' is neither a snapshot (state.json + trainable.safetensors) nor a run folder with \
-             checkpoints/step-N; pass RUN, RUN/cr-K or RUN/checkpoints/step-N",
-            path.display()
-        ),
-    }
-}
-
-/// The base checkpoint a snapshot was trained from: its recorded folder (absolute since runs record
-/// it so; older runs recorded it relative to their working directory), else its `model.source`.
-pub fn open_base(state: &SnapshotState) -> Result<Checkpoint> {
-    if state.base_dir.is_dir() {
-        Checkpoint::open(&state.base_dir.to_string_lossy())
-    } else {
-        Checkpoint::open(&state.base_source).with_context(|| {
-            format!(
-                "the run's base model '{}' (folder '{}') cannot be found{}",
-                state.base_source,
-                state.base_dir.display(),
-                if state.base_dir.is_relative() {
-                    "; this run was written by an older version, which recorded the folder \
-                     relative to the directory training ran in: run this command from there"
-                } else {
-                    ""
-                }
-            )
-        })
-    }
-}
-
-/// The run folder a snapshot belongs to: `RUN` for `RUN/cr-K` and `RUN/checkpoints/step-N`.
-fn run_of(snapshot: &Path) -> Option<PathBuf> {
-    let parent = snapshot.parent()?;
-    if parent.file_name()? == crate::run::CHECKPOINTS_DIR {
-        parent.parent().map(Path::to_path_buf)
-    } else {
-        Some(parent.to_path_buf())
-    }
 }
 
 fn model_card(

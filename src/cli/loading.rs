@@ -5,13 +5,13 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use super::export::{locate_snapshot, open_base};
 use crate::checkpoint::Checkpoint;
 use crate::checkpoint::export::BaseOrigin;
 use crate::dms::{DmsConfig, DmsModel};
 use crate::model::FloatFormat;
 use crate::ops::attention::AttentionBackend;
-use crate::train::snapshot::{self, load_trainable};
+use crate::run::snapshot::{self, load_trainable};
+use crate::run::{locate_snapshot, open_base};
 
 /// A model ready for inference on backend `B`.
 pub struct Loaded<B: AttentionBackend> {

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use plotters::prelude::*;
 
 /// Draws `grid[layer][head]` as coloured cells labelled with their value.
@@ -13,9 +13,9 @@ pub fn write_heatmap(grid: &[Vec<f64>], out: &Path, title: &str) -> Result<()> {
     let width = 160 + cell * heads.max(1) as u32;
     let height = 90 + cell * layers.max(1) as u32;
     let max = grid.iter().flatten().cloned().fold(1.0f64, f64::max);
-    let tmp = out.with_extension("svg.partial");
+    let mut svg = String::new();
     {
-        let root = SVGBackend::new(&tmp, (width.max(420), height)).into_drawing_area();
+        let root = SVGBackend::with_string(&mut svg, (width.max(420), height)).into_drawing_area();
         root.fill(&WHITE)?;
         root.draw(&Text::new(title.to_string(), (10, 10), ("sans-serif", 15)))?;
         for (l, row) in grid.iter().enumerate() {
@@ -56,6 +56,5 @@ pub fn write_heatmap(grid: &[Vec<f64>], out: &Path, title: &str) -> Result<()> {
         ))?;
         root.present()?;
     }
-    std::fs::rename(&tmp, out).with_context(|| format!("cannot write '{}'", out.display()))?;
-    Ok(())
+    crate::atomic::write_file(out, svg.as_bytes())
 }

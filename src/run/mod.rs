@@ -1,5 +1,7 @@
-//! The run folder a training writes: its layout, the lock that makes one process its only writer,
-//! the clean-up of what killed processes left behind, and the summary rebuilt from what is on disk.
+//! The run folder a training writes, and the one place that knows it: its layout, the lock that
+//! makes one process its only writer, the clean-up of what killed processes left behind, the
+//! snapshots inside it ([`snapshot`]), and finding a snapshot and its base checkpoint for `export`,
+//! `eval` and `generate`.
 //!
 //! ```text
 //! RUN/
@@ -10,14 +12,17 @@
 //! ```
 
 mod lock;
+pub mod snapshot;
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 
 use crate::atomic;
+use crate::checkpoint::Checkpoint;
 pub use lock::RunLock;
+use snapshot::SnapshotState;
 
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
 pub const METRICS_FILE: &str = "metrics.jsonl";
@@ -143,4 +148,54 @@ pub fn holds_run(dir: &Path) -> bool {
         || dir.join(lock::LOCK_FILE).is_file()
         || list_checkpoints(dir).is_ok_and(|c| !c.is_empty())
         || list_cr_snapshots(dir).is_ok_and(|c| !c.is_empty())
+}
+
+/// The snapshot folder a path names: itself if it holds state.json, else a run's newest checkpoint.
+pub fn locate_snapshot(path: &Path) -> Result<PathBuf> {
+    if path.join(snapshot::STATE_FILE).is_file() {
+        return Ok(path.to_path_buf());
+    }
+    if !path.exists() {
+        bail!("'{}' does not exist", path.display());
+    }
+    match list_checkpoints(path)?.pop() {
+        Some((_, dir)) => Ok(dir),
+        None => bail!(
+            "'{}' is neither a snapshot (state.json + trainable.safetensors) nor a run folder with \
+             checkpoints/step-N; pass RUN, RUN/cr-K or RUN/checkpoints/step-N",
+            path.display()
+        ),
+    }
+}
+
+/// The base checkpoint a snapshot was trained from: its recorded folder (absolute since runs record
+/// it so; older runs recorded it relative to their working directory), else its `model.source`.
+pub fn open_base(state: &SnapshotState) -> Result<Checkpoint> {
+    if state.base_dir.is_dir() {
+        Checkpoint::open(&state.base_dir.to_string_lossy())
+    } else {
+        Checkpoint::open(&state.base_source).with_context(|| {
+            format!(
+                "the run's base model '{}' (folder '{}') cannot be found{}",
+                state.base_source,
+                state.base_dir.display(),
+                if state.base_dir.is_relative() {
+                    "; this run was written by an older version, which recorded the folder \
+                     relative to the directory training ran in: run this command from there"
+                } else {
+                    ""
+                }
+            )
+        })
+    }
+}
+
+/// The run folder a snapshot belongs to: `RUN` for `RUN/cr-K` and `RUN/checkpoints/step-N`.
+pub fn run_of(snapshot: &Path) -> Option<PathBuf> {
+    let parent = snapshot.parent()?;
+    if parent.file_name()? == CHECKPOINTS_DIR {
+        parent.parent().map(Path::to_path_buf)
+    } else {
+        Some(parent.to_path_buf())
+    }
 }

@@ -1,7 +1,6 @@
 //! The training loop, its checkpoints and its metrics plot.
 
 pub mod plot;
-pub mod snapshot;
 mod trainer;
 
 pub use trainer::{

@@ -24,7 +24,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use super::plot::{self, EvalMetrics, MetricLine, TrainMetrics};
-use super::snapshot::{self, SnapshotState};
 use crate::atomic;
 use crate::checkpoint::Checkpoint;
 use crate::data::ChatTemplate;
@@ -43,6 +42,7 @@ use crate::model::{
 use crate::ops::attention::{AttentionBackend, TrainBackend};
 use crate::recipe::{Recipe, Trainable};
 use crate::run::RunFolder;
+use crate::run::snapshot::{self, SnapshotState};
 
 /// How `train` was invoked beyond the recipe.
 #[derive(Clone, Debug, Default)]

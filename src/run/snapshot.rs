@@ -16,7 +16,7 @@ use crate::checkpoint::names::hf_name;
 use crate::dms::{DmsConfig, DmsModel};
 use crate::model::{FloatFormat, ParamSlot};
 
-pub use crate::run::{RECIPE_FILE, STATE_FILE, list_checkpoints};
+pub use super::{RECIPE_FILE, STATE_FILE, list_checkpoints};
 pub const TRAINABLE_FILE: &str = "trainable.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer";
 
@@ -90,7 +90,7 @@ pub fn trainable_tensors<B: Backend>(model: &mut DmsModel<B>) -> Vec<(String, Te
     out
 }
 
-/// Writes f32 tensors as safetensors (temp file + rename).
+/// Writes f32 tensors as safetensors, atomically ([`atomic::write_file`]).
 pub fn write_tensors(path: &Path, tensors: &[(String, TensorData)]) -> Result<()> {
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
@@ -104,12 +104,9 @@ pub fn write_tensors(path: &Path, tensors: &[(String, TensorData)]) -> Result<()
                 .map_err(|e| anyhow::anyhow!("tensor '{name}': {e}"))
         })
         .collect::<Result<Vec<_>>>()?;
-    let tmp = path.with_extension("safetensors.partial");
-    safetensors::serialize_to_file(views, None, &tmp)
-        .map_err(|e| anyhow::anyhow!("cannot write '{}': {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot move '{}' into place", path.display()))?;
-    Ok(())
+    let bytes = safetensors::serialize(views, None)
+        .map_err(|e| anyhow::anyhow!("cannot serialize '{}': {e}", path.display()))?;
+    atomic::write_file(path, &bytes)
 }
 
 /// Overwrites the model's parameters with the tensors of a snapshot (ids and gradient flags kept).
