@@ -7,27 +7,21 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use burn::module::{AutodiffModule, Module, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::record::{AdaptorRecord, AdaptorRecordV1};
 use burn::optim::{
-    AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, GradientsAccumulator, GradientsParams,
-    Optimizer,
+    AdamW, AdamWState, AdaptiveMomentumState, GradientsAccumulator, GradientsParams, Optimizer,
 };
-use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, FloatDType, Tensor, TensorData};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use super::plot::{self, EvalMetrics, MetricLine, TrainMetrics};
+use super::plot::{self, MetricLine, TrainMetrics};
 use crate::atomic;
-use crate::checkpoint::Checkpoint;
-use crate::data::ChatTemplate;
-use crate::data::dataset::{Dataset, Sequence, sample_index};
+use crate::data::dataset::Sequence;
 use crate::dms::losses::{
     CompressionLoss, distillation_loss, distillation_loss_chunked_backward, frac_closed,
     ids_tensor, loss_mask,
@@ -36,13 +30,11 @@ use crate::dms::mask::{inference_key_decisions, retained_fraction};
 use crate::dms::noise::NoiseKey;
 use crate::dms::{DmsConfig, DmsModel, Mode};
 use crate::model::decoder::in_dtype;
-use crate::model::{
-    Decoder, FloatFormat, LayerNorm, ModelConfig, ParamSlot, Projection, WeightKey,
-};
+use crate::model::{Decoder, LayerNorm, ModelConfig, ParamSlot, Projection, WeightKey};
 use crate::ops::attention::{AttentionBackend, TrainBackend};
-use crate::recipe::{Recipe, Trainable};
+use crate::recipe::Trainable;
 use crate::run::RunFolder;
-use crate::run::snapshot::{self, SnapshotState};
+use crate::run::snapshot::{self};
 
 /// How `train` was invoked beyond the recipe.
 #[derive(Clone, Debug, Default)]
@@ -71,7 +63,7 @@ pub struct TrainSummary {
 /// Set by the first Ctrl-C, SIGTERM or SIGHUP (what `timeout`, `docker stop`, Slurm and Kubernetes
 /// send); checked after every step, which then writes a checkpoint and stops. A second signal exits
 /// at once, without one.
-fn interrupt_flag() -> Arc<AtomicBool> {
+pub(super) fn interrupt_flag() -> Arc<AtomicBool> {
     static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
     FLAG.get_or_init(|| {
         let flag = Arc::new(AtomicBool::new(false));
@@ -152,7 +144,9 @@ fn make_trainable<B: Backend, const D: usize>(param: &mut Param<Tensor<B, D>>, d
 }
 
 /// Each parameter's dtype, by id.
-fn param_dtypes<B: AttentionBackend>(model: &mut DmsModel<B>) -> HashMap<ParamId, DType> {
+pub(super) fn param_dtypes<B: AttentionBackend>(
+    model: &mut DmsModel<B>,
+) -> HashMap<ParamId, DType> {
     model
         .params_mut()
         .into_iter()
@@ -169,7 +163,7 @@ type AdamWRecord<B> =
 /// Optimizer moments are read back in the device's default dtype (bf16 on the GPU); AdamW must see
 /// them in their parameter's dtype (f32 master weights), as a fresh run creates them, because the
 /// GPU kernels do not promote mixed dtypes.
-fn moments_in_param_dtypes<B: TrainBackend>(
+pub(super) fn moments_in_param_dtypes<B: TrainBackend>(
     record: AdamWRecord<B>,
     dtypes: &HashMap<ParamId, DType>,
 ) -> AdamWRecord<B> {
@@ -205,7 +199,7 @@ fn moments_in_param_dtypes<B: TrainBackend>(
 }
 
 /// Counts (trainable, frozen) parameter values.
-fn count_params<B: AttentionBackend>(model: &mut DmsModel<B>) -> (usize, usize) {
+pub(super) fn count_params<B: AttentionBackend>(model: &mut DmsModel<B>) -> (usize, usize) {
     let mut counts = (0, 0);
     for (_, slot) in model.params_mut() {
         let (trainable, n) = match slot {
@@ -611,7 +605,7 @@ pub fn evaluate<B: AttentionBackend>(
 }
 
 /// Appends one line to `metrics.jsonl`.
-fn append_metrics(path: &Path, line: &MetricLine) -> Result<()> {
+pub(super) fn append_metrics(path: &Path, line: &MetricLine) -> Result<()> {
     let mut file = OpenOptions::new()
         .create(true)
         .append(true)
@@ -622,7 +616,7 @@ fn append_metrics(path: &Path, line: &MetricLine) -> Result<()> {
 }
 
 /// Drops metric lines of steps not yet covered by the checkpoint being resumed.
-fn truncate_metrics(path: &Path, completed_steps: u64) -> Result<()> {
+pub(super) fn truncate_metrics(path: &Path, completed_steps: u64) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Ok(());
     };
@@ -647,7 +641,7 @@ fn truncate_metrics(path: &Path, completed_steps: u64) -> Result<()> {
 /// The summary of a run after `steps` steps, rebuilt from its folder (metrics and cr-K snapshots)
 /// so that a run resumed any number of times reports what an uninterrupted one does; only the
 /// throughput (wall-clock) differs.
-fn summarize(run: &RunFolder, steps: u64, interrupted: bool) -> Result<TrainSummary> {
+pub(super) fn summarize(run: &RunFolder, steps: u64, interrupted: bool) -> Result<TrainSummary> {
     let lines = if run.metrics().is_file() {
         plot::read_metrics(&run.metrics())?
     } else {
@@ -689,7 +683,7 @@ fn summarize(run: &RunFolder, steps: u64, interrupted: bool) -> Result<TrainSumm
 }
 
 /// The per-step metrics a summary and a snapshot's state report.
-fn last_metrics(t: &TrainMetrics) -> BTreeMap<String, f64> {
+pub(super) fn last_metrics(t: &TrainMetrics) -> BTreeMap<String, f64> {
     BTreeMap::from([
         ("loss".to_string(), t.loss),
         ("kl".to_string(), t.kl),
@@ -698,439 +692,6 @@ fn last_metrics(t: &TrainMetrics) -> BTreeMap<String, f64> {
         ("train_cr".to_string(), t.train_cr),
         ("target_cr".to_string(), t.target_cr),
     ])
-}
-
-/// Runs (or resumes) a retrofit described by `recipe` on `device`.
-pub fn train<B: TrainBackend>(
-    recipe: &Recipe,
-    options: &TrainOptions,
-    format: FloatFormat,
-    device: &B::Device,
-) -> Result<TrainSummary> {
-    // Installed before the slow loading, so that an early signal stops the run cleanly too.
-    let interrupted = interrupt_flag();
-    let run = RunFolder::open(&recipe.run.output_dir)?;
-    let run_dir = run.root().to_path_buf();
-    let recipe_toml = recipe.to_toml();
-    let existing = run.checkpoints()?;
-    if !options.resume && (!existing.is_empty() || run.metrics().exists()) {
-        bail!(
-            "run folder '{}' already holds a run; pass --resume to continue it, or set \
-             run.output_dir to a new folder",
-            run_dir.display()
-        );
-    }
-
-    // 1. Model, tokenizer, data.
-    let source = resolve_source(&recipe.model.source, &options.recipe_dir);
-    let ckpt = Checkpoint::open(&source)?;
-    let cfg = ckpt.config.clone();
-    if recipe.data.seq_len > cfg.max_position_embeddings {
-        bail!(
-            "data.seq_len = {} exceeds the model's max_position_embeddings = {} (config.json of \
-             '{}'); use data.seq_len <= {}",
-            recipe.data.seq_len,
-            cfg.max_position_embeddings,
-            ckpt.files.dir.display(),
-            cfg.max_position_embeddings
-        );
-    }
-    // Absolute and canonical: the run folder must work from any working directory.
-    let base_dir = ckpt
-        .files
-        .dir
-        .canonicalize()
-        .unwrap_or_else(|_| ckpt.files.dir.clone());
-    let tokenizer = ckpt.tokenizer()?;
-    let template = if recipe.data.chat_template {
-        let path = ckpt.files.tokenizer_config.clone().with_context(|| {
-            format!(
-                "data.chat_template = true but '{}' has no tokenizer_config.json",
-                ckpt.files.dir.display()
-            )
-        })?;
-        Some(ChatTemplate::from_tokenizer_config(&path)?)
-    } else {
-        None
-    };
-    let eos = *cfg.eos_token_ids.first().with_context(|| {
-        format!(
-            "config.json of '{}' names no eos_token_id; packing needs one",
-            ckpt.files.dir.display()
-        )
-    })?;
-    let dataset = Dataset::build(
-        &recipe.data,
-        &options.recipe_dir,
-        &tokenizer,
-        template.as_ref(),
-        cfg.bos_token_id,
-        eos,
-        eos,
-    )?;
-    tracing::info!(
-        "data: {} training and {} held-out sequences of {} tokens",
-        dataset.train.len(),
-        dataset.heldout.len(),
-        dataset.seq_len
-    );
-
-    let dms = recipe.dms.config();
-    let schedule = recipe.dms.schedule();
-    let t = &recipe.train;
-    let base = ckpt.load_decoder::<B>(format, device)?;
-    let mut store = ckpt.store(format)?;
-    let model = DmsModel::new(base, &cfg, &dms, Some(&mut store), device)?;
-    let mut model = apply_trainable(model, t.trainable);
-    model
-        .base
-        .recompute_mlp(t.recompute_mlp && !t.recompute_layers);
-    let (trainable_count, frozen_count) = count_params(&mut model);
-    tracing::info!(
-        "{} parameters trainable ({:?}), {} frozen",
-        trainable_count,
-        t.trainable,
-        frozen_count
-    );
-    if trainable_count == 0 {
-        bail!(
-            "train.trainable = {:?} selects no parameters for this model",
-            t.trainable
-        );
-    }
-    // The teacher is the student with eviction off while the base stays frozen; otherwise a frozen
-    // copy of the original weights (without gradients).
-    let separate_teacher = (t.trainable != Trainable::Adapter)
-        .then(|| ckpt.load_decoder::<B::InnerBackend>(format, device))
-        .transpose()?;
-
-    let mut optimizer = AdamWConfig::new()
-        .with_beta_1(t.betas[0] as f32)
-        .with_beta_2(t.betas[1] as f32)
-        .with_epsilon(t.eps as f32)
-        .with_weight_decay(t.weight_decay as f32)
-        .init::<B, DmsModel<B>>();
-    let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
-
-    // 2. Resume (a folder without a checkpoint starts again from step 0, as a fresh run would).
-    let metrics_path = run.metrics();
-    let mut start_step = 0;
-    if options.resume && existing.is_empty() {
-        truncate_metrics(&metrics_path, 0)?;
-        tracing::info!(
-            "--resume: '{}' has no checkpoint yet; starting from step 0",
-            run_dir.display()
-        );
-    }
-    if let Some((step, dir)) = existing.last().cloned().filter(|_| options.resume) {
-        let state = snapshot::read_state(&dir)?;
-        if state.data_fingerprint != dataset.fingerprint {
-            bail!(
-                "cannot resume from '{}': the training data changed since it was written",
-                dir.display()
-            );
-        }
-        let saved_path = dir.join(snapshot::RECIPE_FILE);
-        let saved_text = std::fs::read_to_string(&saved_path)
-            .with_context(|| format!("cannot read '{}'", saved_path.display()))?;
-        let saved = Recipe::parse(&saved_text, &[])
-            .with_context(|| format!("in '{}'", saved_path.display()))?;
-        let comparable = |r: &Recipe| {
-            let mut r = r.clone();
-            r.train.max_steps = 0;
-            r.run = Default::default();
-            r
-        };
-        if comparable(&saved) != comparable(recipe) {
-            bail!(
-                "cannot resume from '{}': the recipe differs from the one it was written with \
-                 (only train.max_steps and [run] may change); compare with {}",
-                dir.display(),
-                dir.join(snapshot::RECIPE_FILE).display()
-            );
-        }
-        snapshot::load_trainable(&dir, &mut model)?;
-        let record = recorder
-            .load(dir.join(snapshot::OPTIMIZER_FILE), device)
-            .with_context(|| format!("cannot read the optimizer state in '{}'", dir.display()))?;
-        let dtypes = param_dtypes(&mut model);
-        optimizer = optimizer.load_record(moments_in_param_dtypes::<B>(record, &dtypes));
-        start_step = step;
-        truncate_metrics(&metrics_path, step)?;
-        tracing::info!("resumed from {} (step {step})", dir.display());
-    }
-    atomic::write_file(
-        &run_dir.join(crate::run::RECIPE_FILE),
-        recipe_toml.as_bytes(),
-    )?;
-
-    // 3. The loop.
-    let total = t.max_steps;
-    let bar = if options.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(total)
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} (ETA {eta}) {msg}",
-        )
-        .expect("valid template"),
-    );
-    bar.set_position(start_step);
-    let tokens_per_step = (t.micro_batch * t.grad_accum * dataset.seq_len) as f64;
-    let n_train = dataset.train.len();
-    let mut steps_this_run = 0;
-    // A signal during loading stops before the first step: nothing new to save.
-    let mut was_interrupted = interrupted.load(Ordering::SeqCst);
-    let run_start = Instant::now();
-    let mut step = start_step;
-    let make_state = |step: u64, last: &BTreeMap<String, f64>| SnapshotState {
-        step,
-        scheduled_cr: schedule.compression_ratio(step.saturating_sub(1)),
-        base_source: recipe.model.source.clone(),
-        base_dir: base_dir.clone(),
-        dms: dms.clone(),
-        data_fingerprint: dataset.fingerprint,
-        seed: t.seed,
-        tensors: Vec::new(),
-        last_metrics: last.clone(),
-    };
-    while step < total && !was_interrupted {
-        let started = Instant::now();
-        let lr = t.lr_at(step);
-        let target = schedule.target_fraction(step);
-        let mut accumulator = GradientsAccumulator::<DmsModel<B>>::new();
-        let (mut loss_sum, mut kl_sum, mut comp_sum, mut frac_sum) = (0f64, 0f64, 0f64, 0f64);
-        for micro in 0..t.grad_accum {
-            let sequences: Vec<&Sequence> = (0..t.micro_batch)
-                .map(|i| {
-                    let global = (step * t.grad_accum as u64 + micro as u64) * t.micro_batch as u64
-                        + i as u64;
-                    &dataset.train[sample_index(t.seed, n_train, global)]
-                })
-                .collect();
-            let batch = make_batch::<B>(&sequences, device);
-            let noise = NoiseKey {
-                seed: t.seed,
-                step,
-                micro_batch: micro as u64,
-                rank: 0,
-            };
-            let setup = StepSetup {
-                cfg: &cfg,
-                dms: &dms,
-                target,
-                compression_weight: recipe.dms.compression_weight,
-                compression_loss: recipe.dms.compression_loss,
-                eos,
-                kl_chunk: t.kl_chunk,
-                loss_scale: 1.0 / t.grad_accum as f64,
-                recompute_layers: t.recompute_layers,
-            };
-            let (grads, stats) = distillation_micro_step(
-                &model,
-                separate_teacher.as_ref(),
-                &batch,
-                noise,
-                &setup,
-                &mut |_| {},
-            );
-            accumulator.accumulate(&model, grads);
-            loss_sum += stats.loss;
-            kl_sum += stats.kl;
-            comp_sum += stats.compression;
-            frac_sum += stats.frac_closed;
-        }
-        let accum = t.grad_accum as f64;
-        let (loss, kl, comp, frac) = (
-            loss_sum / accum,
-            kl_sum / accum,
-            comp_sum / accum,
-            frac_sum / accum,
-        );
-        let mut grads = accumulator.grads();
-        let grad_norm = clip_global_norm(&mut model, &mut grads, t.grad_clip);
-        for (name, value) in [("loss", loss), ("grad_norm", grad_norm)] {
-            if !value.is_finite() {
-                // A --resume repeats the same steps (the recipe may not change), so the advice is a
-                // new run, except before the first checkpoint, where --resume starts afresh.
-                let advice = match run.checkpoints()?.last() {
-                    Some((s, _)) => format!(
-                        "The last checkpoint (step-{s}) is intact, but --resume with this recipe \
-                         would repeat the same steps: lower train.lr or check the data and start \
-                         a new run (another run.output_dir)"
-                    ),
-                    None => "No checkpoint was written yet: lower train.lr or check the data, \
-                             then start again (--resume in this folder starts from step 0)"
-                        .to_string(),
-                };
-                bar.abandon();
-                bail!(
-                    "non-finite {name} ({value}) at step {step}; stopped without updating the \
-                     weights. {advice}"
-                );
-            }
-        }
-        model = optimizer.step(lr, model, grads);
-        step += 1;
-        steps_this_run += 1;
-
-        // Log.
-        let seconds = started.elapsed().as_secs_f64();
-        let tokens_per_s = tokens_per_step / seconds;
-        let scheduled_cr = schedule.compression_ratio(step - 1);
-        let train_cr = 1.0 / (1.0 - frac).max(1e-9);
-        let metrics = TrainMetrics {
-            step: step - 1,
-            loss,
-            kl,
-            compression_loss: comp,
-            frac_closed: frac,
-            train_cr,
-            target_cr: scheduled_cr,
-            lr,
-            grad_norm,
-            tokens_per_s,
-            elapsed_s: run_start.elapsed().as_secs_f64(),
-        };
-        let mut last = last_metrics(&metrics);
-        append_metrics(&metrics_path, &MetricLine::Train(metrics))?;
-        bar.set_position(step);
-        bar.set_message(format!(
-            "loss {loss:.4} kl {kl:.4} CR {train_cr:.2}/{scheduled_cr:.2} closed {frac:.3} {:.0} tok/s",
-            tokens_per_s
-        ));
-        tracing::debug!(
-            step = step - 1,
-            loss,
-            kl,
-            comp,
-            frac,
-            train_cr,
-            scheduled_cr,
-            lr,
-            grad_norm,
-            tokens_per_s
-        );
-
-        // Evaluate.
-        let finished = step == total;
-        let stop_now = interrupted.load(Ordering::SeqCst)
-            || options.stop_after.is_some_and(|n| steps_this_run >= n);
-        if (recipe.run.eval_every > 0 && step % recipe.run.eval_every == 0 || finished)
-            && !dataset.heldout.is_empty()
-        {
-            let inner = model.valid();
-            let teacher_inner = match &separate_teacher {
-                Some(t) => t.clone(),
-                None => inner.base.clone(),
-            };
-            let count = recipe.run.eval_sequences.min(dataset.heldout.len()).max(1);
-            let settings = EvalSettings {
-                cfg: &cfg,
-                dms: &dms,
-                batch_size: t.micro_batch,
-                eos: &[eos],
-                kl_chunk: t.kl_chunk,
-            };
-            let report = evaluate(
-                &inner,
-                &teacher_inner,
-                &dataset.heldout[..count],
-                &settings,
-                device,
-            );
-            append_metrics(
-                &metrics_path,
-                &MetricLine::Eval(EvalMetrics {
-                    step: step - 1,
-                    eval_kl: report.kl,
-                    eval_frac_closed: report.frac_closed,
-                    eval_cr: report.compression_ratio,
-                }),
-            )?;
-            last.insert("eval_kl".into(), report.kl);
-            last.insert("eval_cr".into(), report.compression_ratio);
-            bar.suspend(|| {
-                tracing::info!(
-                    "step {}: eval KL {:.4}, closed {:.3}, measured CR {:.2} (scheduled {:.2})",
-                    step - 1,
-                    report.kl,
-                    report.frac_closed,
-                    report.compression_ratio,
-                    scheduled_cr
-                )
-            });
-        }
-
-        // A model per integer CR the schedule has just reached.
-        let previous_cr = if step == 1 {
-            f64::NEG_INFINITY
-        } else {
-            schedule.compression_ratio(step - 2)
-        };
-        let reached: Vec<u64> = (2..=scheduled_cr.floor() as u64)
-            .filter(|&k| (k as f64) > previous_cr)
-            .collect();
-        for k in reached {
-            let dir = run.cr_snapshot(k);
-            snapshot::write_snapshot(
-                &dir,
-                &mut model,
-                &make_state(step, &last),
-                &recipe_toml,
-                |_| Ok(()),
-            )?;
-            bar.suspend(|| tracing::info!("scheduled CR reached {k}: saved {}", dir.display()));
-        }
-
-        // Checkpoint.
-        let every = recipe.run.checkpoint_every;
-        if finished || stop_now || (every > 0 && step % every == 0) {
-            let dir = run.checkpoint(step);
-            let record = optimizer.to_record();
-            snapshot::write_snapshot(
-                &dir,
-                &mut model,
-                &make_state(step, &last),
-                &recipe_toml,
-                |tmp| {
-                    let path = tmp.join(snapshot::OPTIMIZER_FILE);
-                    recorder.record(record, path.clone()).map_err(|e| {
-                        anyhow::anyhow!(
-                            "cannot save the optimizer state to '{}.mpk': {e}",
-                            path.display()
-                        )
-                    })
-                },
-            )?;
-            run.prune_checkpoints(recipe.run.keep_last)?;
-            bar.suspend(|| tracing::info!("checkpoint {}", dir.display()));
-        }
-        if stop_now && !finished {
-            was_interrupted = true;
-            bar.abandon_with_message(format!("stopped at step {step}; resume with --resume"));
-            break;
-        }
-    }
-    bar.finish();
-
-    let summary = summarize(&run, step, was_interrupted)?;
-    atomic::write_file(
-        &run_dir.join(crate::run::SUMMARY_FILE),
-        serde_json::to_string_pretty(&summary)?.as_bytes(),
-    )?;
-    if metrics_path.is_file()
-        && let Err(e) = plot::plot_metrics(
-            &metrics_path,
-            &run_dir.join(crate::run::PLOT_FILE),
-            &format!("dms-retrofit: {}", run_dir.display()),
-        )
-    {
-        tracing::warn!("could not draw the metrics plot: {e:#}");
-    }
-    Ok(summary)
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -1145,6 +706,9 @@ fn median(values: &mut [f64]) -> f64 {
 mod tests {
     use super::*;
     use crate::backend::CpuAutodiff;
+    use crate::checkpoint::Checkpoint;
+    use crate::model::FloatFormat;
+    use burn::optim::AdamWConfig;
 
     type B = CpuAutodiff;
 

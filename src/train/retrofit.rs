@@ -1,0 +1,623 @@
+//! `train`: the retrofit loop, read top to bottom like nanoGPT's. [`Retrofit::load`] opens the
+//! model, the data and the frozen teacher; [`Retrofit::resume`] continues from the newest
+//! checkpoint; each step is [`Retrofit::gradients`] then the optimizer; after it come the metrics
+//! line, the held-out evaluation, the cr-K snapshots and the checkpoints, all in the run folder.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::module::AutodiffModule;
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::plot::{self, EvalMetrics, MetricLine, TrainMetrics};
+use super::trainer::{
+    EvalSettings, StepSetup, TrainOptions, TrainSummary, append_metrics, apply_trainable,
+    clip_global_norm, count_params, distillation_micro_step, evaluate, interrupt_flag,
+    last_metrics, make_batch, moments_in_param_dtypes, param_dtypes, resolve_source, summarize,
+    truncate_metrics,
+};
+use crate::atomic;
+use crate::checkpoint::Checkpoint;
+use crate::data::ChatTemplate;
+use crate::data::dataset::{Dataset, Sequence, sample_index};
+use crate::dms::noise::NoiseKey;
+use crate::dms::{CompressionSchedule, DmsConfig, DmsModel};
+use crate::model::{Decoder, FloatFormat, ModelConfig};
+use crate::ops::attention::TrainBackend;
+use crate::recipe::{Recipe, Trainable};
+use crate::run::RunFolder;
+use crate::run::snapshot::{self, SnapshotState};
+
+type Adam<B> = OptimizerAdaptor<AdamW, DmsModel<B>, B>;
+
+/// Runs (or resumes) a retrofit described by `recipe` on `device`.
+pub fn train<B: TrainBackend>(
+    recipe: &Recipe,
+    options: &TrainOptions,
+    format: FloatFormat,
+    device: &B::Device,
+) -> Result<TrainSummary> {
+    // Installed before the slow loading, so that an early signal stops the run cleanly too.
+    let interrupted = interrupt_flag();
+    let run = open_run(recipe, options)?;
+    let (mut retrofit, mut model) = Retrofit::<B>::load(recipe, options, format, device)?;
+    let mut optimizer = adamw::<B>(recipe);
+    let start = retrofit.resume(&run, options.resume, &mut model, &mut optimizer)?;
+    atomic::write_file(
+        &run.root().join(crate::run::RECIPE_FILE),
+        recipe.to_toml().as_bytes(),
+    )?;
+
+    let total = recipe.train.max_steps;
+    let bar = progress_bar(total, start, options.quiet);
+    // A signal during loading stops before the first step: nothing new to save.
+    let mut was_interrupted = interrupted.load(Ordering::SeqCst);
+    let mut step = start;
+    retrofit.run_start = Instant::now();
+    while step < total && !was_interrupted {
+        let started = Instant::now();
+        let lr = recipe.train.lr_at(step);
+        let (grads, mut metrics) = retrofit.gradients(&mut model, step, &run, &bar)?;
+        model = optimizer.step(lr, model, grads);
+        step += 1;
+        metrics.lr = lr;
+        metrics.tokens_per_s = retrofit.tokens_per_step / started.elapsed().as_secs_f64();
+        metrics.elapsed_s = retrofit.run_start.elapsed().as_secs_f64();
+        let mut last = retrofit.log(&metrics, &run, &bar)?;
+        let finished = step == total;
+        if recipe.run.eval_every > 0 && step % recipe.run.eval_every == 0 || finished {
+            retrofit.evaluate_heldout(&model, step, &run, &bar, &mut last)?;
+        }
+        retrofit.save_cr_snapshots(&run, &mut model, step, &last, &bar)?;
+        let stop_now = interrupted.load(Ordering::SeqCst)
+            || options.stop_after.is_some_and(|n| step - start >= n);
+        let every = recipe.run.checkpoint_every;
+        if finished || stop_now || (every > 0 && step % every == 0) {
+            retrofit.checkpoint(&run, &mut model, &optimizer, step, &last, &bar)?;
+        }
+        if stop_now && !finished {
+            was_interrupted = true;
+            bar.abandon_with_message(format!("stopped at step {step}; resume with --resume"));
+            break;
+        }
+    }
+    bar.finish();
+    finish(&run, step, was_interrupted)
+}
+
+/// Opens and locks the run folder; a folder that already holds a run needs `--resume`.
+fn open_run(recipe: &Recipe, options: &TrainOptions) -> Result<RunFolder> {
+    let run = RunFolder::open(&recipe.run.output_dir)?;
+    if !options.resume && (!run.checkpoints()?.is_empty() || run.metrics().exists()) {
+        bail!(
+            "run folder '{}' already holds a run; pass --resume to continue it, or set \
+             run.output_dir to a new folder",
+            run.root().display()
+        );
+    }
+    Ok(run)
+}
+
+fn adamw<B: TrainBackend>(recipe: &Recipe) -> Adam<B> {
+    let t = &recipe.train;
+    AdamWConfig::new()
+        .with_beta_1(t.betas[0] as f32)
+        .with_beta_2(t.betas[1] as f32)
+        .with_epsilon(t.eps as f32)
+        .with_weight_decay(t.weight_decay as f32)
+        .init::<B, DmsModel<B>>()
+}
+
+fn progress_bar(total: u64, start: u64, quiet: bool) -> ProgressBar {
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(total)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} (ETA {eta}) {msg}",
+        )
+        .expect("valid template"),
+    );
+    bar.set_position(start);
+    bar
+}
+
+/// The summary (rebuilt from the folder, so a resumed run reports what an uninterrupted one does)
+/// and the metrics plot.
+fn finish(run: &RunFolder, step: u64, interrupted: bool) -> Result<TrainSummary> {
+    let summary = summarize(run, step, interrupted)?;
+    atomic::write_file(
+        &run.root().join(crate::run::SUMMARY_FILE),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    let metrics = run.metrics();
+    if metrics.is_file()
+        && let Err(e) = plot::plot_metrics(
+            &metrics,
+            &run.root().join(crate::run::PLOT_FILE),
+            &format!("dms-retrofit: {}", run.root().display()),
+        )
+    {
+        tracing::warn!("could not draw the metrics plot: {e:#}");
+    }
+    Ok(summary)
+}
+
+/// Everything a run reads but does not update: the recipe, the model's config and DMS settings,
+/// the data, the frozen teacher (when training changes base weights) and where the run writes.
+struct Retrofit<'a, B: TrainBackend> {
+    recipe: &'a Recipe,
+    device: &'a B::Device,
+    cfg: ModelConfig,
+    dms: DmsConfig,
+    schedule: CompressionSchedule,
+    dataset: Dataset,
+    eos: u32,
+    /// A frozen copy of the original when the base weights train; else the student with eviction
+    /// off is the teacher.
+    separate_teacher: Option<Decoder<B::InnerBackend>>,
+    /// The base checkpoint's folder, absolute and canonical (the run folder works from anywhere).
+    base_dir: PathBuf,
+    recipe_toml: String,
+    tokens_per_step: f64,
+    run_start: Instant,
+}
+
+impl<'a, B: TrainBackend> Retrofit<'a, B> {
+    /// Opens the checkpoint, builds the data and the student (trainable set applied).
+    fn load(
+        recipe: &'a Recipe,
+        options: &TrainOptions,
+        format: FloatFormat,
+        device: &'a B::Device,
+    ) -> Result<(Self, DmsModel<B>)> {
+        let source = resolve_source(&recipe.model.source, &options.recipe_dir);
+        let ckpt = Checkpoint::open(&source)?;
+        let cfg = ckpt.config.clone();
+        if recipe.data.seq_len > cfg.max_position_embeddings {
+            bail!(
+                "data.seq_len = {} exceeds the model's max_position_embeddings = {} (config.json \
+                 of '{}'); use data.seq_len <= {}",
+                recipe.data.seq_len,
+                cfg.max_position_embeddings,
+                ckpt.files.dir.display(),
+                cfg.max_position_embeddings
+            );
+        }
+        let (dataset, eos) = load_data(recipe, &options.recipe_dir, &ckpt)?;
+        let dms = recipe.dms.config();
+        let t = &recipe.train;
+        let model = student::<B>(&ckpt, &cfg, &dms, recipe, format, device)?;
+        let separate_teacher = (t.trainable != Trainable::Adapter)
+            .then(|| ckpt.load_decoder::<B::InnerBackend>(format, device))
+            .transpose()?;
+        let base_dir = ckpt
+            .files
+            .dir
+            .canonicalize()
+            .unwrap_or_else(|_| ckpt.files.dir.clone());
+        let retrofit = Self {
+            recipe,
+            device,
+            schedule: recipe.dms.schedule(),
+            tokens_per_step: (t.micro_batch * t.grad_accum * dataset.seq_len) as f64,
+            cfg,
+            dms,
+            dataset,
+            eos,
+            separate_teacher,
+            base_dir,
+            recipe_toml: recipe.to_toml(),
+            run_start: Instant::now(),
+        };
+        Ok((retrofit, model))
+    }
+
+    /// Continues from the run's newest checkpoint when `resume` (the data and the recipe, but for
+    /// `train.max_steps` and `[run]`, must be the same); returns the first step to run.
+    fn resume(
+        &self,
+        run: &RunFolder,
+        resume: bool,
+        model: &mut DmsModel<B>,
+        optimizer: &mut Adam<B>,
+    ) -> Result<u64> {
+        let existing = run.checkpoints()?;
+        let metrics = run.metrics();
+        if !resume {
+            return Ok(0);
+        }
+        let Some((step, dir)) = existing.last().cloned() else {
+            // A folder without a checkpoint starts again from step 0, as a fresh run would.
+            truncate_metrics(&metrics, 0)?;
+            tracing::info!(
+                "--resume: '{}' has no checkpoint yet; starting from step 0",
+                run.root().display()
+            );
+            return Ok(0);
+        };
+        let state = snapshot::read_state(&dir)?;
+        if state.data_fingerprint != self.dataset.fingerprint {
+            bail!(
+                "cannot resume from '{}': the training data changed since it was written",
+                dir.display()
+            );
+        }
+        let saved_path = dir.join(snapshot::RECIPE_FILE);
+        let saved_text = std::fs::read_to_string(&saved_path)
+            .with_context(|| format!("cannot read '{}'", saved_path.display()))?;
+        let saved = Recipe::parse(&saved_text, &[])
+            .with_context(|| format!("in '{}'", saved_path.display()))?;
+        let comparable = |r: &Recipe| {
+            let mut r = r.clone();
+            r.train.max_steps = 0;
+            r.run = Default::default();
+            r
+        };
+        if comparable(&saved) != comparable(self.recipe) {
+            bail!(
+                "cannot resume from '{}': the recipe differs from the one it was written with \
+                 (only train.max_steps and [run] may change); compare with {}",
+                dir.display(),
+                saved_path.display()
+            );
+        }
+        snapshot::load_trainable(&dir, model)?;
+        let record = NamedMpkFileRecorder::<FullPrecisionSettings>::new()
+            .load(dir.join(snapshot::OPTIMIZER_FILE), self.device)
+            .with_context(|| format!("cannot read the optimizer state in '{}'", dir.display()))?;
+        let dtypes = param_dtypes(model);
+        *optimizer =
+            adamw::<B>(self.recipe).load_record(moments_in_param_dtypes::<B>(record, &dtypes));
+        truncate_metrics(&metrics, step)?;
+        tracing::info!("resumed from {} (step {step})", dir.display());
+        Ok(step)
+    }
+
+    /// One optimizer step's gradients (accumulated over the micro-batches, clipped) and its
+    /// metrics (`lr` and `tokens_per_s` are the caller's). A non-finite loss or gradient norm
+    /// stops the run before the weights change, with advice that depends on the checkpoints.
+    fn gradients(
+        &self,
+        model: &mut DmsModel<B>,
+        step: u64,
+        run: &RunFolder,
+        bar: &ProgressBar,
+    ) -> Result<(GradientsParams, TrainMetrics)> {
+        let t = &self.recipe.train;
+        let target = self.schedule.target_fraction(step);
+        let mut accumulator = GradientsAccumulator::<DmsModel<B>>::new();
+        let mut sums = [0f64; 4];
+        for micro in 0..t.grad_accum {
+            let n_train = self.dataset.train.len();
+            let sequences: Vec<&Sequence> = (0..t.micro_batch)
+                .map(|i| {
+                    let global = (step * t.grad_accum as u64 + micro as u64) * t.micro_batch as u64
+                        + i as u64;
+                    &self.dataset.train[sample_index(t.seed, n_train, global)]
+                })
+                .collect();
+            let batch = make_batch::<B>(&sequences, self.device);
+            let noise = NoiseKey {
+                seed: t.seed,
+                step,
+                micro_batch: micro as u64,
+                rank: 0,
+            };
+            let setup = StepSetup {
+                cfg: &self.cfg,
+                dms: &self.dms,
+                target,
+                compression_weight: self.recipe.dms.compression_weight,
+                compression_loss: self.recipe.dms.compression_loss,
+                eos: self.eos,
+                kl_chunk: t.kl_chunk,
+                loss_scale: 1.0 / t.grad_accum as f64,
+                recompute_layers: t.recompute_layers,
+            };
+            let (grads, stats) = distillation_micro_step(
+                model,
+                self.separate_teacher.as_ref(),
+                &batch,
+                noise,
+                &setup,
+                &mut |_| {},
+            );
+            accumulator.accumulate(model, grads);
+            for (sum, v) in
+                sums.iter_mut()
+                    .zip([stats.loss, stats.kl, stats.compression, stats.frac_closed])
+            {
+                *sum += v;
+            }
+        }
+        let [loss, kl, comp, frac] = sums.map(|s| s / t.grad_accum as f64);
+        let mut grads = accumulator.grads();
+        let grad_norm = clip_global_norm(model, &mut grads, t.grad_clip);
+        for (name, value) in [("loss", loss), ("grad_norm", grad_norm)] {
+            if !value.is_finite() {
+                bar.abandon();
+                bail!(
+                    "non-finite {name} ({value}) at step {step}; stopped without updating the \
+                     weights. {}",
+                    non_finite_advice(run)?
+                );
+            }
+        }
+        let metrics = TrainMetrics {
+            step,
+            loss,
+            kl,
+            compression_loss: comp,
+            frac_closed: frac,
+            train_cr: 1.0 / (1.0 - frac).max(1e-9),
+            target_cr: self.schedule.compression_ratio(step),
+            lr: 0.0,
+            grad_norm,
+            tokens_per_s: 0.0,
+            elapsed_s: 0.0,
+        };
+        Ok((grads, metrics))
+    }
+
+    /// Appends the step's line to `metrics.jsonl` and shows it; returns what snapshots record.
+    fn log(
+        &self,
+        metrics: &TrainMetrics,
+        run: &RunFolder,
+        bar: &ProgressBar,
+    ) -> Result<BTreeMap<String, f64>> {
+        let last = last_metrics(metrics);
+        append_metrics(&run.metrics(), &MetricLine::Train(metrics.clone()))?;
+        let m = metrics;
+        bar.set_position(m.step + 1);
+        bar.set_message(format!(
+            "loss {:.4} kl {:.4} CR {:.2}/{:.2} closed {:.3} {:.0} tok/s",
+            m.loss, m.kl, m.train_cr, m.target_cr, m.frac_closed, m.tokens_per_s
+        ));
+        tracing::debug!(
+            step = m.step,
+            loss = m.loss,
+            kl = m.kl,
+            comp = m.compression_loss,
+            frac = m.frac_closed,
+            train_cr = m.train_cr,
+            scheduled_cr = m.target_cr,
+            lr = m.lr,
+            grad_norm = m.grad_norm,
+            tokens_per_s = m.tokens_per_s
+        );
+        Ok(last)
+    }
+
+    /// KL and measured CR on the held-out sequences under hard eviction (after `step` steps).
+    fn evaluate_heldout(
+        &self,
+        model: &DmsModel<B>,
+        step: u64,
+        run: &RunFolder,
+        bar: &ProgressBar,
+        last: &mut BTreeMap<String, f64>,
+    ) -> Result<()> {
+        if self.dataset.heldout.is_empty() {
+            return Ok(());
+        }
+        let t = &self.recipe.train;
+        let inner = model.valid();
+        let teacher = match &self.separate_teacher {
+            Some(t) => t.clone(),
+            None => inner.base.clone(),
+        };
+        let count = self
+            .recipe
+            .run
+            .eval_sequences
+            .min(self.dataset.heldout.len())
+            .max(1);
+        let settings = EvalSettings {
+            cfg: &self.cfg,
+            dms: &self.dms,
+            batch_size: t.micro_batch,
+            eos: &[self.eos],
+            kl_chunk: t.kl_chunk,
+        };
+        let report = evaluate(
+            &inner,
+            &teacher,
+            &self.dataset.heldout[..count],
+            &settings,
+            self.device,
+        );
+        append_metrics(
+            &run.metrics(),
+            &MetricLine::Eval(EvalMetrics {
+                step: step - 1,
+                eval_kl: report.kl,
+                eval_frac_closed: report.frac_closed,
+                eval_cr: report.compression_ratio,
+            }),
+        )?;
+        last.insert("eval_kl".into(), report.kl);
+        last.insert("eval_cr".into(), report.compression_ratio);
+        bar.suspend(|| {
+            tracing::info!(
+                "step {}: eval KL {:.4}, closed {:.3}, measured CR {:.2} (scheduled {:.2})",
+                step - 1,
+                report.kl,
+                report.frac_closed,
+                report.compression_ratio,
+                self.schedule.compression_ratio(step - 1)
+            )
+        });
+        Ok(())
+    }
+
+    /// A `cr-K` model per integer CR the schedule reached with step `step`.
+    fn save_cr_snapshots(
+        &self,
+        run: &RunFolder,
+        model: &mut DmsModel<B>,
+        step: u64,
+        last: &BTreeMap<String, f64>,
+        bar: &ProgressBar,
+    ) -> Result<()> {
+        let scheduled = self.schedule.compression_ratio(step - 1);
+        let previous = match step {
+            1 => f64::NEG_INFINITY,
+            _ => self.schedule.compression_ratio(step - 2),
+        };
+        for k in (2..=scheduled.floor() as u64).filter(|&k| (k as f64) > previous) {
+            let dir = run.cr_snapshot(k);
+            snapshot::write_snapshot(
+                &dir,
+                model,
+                &self.state(step, last),
+                &self.recipe_toml,
+                |_| Ok(()),
+            )?;
+            bar.suspend(|| tracing::info!("scheduled CR reached {k}: saved {}", dir.display()));
+        }
+        Ok(())
+    }
+
+    /// A resumable checkpoint (weights, optimizer, state) after `step` steps; old ones pruned.
+    fn checkpoint(
+        &self,
+        run: &RunFolder,
+        model: &mut DmsModel<B>,
+        optimizer: &Adam<B>,
+        step: u64,
+        last: &BTreeMap<String, f64>,
+        bar: &ProgressBar,
+    ) -> Result<()> {
+        let dir = run.checkpoint(step);
+        let record = optimizer.to_record();
+        snapshot::write_snapshot(
+            &dir,
+            model,
+            &self.state(step, last),
+            &self.recipe_toml,
+            |tmp| {
+                let path = tmp.join(snapshot::OPTIMIZER_FILE);
+                NamedMpkFileRecorder::<FullPrecisionSettings>::new()
+                    .record(record, path.clone())
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "cannot save the optimizer state to '{}.mpk': {e}",
+                            path.display()
+                        )
+                    })
+            },
+        )?;
+        run.prune_checkpoints(self.recipe.run.keep_last)?;
+        bar.suspend(|| tracing::info!("checkpoint {}", dir.display()));
+        Ok(())
+    }
+
+    fn state(&self, step: u64, last: &BTreeMap<String, f64>) -> SnapshotState {
+        SnapshotState {
+            step,
+            scheduled_cr: self.schedule.compression_ratio(step.saturating_sub(1)),
+            base_source: self.recipe.model.source.clone(),
+            base_dir: self.base_dir.clone(),
+            dms: self.dms.clone(),
+            data_fingerprint: self.dataset.fingerprint,
+            seed: self.recipe.train.seed,
+            tensors: Vec::new(),
+            last_metrics: last.clone(),
+        }
+    }
+}
+
+/// The tokenizer, chat template and packed data of a recipe, and the EOS id packing uses.
+fn load_data(recipe: &Recipe, recipe_dir: &Path, ckpt: &Checkpoint) -> Result<(Dataset, u32)> {
+    let tokenizer = ckpt.tokenizer()?;
+    let template = if recipe.data.chat_template {
+        let path = ckpt.files.tokenizer_config.clone().with_context(|| {
+            format!(
+                "data.chat_template = true but '{}' has no tokenizer_config.json",
+                ckpt.files.dir.display()
+            )
+        })?;
+        Some(ChatTemplate::from_tokenizer_config(&path)?)
+    } else {
+        None
+    };
+    let cfg = &ckpt.config;
+    let eos = *cfg.eos_token_ids.first().with_context(|| {
+        format!(
+            "config.json of '{}' names no eos_token_id; packing needs one",
+            ckpt.files.dir.display()
+        )
+    })?;
+    let dataset = Dataset::build(
+        &recipe.data,
+        recipe_dir,
+        &tokenizer,
+        template.as_ref(),
+        cfg.bos_token_id,
+        eos,
+        eos,
+    )?;
+    tracing::info!(
+        "data: {} training and {} held-out sequences of {} tokens",
+        dataset.train.len(),
+        dataset.heldout.len(),
+        dataset.seq_len
+    );
+    Ok((dataset, eos))
+}
+
+/// The student: the base decoder with the DMS parameters, the recipe's trainable set applied.
+fn student<B: TrainBackend>(
+    ckpt: &Checkpoint,
+    cfg: &ModelConfig,
+    dms: &DmsConfig,
+    recipe: &Recipe,
+    format: FloatFormat,
+    device: &B::Device,
+) -> Result<DmsModel<B>> {
+    let t = &recipe.train;
+    let base = ckpt.load_decoder::<B>(format, device)?;
+    let mut store = ckpt.store(format)?;
+    let model = DmsModel::new(base, cfg, dms, Some(&mut store), device)?;
+    let mut model = apply_trainable(model, t.trainable);
+    model
+        .base
+        .recompute_mlp(t.recompute_mlp && !t.recompute_layers);
+    let (trainable, frozen) = count_params(&mut model);
+    tracing::info!(
+        "{trainable} parameters trainable ({:?}), {frozen} frozen",
+        t.trainable
+    );
+    if trainable == 0 {
+        bail!(
+            "train.trainable = {:?} selects no parameters for this model",
+            t.trainable
+        );
+    }
+    Ok(model)
+}
+
+/// A --resume repeats the same steps (the recipe may not change), so the advice is a new run,
+/// except before the first checkpoint, where --resume starts afresh.
+fn non_finite_advice(run: &RunFolder) -> Result<String> {
+    Ok(match run.checkpoints()?.last() {
+        Some((s, _)) => format!(
+            "The last checkpoint (step-{s}) is intact, but --resume with this recipe would repeat \
+             the same steps: lower train.lr or check the data and start a new run (another \
+             run.output_dir)"
+        ),
+        None => "No checkpoint was written yet: lower train.lr or check the data, then start \
+                 again (--resume in this folder starts from step 0)"
+            .to_string(),
+    })
+}
