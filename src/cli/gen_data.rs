@@ -16,10 +16,10 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 use serde_json::{Value, json};
 
-use super::generate::eos_ids;
+use super::generate::{chat_template, encode_prompt, eos_ids};
 use super::loading::load_model;
 use super::{ComputeArgs, on_backend};
-use crate::data::{ChatTemplate, Message};
+use crate::data::{ChatTemplate, Message, Tokenizer};
 use crate::eval::Decoding;
 use crate::eval::generation::{Event, Finish, Sampling, generate_batch};
 use crate::model::FloatFormat;
@@ -196,43 +196,10 @@ fn gen_data<B: AttentionBackend>(
     let tokenizer = loaded.ckpt.tokenizer()?;
     let template = match args.no_chat {
         true => None,
-        false => {
-            let config = loaded.ckpt.files.tokenizer_config.as_ref().with_context(|| {
-                format!(
-                    "the chat template comes from tokenizer_config.json, which '{}' lacks; pass \
-                     --no-chat for plain text prompts",
-                    loaded.ckpt.files.dir.display()
-                )
-            })?;
-            Some(ChatTemplate::from_tokenizer_config(config)?)
-        }
+        false => Some(chat_template(&loaded, "gen-data (without --no-chat)")?),
     };
     let limit = loaded.ckpt.config.max_position_embeddings;
-    let mut encoded = Vec::with_capacity(prompts.len());
-    let mut texts = Vec::with_capacity(prompts.len());
-    for (i, prompt) in prompts.iter().enumerate() {
-        let text = match &template {
-            Some(t) => t.render(&prompt.messages, true, &Default::default())?,
-            None => prompt
-                .messages
-                .iter()
-                .map(|m| m.content.as_str())
-                .collect::<Vec<_>>()
-                .join("\n"),
-        };
-        let ids = tokenizer.encode(&text, template.is_none())?;
-        ensure!(!ids.is_empty(), "prompt {} tokenised to nothing", i + 1);
-        ensure!(
-            ids.len() + args.max_new_tokens <= limit,
-            "prompt {} ({} tokens) plus --max-new-tokens {} exceeds the model's \
-             max_position_embeddings = {limit}",
-            i + 1,
-            ids.len(),
-            args.max_new_tokens
-        );
-        encoded.push(ids);
-        texts.push(text);
-    }
+    let encoded = encode_prompts(&prompts, template.as_ref(), &tokenizer, limit, args)?;
     let units: Vec<(usize, usize)> = (0..prompts.len())
         .flat_map(|i| (0..args.samples).map(move |k| (i, k)))
         .filter(|unit| !finished.contains(unit))
@@ -244,8 +211,7 @@ fn gen_data<B: AttentionBackend>(
         units.len(),
         total - units.len()
     );
-    let cfg = &loaded.ckpt.config;
-    let decoding = Decoding::new(&loaded.model, cfg, loaded.dms.as_ref());
+    let decoding = Decoding::new(&loaded.model, &loaded.ckpt.config, loaded.dms.as_ref());
     let sampling = Sampling {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,
@@ -253,26 +219,9 @@ fn gen_data<B: AttentionBackend>(
         ignore_eos: false,
         eos: eos_ids(&loaded),
     };
-    let open = |path: &Path| {
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("cannot write '{}'", path.display()))
-    };
-    let (mut records, mut done) = (open(&partial)?, open(&done_path)?);
-    let bar = indicatif::ProgressBar::new(total as u64);
-    bar.set_position((total - units.len()) as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} completions, {msg} ({eta} left)",
-        )
-        .expect("valid template"),
-    );
-    let (mut kept, mut dropped, mut tokens) = (0usize, 0usize, 0usize);
-    let started = std::time::Instant::now();
+    let mut sink = Sink::open(&partial, &done_path, total, total - units.len())?;
     for group in units.chunks(args.batch) {
-        let batch: Vec<Vec<u32>> = group.iter().map(|&(i, _)| encoded[i].clone()).collect();
+        let batch: Vec<Vec<u32>> = group.iter().map(|&(i, _)| encoded[i].0.clone()).collect();
         let seeds: Vec<u64> = group
             .iter()
             .map(|&(i, k)| args.seed + (i * args.samples + k) as u64)
@@ -287,38 +236,19 @@ fn gen_data<B: AttentionBackend>(
                 return Ok(());
             };
             let (i, k) = group[index];
-            tokens += generated.len();
-            if finish == Finish::Eos || args.keep_truncated {
-                let completion = tokenizer.decode(generated, true)?;
-                let mut record = match &template {
-                    Some(_) => {
-                        let mut messages = prompts[i].messages.clone();
-                        messages.push(Message {
-                            role: "assistant".into(),
-                            content: completion,
-                        });
-                        json!({ "messages": messages })
-                    }
-                    None => json!({ "text": format!("{}{}", texts[i], completion) }),
-                };
-                record["prompt_index"] = json!(i);
-                record["sample"] = json!(k);
-                record["finish"] = json!(finish);
-                record["generated_tokens"] = json!(generated.len());
-                writeln!(records, "{record}")?;
-                records.flush()?;
-                kept += 1;
-            } else {
-                dropped += 1;
-            }
-            writeln!(done, "{i} {k}")?;
-            done.flush()?;
-            bar.inc(1);
-            bar.set_message(format!(
-                "{:.0} tokens/s, {dropped} cut off",
-                tokens as f64 / started.elapsed().as_secs_f64().max(1e-9)
-            ));
-            Ok(())
+            let keep = finish == Finish::Eos || args.keep_truncated;
+            let record = keep
+                .then(|| -> Result<Value> {
+                    let completion = tokenizer.decode(generated, true)?;
+                    Ok(record(
+                        &prompts[i],
+                        &encoded[i].1,
+                        completion,
+                        template.is_some(),
+                    ))
+                })
+                .transpose()?;
+            sink.finished((i, k), record, finish, generated.len())
         };
         generate_batch(
             &decoding,
@@ -329,9 +259,7 @@ fn gen_data<B: AttentionBackend>(
             &mut on_event,
         )?;
     }
-    bar.finish_and_clear();
-    records.sync_all()?;
-    drop(records);
+    let summary = sink.close()?;
     std::fs::rename(&partial, &args.out).with_context(|| {
         format!(
             "cannot rename '{}' to '{}'",
@@ -341,15 +269,133 @@ fn gen_data<B: AttentionBackend>(
     })?;
     std::fs::remove_file(&done_path).ok();
     eprintln!(
-        "wrote {}: {kept} completions kept this run, {dropped} cut off at --max-new-tokens \
-         dropped{}; {tokens} tokens generated in {:.1} s",
+        "wrote {}: {summary}{}",
         args.out.display(),
         if args.keep_truncated {
             ""
         } else {
             " (--keep-truncated keeps them)"
         },
-        started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Each prompt's token ids and rendered text.
+fn encode_prompts(
+    prompts: &[Prompt],
+    template: Option<&ChatTemplate>,
+    tokenizer: &Tokenizer,
+    limit: usize,
+    args: &GenDataArgs,
+) -> Result<Vec<(Vec<u32>, String)>> {
+    prompts
+        .iter()
+        .enumerate()
+        .map(|(i, prompt)| {
+            let which = format!("prompt {} of --prompts", i + 1);
+            let room = (limit, args.max_new_tokens);
+            encode_prompt(&prompt.messages, template, tokenizer, room, &which)
+        })
+        .collect()
+}
+
+/// One training record: the conversation plus the answer (chat), or the prompt text plus the
+/// completion (`--no-chat`).
+fn record(prompt: &Prompt, text: &str, completion: String, chat: bool) -> Value {
+    if chat {
+        let mut messages = prompt.messages.clone();
+        messages.push(Message {
+            role: "assistant".into(),
+            content: completion,
+        });
+        json!({ "messages": messages })
+    } else {
+        json!({ "text": format!("{text}{completion}") })
+    }
+}
+
+/// Where finished units go: kept records to OUT.partial, every finished unit to OUT.done, both
+/// flushed as they come; progress on the terminal.
+struct Sink {
+    records: File,
+    done: File,
+    bar: indicatif::ProgressBar,
+    started: std::time::Instant,
+    kept: usize,
+    dropped: usize,
+    tokens: usize,
+}
+
+impl Sink {
+    fn open(partial: &Path, done: &Path, total: usize, already: usize) -> Result<Self> {
+        let open = |path: &Path| {
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot write '{}'", path.display()))
+        };
+        let bar = indicatif::ProgressBar::new(total as u64);
+        bar.set_position(already as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} completions, {msg} ({eta} left)",
+            )
+            .expect("valid template"),
+        );
+        Ok(Self {
+            records: open(partial)?,
+            done: open(done)?,
+            bar,
+            started: std::time::Instant::now(),
+            kept: 0,
+            dropped: 0,
+            tokens: 0,
+        })
+    }
+
+    fn finished(
+        &mut self,
+        (i, k): (usize, usize),
+        record: Option<Value>,
+        finish: Finish,
+        generated: usize,
+    ) -> Result<()> {
+        self.tokens += generated;
+        match record {
+            Some(mut record) => {
+                record["prompt_index"] = json!(i);
+                record["sample"] = json!(k);
+                record["finish"] = json!(finish);
+                record["generated_tokens"] = json!(generated);
+                writeln!(self.records, "{record}")?;
+                self.records.flush()?;
+                self.kept += 1;
+            }
+            None => self.dropped += 1,
+        }
+        writeln!(self.done, "{i} {k}")?;
+        self.done.flush()?;
+        self.bar.inc(1);
+        self.bar.set_message(format!(
+            "{:.0} tokens/s, {} cut off",
+            self.tokens as f64 / self.started.elapsed().as_secs_f64().max(1e-9),
+            self.dropped
+        ));
+        Ok(())
+    }
+
+    /// Syncs the records; a line for the user.
+    fn close(self) -> Result<String> {
+        self.bar.finish_and_clear();
+        self.records.sync_all()?;
+        Ok(format!(
+            "{} completions kept this run, {} cut off at --max-new-tokens dropped; {} tokens \
+             generated in {:.1} s",
+            self.kept,
+            self.dropped,
+            self.tokens,
+            self.started.elapsed().as_secs_f64()
+        ))
+    }
 }

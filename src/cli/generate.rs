@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::human_bytes;
 use super::loading::{Loaded, load_model};
 use super::{ComputeArgs, on_backend};
-use crate::data::{ChatTemplate, Message};
+use crate::data::{ChatTemplate, Message, Tokenizer};
 use crate::eval::Decoding;
 use crate::eval::generation::{Event, Finish, Sampling, generate_batch};
 use crate::model::FloatFormat;
@@ -153,6 +153,55 @@ fn read_prompts(args: &GenerateArgs) -> Result<Vec<String>> {
     Ok(prompts)
 }
 
+/// The checkpoint's chat template; `flag` names the option that asked for it.
+pub(super) fn chat_template<B: AttentionBackend>(
+    loaded: &Loaded<B>,
+    flag: &str,
+) -> Result<ChatTemplate> {
+    let files = &loaded.ckpt.files;
+    let config = files.tokenizer_config.as_ref().with_context(|| {
+        format!(
+            "{flag} needs the chat template of tokenizer_config.json, which '{}' lacks",
+            files.dir.display()
+        )
+    })?;
+    ChatTemplate::from_tokenizer_config(config)
+}
+
+/// A prompt's token ids and text: the conversation rendered with `template` up to the assistant's
+/// turn, or its contents as plain text (with the tokenizer's special tokens). `which` names the
+/// prompt in the one error for an empty prompt or one that leaves no room for the answer
+/// (`room` = the model's position limit and the tokens to generate).
+pub(super) fn encode_prompt(
+    messages: &[Message],
+    template: Option<&ChatTemplate>,
+    tokenizer: &Tokenizer,
+    (limit, max_new_tokens): (usize, usize),
+    which: &str,
+) -> Result<(Vec<u32>, String)> {
+    let text = match template {
+        Some(t) => t.render(messages, true, &Default::default())?,
+        None => messages
+            .iter()
+            .map(|m| m.content.as_str())
+            .collect::<Vec<_>>()
+            .join("\n"),
+    };
+    let ids = tokenizer.encode(&text, template.is_none())?;
+    if ids.is_empty() {
+        bail!("{which} tokenised to nothing");
+    }
+    if ids.len() + max_new_tokens > limit {
+        bail!(
+            "{which} ({} tokens) plus --max-new-tokens {max_new_tokens} exceeds the model's \
+             max_position_embeddings = {limit}; use --max-new-tokens <= {} or a shorter prompt",
+            ids.len(),
+            limit.saturating_sub(ids.len())
+        );
+    }
+    Ok((ids, text))
+}
+
 /// Prefill, then sample and stream tokens, on backend `B`.
 fn generate<B: AttentionBackend>(
     args: &GenerateArgs,
@@ -161,51 +210,29 @@ fn generate<B: AttentionBackend>(
 ) -> Result<()> {
     let prompts = read_prompts(args)?;
     let loaded = load_model::<B>(&args.model, format, device)?;
-    let files = &loaded.ckpt.files;
     let tokenizer = loaded.ckpt.tokenizer()?;
     let template = match args.chat {
-        true => {
-            let config = files.tokenizer_config.as_ref().with_context(|| {
-                format!(
-                    "--chat needs tokenizer_config.json in '{}'",
-                    files.dir.display()
-                )
-            })?;
-            Some(ChatTemplate::from_tokenizer_config(config)?)
-        }
+        true => Some(chat_template(&loaded, "--chat")?),
         false => None,
     };
     let limit = loaded.ckpt.config.max_position_embeddings;
     let mut sequences = Vec::with_capacity(prompts.len());
     for (index, prompt) in prompts.iter().enumerate() {
-        let text = match &template {
-            Some(template) => template.render(
-                &[Message {
-                    role: "user".into(),
-                    content: prompt.clone(),
-                }],
-                true,
-                &Default::default(),
-            )?,
-            None => prompt.clone(),
-        };
-        let ids = tokenizer.encode(&text, !args.chat)?;
         let which = match args.prompts {
             Some(_) => format!("prompt {} of --prompts", index + 1),
             None => "the prompt".to_string(),
         };
-        if ids.is_empty() {
-            bail!("{which} tokenised to nothing");
-        }
-        if ids.len() + args.max_new_tokens > limit {
-            bail!(
-                "{which} ({} tokens) plus --max-new-tokens {} exceeds the model's \
-                 max_position_embeddings = {limit}; use --max-new-tokens <= {} or a shorter prompt",
-                ids.len(),
-                args.max_new_tokens,
-                limit.saturating_sub(ids.len())
-            );
-        }
+        let turn = [Message {
+            role: "user".into(),
+            content: prompt.clone(),
+        }];
+        let (ids, _) = encode_prompt(
+            &turn,
+            template.as_ref(),
+            &tokenizer,
+            (limit, args.max_new_tokens),
+            &which,
+        )?;
         sequences.push(ids);
     }
     tracing::info!("{}", loaded.description);
