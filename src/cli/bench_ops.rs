@@ -20,7 +20,7 @@ use super::on_backend;
 use crate::backend::DeviceSpec;
 use crate::model::FloatFormat;
 use crate::ops::attention::{
-    AttentionBackend, AttentionOptions, attention_backward, attention_forward,
+    AttentionBackend, AttentionInputs, AttentionOptions, attention_backward, attention_forward,
 };
 use crate::ops::elementwise::{self, ElementwiseBackend};
 use crate::ops::linear::{LinearBackend, burn_ops};
@@ -329,20 +329,16 @@ fn measure_attention<B: AttentionBackend>(
         // Both backwards from the same (chunked tensor-op) forward and output gradient.
         let grad_out = Tensor::<B, 4>::random([1, heads, seq, dim], normal, device);
         let backward = |ours: bool| {
-            let (q, k, v, b) = (q.clone(), k.clone(), v.clone(), Some(bias.clone()));
+            let inputs = AttentionInputs {
+                q: q.clone(),
+                k: k.clone(),
+                v: v.clone(),
+                key_bias: Some(bias.clone()),
+            };
             if ours {
-                B::attention_backward_with_lse(
-                    q,
-                    k,
-                    v,
-                    b,
-                    &burn_out,
-                    grad_out.clone(),
-                    true,
-                    options,
-                )
+                B::attention_backward_with_lse(inputs, &burn_out, grad_out.clone(), true, options)
             } else {
-                attention_backward(q, k, v, b, &burn_out, grad_out.clone(), true, options)
+                attention_backward(inputs, &burn_out, grad_out.clone(), true, options)
             }
         };
         let (bwd_ours_s, grads_ours) = timed::<B, _>(args.repeats, device, &|| backward(true))?;

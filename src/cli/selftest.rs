@@ -26,8 +26,8 @@ use super::bench_ops::f32_values;
 use crate::backend::{Cpu, DeviceSpec};
 use crate::model::{FloatFormat, RopeTables};
 use crate::ops::attention::{
-    AttentionBackend, AttentionForward, AttentionGrads, AttentionOptions, attention_backward,
-    attention_forward,
+    AttentionBackend, AttentionForward, AttentionGrads, AttentionInputs, AttentionOptions,
+    attention_backward, attention_forward,
 };
 use crate::ops::elementwise::{ElementwiseBackend, burn_ops as elementwise_ops};
 use crate::ops::linear::{LinearBackend, burn_ops as linear_ops};
@@ -801,17 +801,14 @@ impl<B: Tested> Suite<'_, B> {
             ),
         );
 
+        let inputs = AttentionInputs {
+            q: q.clone(),
+            k: k.clone(),
+            v: v.clone(),
+            key_bias: bias.clone(),
+        };
         let backward_ours = |forward: &AttentionForward<B>| {
-            B::attention_backward_with_lse(
-                q.clone(),
-                k.clone(),
-                v.clone(),
-                bias.clone(),
-                forward,
-                grad_out.clone(),
-                true,
-                options,
-            )
+            B::attention_backward_with_lse(inputs.clone(), forward, grad_out.clone(), true, options)
         };
         // Against the CPU each side starts from its own forward (the training path); against
         // burn's GPU backward both start from burn's forward (the backward kernels alone).
@@ -820,30 +817,20 @@ impl<B: Tested> Suite<'_, B> {
             Some(burn) => {
                 let (from_burn, why) = self.ours(|| backward_ours(burn))?;
                 declined = declined.or(why);
-                let burn_grads = attention_backward(
-                    q.clone(),
-                    k.clone(),
-                    v.clone(),
-                    bias.clone(),
-                    burn,
-                    grad_out.clone(),
-                    true,
-                    options,
-                );
+                let burn_grads =
+                    attention_backward(inputs.clone(), burn, grad_out.clone(), true, options);
                 [grad_values(from_burn)?, grad_values(burn_grads)?]
             }
             None => Default::default(),
         };
-        let cpu_grads = attention_backward(
-            cpu(&q),
-            cpu(&k),
-            cpu(&v),
-            cpu_bias,
-            &on_cpu_forward,
-            cpu(&grad_out),
-            true,
-            options,
-        );
+        let cpu_inputs = AttentionInputs {
+            q: cpu(&q),
+            k: cpu(&k),
+            v: cpu(&v),
+            key_bias: cpu_bias,
+        };
+        let cpu_grads =
+            attention_backward(cpu_inputs, &on_cpu_forward, cpu(&grad_out), true, options);
         let compared = ours_from_burn.into_iter().zip(burn_grads).zip(
             grad_values(from_ours)?
                 .into_iter()

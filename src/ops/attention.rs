@@ -86,27 +86,14 @@ pub trait AttentionBackend: super::mlp::MlpBackend {
 
     /// The gradients of [`Self::attention_forward_with_lse`]. The default is the chunked
     /// tensor-op [`attention_backward`].
-    #[allow(clippy::too_many_arguments)]
     fn attention_backward_with_lse(
-        q: Tensor<Self, 4>,
-        k: Tensor<Self, 4>,
-        v: Tensor<Self, 4>,
-        key_bias: Option<Tensor<Self, 3>>,
+        inputs: AttentionInputs<Self>,
         forward: &AttentionForward<Self>,
         grad_output: Tensor<Self, 4>,
         want_bias_grad: bool,
         options: AttentionOptions,
     ) -> AttentionGrads<Self> {
-        attention_backward(
-            q,
-            k,
-            v,
-            key_bias,
-            forward,
-            grad_output,
-            want_bias_grad,
-            options,
-        )
+        attention_backward(inputs, forward, grad_output, want_bias_grad, options)
     }
 
     /// `a · b` for small f32 score products outside the attention kernels (the eval baselines'
@@ -154,37 +141,21 @@ impl AttentionBackend for crate::backend::Cuda {
     }
 
     fn attention_backward_with_lse(
-        q: Tensor<Self, 4>,
-        k: Tensor<Self, 4>,
-        v: Tensor<Self, 4>,
-        key_bias: Option<Tensor<Self, 3>>,
+        inputs: AttentionInputs<Self>,
         forward: &AttentionForward<Self>,
         grad_output: Tensor<Self, 4>,
         want_bias_grad: bool,
         options: AttentionOptions,
     ) -> AttentionGrads<Self> {
         match super::cuda::attention::attention_backward(
-            q.clone(),
-            k.clone(),
-            v.clone(),
-            key_bias.clone(),
-            forward.output.clone(),
-            forward.lse.clone(),
+            inputs.clone(),
+            forward,
             grad_output.clone(),
             want_bias_grad,
             &options,
         ) {
             Some(grads) => grads,
-            None => attention_backward(
-                q,
-                k,
-                v,
-                key_bias,
-                forward,
-                grad_output,
-                want_bias_grad,
-                options,
-            ),
+            None => attention_backward(inputs, forward, grad_output, want_bias_grad, options),
         }
     }
 
@@ -229,6 +200,18 @@ pub struct AttentionForward<B: Backend> {
     pub output: Tensor<B, 4>,
     /// Log-sum-exp of each query row's scores, f32: `[batch, kv_heads, group, q_len]`.
     pub lse: Tensor<B, 4>,
+}
+
+/// The operands of an attention call, what its backward differentiates with respect to.
+#[derive(Clone, Debug)]
+pub struct AttentionInputs<B: Backend> {
+    /// `[batch, heads, q_len, head_dim]`
+    pub q: Tensor<B, 4>,
+    /// `[batch, kv_heads, k_len, head_dim]`
+    pub k: Tensor<B, 4>,
+    pub v: Tensor<B, 4>,
+    /// `[batch, kv_heads, k_len]`
+    pub key_bias: Option<Tensor<B, 3>>,
 }
 
 /// Gradients of [`attention_backward`].
@@ -397,17 +380,14 @@ pub fn attention_forward<B: Backend>(
 }
 
 /// The chunked backward: recomputes each chunk's probabilities from the saved log-sum-exp.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_backward<B: Backend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    key_bias: Option<Tensor<B, 3>>,
+    inputs: AttentionInputs<B>,
     forward: &AttentionForward<B>,
     grad_output: Tensor<B, 4>,
     want_bias_grad: bool,
     options: AttentionOptions,
 ) -> AttentionGrads<B> {
+    let AttentionInputs { q, k, v, key_bias } = inputs;
     let geo = Geometry::new(&q, &k, &options);
     let dtype = q.dtype();
     let device = q.device();
@@ -554,11 +534,14 @@ impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B
                     output: float(saved.output),
                     lse: float(saved.lse),
                 };
+                let inputs = AttentionInputs {
+                    q: float(saved.q),
+                    k: float(saved.k),
+                    v: float(saved.v),
+                    key_bias: saved.key_bias.map(float),
+                };
                 let grads_in = B::attention_backward_with_lse(
-                    float(saved.q),
-                    float(saved.k),
-                    float(saved.v),
-                    saved.key_bias.map(float),
+                    inputs,
                     &forward,
                     float(grad_output),
                     node_bias.is_some(),
@@ -632,15 +615,11 @@ mod tests {
     use burn::tensor::{Distribution, TensorData};
 
     /// Dense attention written as loops from the definition (the spec's mask rules).
-    #[allow(clippy::too_many_arguments)]
     fn naive(
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
+        (q, k, v): (&[f32], &[f32], &[f32]),
         bias: Option<&[f32]>,
         (heads, kv_heads, q_len, k_len, dim): (usize, usize, usize, usize, usize),
-        offset: usize,
-        window: usize,
+        (offset, window): (usize, usize),
     ) -> Vec<f32> {
         let group = heads / kv_heads;
         let mut out = vec![0f32; heads * q_len * dim];
@@ -716,13 +695,10 @@ mod tests {
                 &device,
             );
             let want = naive(
-                &values(&q),
-                &values(&k),
-                &values(&v),
+                (&values(&q), &values(&k), &values(&v)),
                 Some(&bias),
                 (heads, kv_heads, q_len, k_len, dim),
-                offset,
-                window,
+                (offset, window),
             );
             for rows in 1..=q_len {
                 let options = AttentionOptions {

@@ -9,7 +9,7 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 
 use super::{BLOCK, Cube, Gemm, KernelArg, Matrix, on_cubecl_stream};
 use crate::backend::Cuda;
-use crate::ops::attention::{AttentionGrads, AttentionOptions};
+use crate::ops::attention::{AttentionForward, AttentionGrads, AttentionInputs, AttentionOptions};
 
 /// Longest query chunk: shorter chunks skip more of the causal upper triangle, longer ones
 /// launch fewer GEMMs.
@@ -299,18 +299,15 @@ pub fn attention_forward(
 /// `dO Vᵀ` recomputed by two batched GEMMs, one fused kernel for `P` and `dS = P (dP - delta)`, one
 /// for the key-bias gradient, and GEMMs for `dV += Pᵀ dO`, `dK += dSᵀ Q` (f32 accumulators) and
 /// `dQ = dS K`.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
-    q: Tensor<Cuda, 4>,
-    k: Tensor<Cuda, 4>,
-    v: Tensor<Cuda, 4>,
-    key_bias: Option<Tensor<Cuda, 3>>,
-    output: Tensor<Cuda, 4>,
-    lse: Tensor<Cuda, 4>,
+    inputs: AttentionInputs<Cuda>,
+    forward: &AttentionForward<Cuda>,
     grad_output: Tensor<Cuda, 4>,
     want_bias_grad: bool,
     options: &AttentionOptions,
 ) -> Option<AttentionGrads<Cuda>> {
+    let AttentionInputs { q, k, v, key_bias } = inputs;
+    let (output, lse) = (forward.output.clone(), forward.lse.clone());
     let geo = Geometry::new(&q, &k, &[v.dtype(), grad_output.dtype()], options)?;
     let Geometry {
         batch,
