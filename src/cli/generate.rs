@@ -246,59 +246,7 @@ fn generate<B: AttentionBackend>(
         eos: eos_ids(&loaded),
     };
     let batch = sequences.len();
-    let single = args.prompts.is_none();
-    let mut printed = String::new();
-    let mut stdout = std::io::stdout();
-    let progress = (!single).then(|| {
-        let bar = indicatif::ProgressBar::new((batch * args.max_new_tokens) as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:40} {pos}/{len} tokens, {per_sec} ({eta} left)",
-            )
-            .expect("valid template"),
-        );
-        bar
-    });
-    let mut on_event = |event: Event<'_>| -> Result<()> {
-        match event {
-            Event::Token { generated, .. } if single => {
-                let text = tokenizer.decode(generated, true)?;
-                // Hold back a trailing partial UTF-8 sequence until the next token completes it.
-                if !text.ends_with('\u{FFFD}')
-                    && text.len() >= printed.len()
-                    && text.starts_with(&printed)
-                {
-                    write!(stdout, "{}", &text[printed.len()..])?;
-                    stdout.flush()?;
-                    printed = text;
-                }
-            }
-            Event::Token { .. } => {
-                if let Some(bar) = &progress {
-                    bar.inc(1);
-                }
-            }
-            Event::Finished { .. } if single => {}
-            Event::Finished {
-                index,
-                generated,
-                finish,
-            } => {
-                let line = serde_json::to_string(&Completion {
-                    index,
-                    prompt: &prompts[index],
-                    completion: tokenizer.decode(generated, true)?,
-                    generated_tokens: generated.len(),
-                    finish,
-                })?;
-                match &progress {
-                    Some(bar) => bar.suspend(|| println!("{line}")),
-                    None => println!("{line}"),
-                }
-            }
-        }
-        Ok(())
-    };
+    let mut output = Output::new(args, &prompts, &tokenizer);
     let seeds: Vec<u64> = (0..batch as u64).map(|i| args.seed + i).collect();
     let run = generate_batch(
         &decoding,
@@ -306,15 +254,9 @@ fn generate<B: AttentionBackend>(
         &seeds,
         &sampling,
         format.bytes(),
-        &mut on_event,
+        &mut |event| output.event(event),
     )?;
-    if let Some(bar) = progress {
-        bar.finish_and_clear();
-    }
-    if single {
-        writeln!(stdout)?;
-    }
-    let memory = &run.memory;
+    output.finish()?;
     let stats = Stats {
         model: loaded.description.clone(),
         batch,
@@ -322,28 +264,112 @@ fn generate<B: AttentionBackend>(
         generated_tokens: run.generated_tokens,
         decode_tokens_per_s: run.generated_tokens as f64 / run.decode_seconds.max(1e-9),
         prefill_seconds: run.prefill_seconds,
-        kv_bytes: memory.allocated_bytes,
-        kv_live_bytes: memory.live_bytes,
-        kv_transient_bytes: memory.transient_bytes,
-        kv_bytes_dense: memory.dense_bytes,
-        measured_cr: memory.compression_ratio,
+        kv_bytes: run.memory.allocated_bytes,
+        kv_live_bytes: run.memory.live_bytes,
+        kv_transient_bytes: run.memory.transient_bytes,
+        kv_bytes_dense: run.memory.dense_bytes,
+        measured_cr: run.memory.compression_ratio,
     };
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&stats)?);
-    } else {
+    stats.print(args.json, format)
+}
+
+impl Stats {
+    fn print(&self, json: bool, format: FloatFormat) -> Result<()> {
+        if json {
+            println!("{}", serde_json::to_string_pretty(self)?);
+            return Ok(());
+        }
         eprintln!(
             "{} sequence(s): {} prompt + {} generated tokens, {:.1} tokens/s; KV cache {} \
              allocated ({} live) vs {} dense ({}), measured CR {:.2}",
-            stats.batch,
-            stats.prompt_tokens,
-            stats.generated_tokens,
-            stats.decode_tokens_per_s,
-            human_bytes(stats.kv_bytes),
-            human_bytes(stats.kv_live_bytes),
-            human_bytes(stats.kv_bytes_dense),
+            self.batch,
+            self.prompt_tokens,
+            self.generated_tokens,
+            self.decode_tokens_per_s,
+            human_bytes(self.kv_bytes),
+            human_bytes(self.kv_live_bytes),
+            human_bytes(self.kv_bytes_dense),
             format.torch_name(),
-            stats.measured_cr
+            self.measured_cr
         );
+        Ok(())
     }
-    Ok(())
+}
+
+/// Where generated text goes: one prompt streams to stdout as it decodes; a `--prompts` batch
+/// prints each completion as a JSON line when it finishes, under a progress bar.
+struct Output<'a> {
+    prompts: &'a [String],
+    tokenizer: &'a Tokenizer,
+    /// `None` for a single streamed prompt.
+    progress: Option<indicatif::ProgressBar>,
+    printed: String,
+}
+
+impl<'a> Output<'a> {
+    fn new(args: &GenerateArgs, prompts: &'a [String], tokenizer: &'a Tokenizer) -> Self {
+        let progress = args.prompts.is_some().then(|| {
+            let total = (prompts.len() * args.max_new_tokens) as u64;
+            let bar = indicatif::ProgressBar::new(total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {pos}/{len} tokens, {per_sec} ({eta} left)",
+                )
+                .expect("valid template"),
+            );
+            bar
+        });
+        Self {
+            prompts,
+            tokenizer,
+            progress,
+            printed: String::new(),
+        }
+    }
+
+    fn event(&mut self, event: Event<'_>) -> Result<()> {
+        match (event, &self.progress) {
+            (Event::Token { generated, .. }, None) => {
+                let text = self.tokenizer.decode(generated, true)?;
+                // Hold back a trailing partial UTF-8 sequence until the next token completes it.
+                if !text.ends_with('\u{FFFD}')
+                    && text.len() >= self.printed.len()
+                    && text.starts_with(&self.printed)
+                {
+                    let mut stdout = std::io::stdout();
+                    write!(stdout, "{}", &text[self.printed.len()..])?;
+                    stdout.flush()?;
+                    self.printed = text;
+                }
+            }
+            (Event::Token { .. }, Some(bar)) => bar.inc(1),
+            (Event::Finished { .. }, None) => {}
+            (
+                Event::Finished {
+                    index,
+                    generated,
+                    finish,
+                },
+                Some(bar),
+            ) => {
+                let line = serde_json::to_string(&Completion {
+                    index,
+                    prompt: &self.prompts[index],
+                    completion: self.tokenizer.decode(generated, true)?,
+                    generated_tokens: generated.len(),
+                    finish,
+                })?;
+                bar.suspend(|| println!("{line}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<()> {
+        match self.progress {
+            Some(bar) => bar.finish_and_clear(),
+            None => writeln!(std::io::stdout())?,
+        }
+        Ok(())
+    }
 }
