@@ -19,7 +19,7 @@ use super::names::hf_name;
 use super::{Checkpoint, SafetensorsStore};
 use crate::atomic;
 use crate::dms::{DmsConfig, Granularity, Variant};
-use crate::model::FloatFormat;
+use crate::model::{FloatFormat, WeightKey};
 
 /// The official runtime's default paged-attention block size.
 pub const PAGED_BLOCK_SIZE: usize = 256;
@@ -296,13 +296,10 @@ fn write_into(
     dir: &Path,
 ) -> Result<ExportReport> {
     let cfg = &base.config;
-    let mut base_store = base.store(FloatFormat::F32)?;
-    base.verify_tensor_names(&base_store)?;
     let mut keys = cfg.base_weight_keys();
     if dms.config.variant == Variant::Adapter {
         keys.extend(cfg.dms_adapter_keys());
     }
-    let trained_names: Vec<String> = trained.names().cloned().collect();
     let mut report = ExportReport {
         out: dir.to_path_buf(),
         shards: 0,
@@ -312,9 +309,29 @@ fn write_into(
         trained: 0,
         bytes: 0,
     };
-    let out_dtype = safetensors_dtype(options.dtype);
+    let tensors = collect_tensors(base, trained, &keys, options.dtype, &mut report)?;
+    write_shards(dir, tensors, options, &mut report)?;
+    write_config(base, dms, options, dir)?;
+    copy_side_files(base, card, dir)?;
+    Ok(report)
+}
+
+/// Every tensor of the export in `dtype`: trained ones from the run, the rest from the base
+/// (copied byte for byte when the dtype already matches).
+fn collect_tensors(
+    base: &Checkpoint,
+    trained: &mut SafetensorsStore,
+    keys: &[WeightKey],
+    dtype: FloatFormat,
+    report: &mut ExportReport,
+) -> Result<Vec<OutTensor>> {
+    let cfg = &base.config;
+    let mut base_store = base.store(FloatFormat::F32)?;
+    base.verify_tensor_names(&base_store)?;
+    let trained_names: Vec<String> = trained.names().cloned().collect();
+    let out_dtype = safetensors_dtype(dtype);
     let mut tensors = Vec::with_capacity(keys.len());
-    for key in keys {
+    for &key in keys {
         let name = hf_name(key);
         let shape = cfg.weight_shape(key);
         let tensor = if trained_names.contains(&name) {
@@ -324,7 +341,7 @@ fn write_into(
             OutTensor {
                 name,
                 shape,
-                bytes: encode(&values, options.dtype),
+                bytes: encode(&values, dtype),
             }
         } else if let Some(entry) = base_store.entry(&name).cloned() {
             if entry.shape != shape {
@@ -350,7 +367,7 @@ fn write_into(
                 OutTensor {
                     name,
                     shape,
-                    bytes: encode(&values, options.dtype),
+                    bytes: encode(&values, dtype),
                 }
             }
         } else {
@@ -373,7 +390,28 @@ fn write_into(
         );
     }
 
-    // Shards of at most max_shard_bytes (a single larger tensor gets a shard of its own).
+    if !trained_names.iter().all(|n| {
+        cfg.base_weight_keys()
+            .into_iter()
+            .chain(cfg.dms_adapter_keys())
+            .any(|k| hf_name(k) == *n)
+    }) {
+        bail!(
+            "the run holds tensors this model does not have; it belongs to a different base model"
+        );
+    }
+    Ok(tensors)
+}
+
+/// The weights as safetensors shards of at most `options.max_shard_bytes` (a single larger
+/// tensor gets a shard of its own), with an index when there are several.
+fn write_shards(
+    dir: &Path,
+    tensors: Vec<OutTensor>,
+    options: &ExportOptions,
+    report: &mut ExportReport,
+) -> Result<()> {
+    let out_dtype = safetensors_dtype(options.dtype);
     let mut shards: Vec<Vec<OutTensor>> = vec![Vec::new()];
     let mut current = 0u64;
     for t in tensors {
@@ -420,7 +458,16 @@ fn write_into(
         )?;
     }
 
-    // config.json: the base config, its dtype updated, plus the dms_* keys.
+    Ok(())
+}
+
+/// config.json: the base config, its dtype updated, plus the dms_* keys.
+fn write_config(
+    base: &Checkpoint,
+    dms: &ExportedDms,
+    options: &ExportOptions,
+    dir: &Path,
+) -> Result<()> {
     let mut config = base.raw_config.clone();
     {
         let obj = config
@@ -439,7 +486,12 @@ fn write_into(
         serde_json::to_string_pretty(&config)?,
     )?;
 
-    // Tokenizer and generation settings travel with the model (the official release ships none).
+    Ok(())
+}
+
+/// Tokenizer and generation settings travel with the model (the official release ships none),
+/// and the model card.
+fn copy_side_files(base: &Checkpoint, card: &str, dir: &Path) -> Result<()> {
     for name in [
         "tokenizer.json",
         "tokenizer_config.json",
@@ -454,5 +506,5 @@ fn write_into(
         }
     }
     std::fs::write(dir.join("README.md"), card)?;
-    Ok(report)
+    Ok(())
 }
