@@ -268,21 +268,59 @@ fn render_svg(train: &[TrainMetrics], eval: &[EvalMetrics], title: &str) -> Resu
         x_hi = x_lo + 1.0;
     }
     let x = x_lo..x_hi;
+    let series = Series {
+        train,
+        eval,
+        bucket: train.len().div_ceil(MAX_LINE_POINTS).max(1),
+    };
+    let panels = [loss_panel(&series), cr_panel(&series), frac_panel(&series)];
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let body = root.titled(title, (FONT, 30).into_font().color(&BLACK))?;
+        // The bottom panel also carries the "step" axis description.
+        let h = body.dim_in_pixel().1 as i32;
+        let panel_h = (h - 30) / 3;
+        let areas = body.split_by_breakpoints::<i32, i32, _, _>([], [panel_h, 2 * panel_h]);
+        let last = areas.len() - 1;
+        for (i, (area, panel)) in areas.iter().zip(panels).enumerate() {
+            let (plot_area, legend_area) = area.split_horizontally(WIDTH - LEGEND_WIDTH);
+            draw_panel(&plot_area, x.clone(), &panel, i == last)?;
+            draw_legend(&legend_area, &panel)?;
+        }
+        root.present()?;
+    }
+    Ok(svg)
+}
 
-    let bucket = train.len().div_ceil(MAX_LINE_POINTS).max(1);
-    let line = |f: fn(&TrainMetrics) -> f64| bucketed(train, bucket, f);
-    let dots = |f: fn(&EvalMetrics) -> f64| -> Vec<(f64, f64)> {
-        eval.iter()
+/// The metrics as plot points: training lines (bucketed) and evaluation dots.
+struct Series<'a> {
+    train: &'a [TrainMetrics],
+    eval: &'a [EvalMetrics],
+    bucket: usize,
+}
+
+impl Series<'_> {
+    fn line(&self, f: fn(&TrainMetrics) -> f64) -> Vec<(f64, f64)> {
+        bucketed(self.train, self.bucket, f)
+    }
+
+    fn dots(&self, f: fn(&EvalMetrics) -> f64) -> Vec<(f64, f64)> {
+        self.eval
+            .iter()
             .map(|e| (e.step as f64, f(e)))
             .filter(|p| p.1.is_finite())
             .collect()
-    };
+    }
+}
 
-    // Panel 1: losses.
-    let loss = line(|t| t.loss);
-    let kl = line(|t| t.kl);
-    let comp = line(|t| t.compression_loss);
-    let eval_kl = dots(|e| e.eval_kl);
+/// Losses: total, KL, compression, held-out KL.
+fn loss_panel(series: &Series) -> Panel {
+    let loss = series.line(|t| t.loss);
+    let kl = series.line(|t| t.kl);
+    let comp = series.line(|t| t.compression_loss);
+    let eval_kl = series.dots(|e| e.eval_kl);
     let all = loss
         .iter()
         .chain(&kl)
@@ -290,7 +328,7 @@ fn render_svg(train: &[TrainMetrics], eval: &[EvalMetrics], title: &str) -> Resu
         .chain(&eval_kl)
         .map(|p| p.1);
     let y1 = loss_axis(all);
-    let loss_panel = Panel {
+    Panel {
         y_desc: match y1 {
             YAxis::Log(_) => "loss, KL (log scale)".into(),
             YAxis::Linear(_) => "loss, KL".into(),
@@ -321,12 +359,14 @@ fn render_svg(train: &[TrainMetrics], eval: &[EvalMetrics], title: &str) -> Resu
             points: eval_kl,
         }],
         y: y1,
-    };
+    }
+}
 
-    // Panel 2: compression ratio.
-    let train_cr = line(|t| t.train_cr);
-    let target_cr = line(|t| t.target_cr);
-    let eval_cr = dots(|e| e.eval_cr);
+/// The compression ratio: achieved in training, scheduled, measured on held-out text.
+fn cr_panel(series: &Series) -> Panel {
+    let train_cr = series.line(|t| t.train_cr);
+    let target_cr = series.line(|t| t.target_cr);
+    let eval_cr = series.dots(|e| e.eval_cr);
     let cr_max = train_cr
         .iter()
         .chain(&target_cr)
@@ -352,7 +392,7 @@ fn render_svg(train: &[TrainMetrics], eval: &[EvalMetrics], title: &str) -> Resu
         cr_lo
     };
     let cr_pad = ((cr_hi - cr_lo) * 0.08).max(0.25);
-    let cr_panel = Panel {
+    Panel {
         y_desc: "compression ratio".into(),
         y: YAxis::Linear((cr_lo - if cr_lo < 1.0 { cr_pad } else { 0.0 })..(cr_hi + cr_pad)),
         lines: vec![
@@ -374,47 +414,26 @@ fn render_svg(train: &[TrainMetrics], eval: &[EvalMetrics], title: &str) -> Resu
             color: RED_,
             points: eval_cr,
         }],
-    };
+    }
+}
 
-    // Panel 3: fraction of KV entries closed.
-    let frac_panel = Panel {
+/// The fraction of KV entries closed.
+fn frac_panel(series: &Series) -> Panel {
+    Panel {
         y_desc: "fraction closed".into(),
         y: YAxis::Linear(0.0..1.0),
         lines: vec![Line {
             label: "frac closed",
             color: PURPLE,
             dashed: false,
-            points: line(|t| t.frac_closed),
+            points: series.line(|t| t.frac_closed),
         }],
         dots: vec![Dots {
             label: "eval frac closed",
             color: RED_,
-            points: dots(|e| e.eval_frac_closed),
+            points: series.dots(|e| e.eval_frac_closed),
         }],
-    };
-
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let body = root.titled(title, (FONT, 30).into_font().color(&BLACK))?;
-        // The bottom panel also carries the "step" axis description.
-        let h = body.dim_in_pixel().1 as i32;
-        let panel_h = (h - 30) / 3;
-        let areas = body.split_by_breakpoints::<i32, i32, _, _>([], [panel_h, 2 * panel_h]);
-        let last = areas.len() - 1;
-        for (i, (area, panel)) in areas
-            .iter()
-            .zip([loss_panel, cr_panel, frac_panel])
-            .enumerate()
-        {
-            let (plot_area, legend_area) = area.split_horizontally(WIDTH - LEGEND_WIDTH);
-            draw_panel(&plot_area, x.clone(), &panel, i == last)?;
-            draw_legend(&legend_area, &panel)?;
-        }
-        root.present()?;
     }
-    Ok(svg)
 }
 
 /// Averages consecutive training points in buckets of `bucket` (1 = every point); a bucket's step
