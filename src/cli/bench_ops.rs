@@ -19,6 +19,7 @@ use super::bench::require_positive;
 use super::on_backend;
 use crate::backend::DeviceSpec;
 use crate::model::FloatFormat;
+use crate::model::ModelConfig;
 use crate::ops::attention::{
     AttentionBackend, AttentionInputs, AttentionOptions, attention_backward, attention_forward,
 };
@@ -449,22 +450,45 @@ fn measure_elementwise<B: ElementwiseBackend>(
     device: &B::Device,
 ) -> Result<Vec<ElementwiseRow>> {
     let cfg = super::bench::shape(&args.shape)?;
-    let t = args.tokens;
-    let normal = Distribution::Normal(0.0, 1.0);
-    let random = |shape: Vec<usize>| Tensor::<B, 3>::random(shape, normal, device);
-    let mut rows = Vec::new();
-    let mut row = |op: &'static str,
-                   shape: Vec<usize>,
-                   ours: &dyn Fn() -> Vec<Tensor<B, 3>>,
-                   burn: &dyn Fn() -> Vec<Tensor<B, 3>>|
-     -> Result<()> {
-        let (ours_s, got) = timed::<B, _>(args.repeats, device, ours)?;
-        let (burn_s, want) = timed::<B, _>(args.repeats, device, burn)?;
+    let mut rows = Rows::<B> {
+        args,
+        device,
+        rows: Vec::new(),
+    };
+    norm_rows(&mut rows, &cfg)?;
+    swiglu_rows(&mut rows, &cfg)?;
+    rope_rows(&mut rows, &cfg)?;
+    kl_rows(&mut rows, &cfg)?;
+    Ok(rows.rows)
+}
+
+/// The measured rows of `bench elementwise`: each op timed on our backend path and burn's, with
+/// the largest relative difference of their results.
+struct Rows<'a, B: ElementwiseBackend> {
+    args: &'a ElementwiseArgs,
+    device: &'a B::Device,
+    rows: Vec<ElementwiseRow>,
+}
+
+impl<B: ElementwiseBackend> Rows<'_, B> {
+    fn random(&self, shape: Vec<usize>) -> Tensor<B, 3> {
+        Tensor::<B, 3>::random(shape, Distribution::Normal(0.0, 1.0), self.device)
+    }
+
+    fn measure(
+        &mut self,
+        op: &'static str,
+        shape: Vec<usize>,
+        ours: &dyn Fn() -> Vec<Tensor<B, 3>>,
+        burn: &dyn Fn() -> Vec<Tensor<B, 3>>,
+    ) -> Result<()> {
+        let (ours_s, got) = timed::<B, _>(self.args.repeats, self.device, ours)?;
+        let (burn_s, want) = timed::<B, _>(self.args.repeats, self.device, burn)?;
         let mut diff = 0f64;
         for (g, w) in got.into_iter().zip(want) {
             diff = diff.max(max_rel_diff(&f32_values(g)?, &f32_values(w)?));
         }
-        rows.push(ElementwiseRow {
+        self.rows.push(ElementwiseRow {
             op,
             shape,
             ours_ms: ours_s * 1e3,
@@ -472,9 +496,13 @@ fn measure_elementwise<B: ElementwiseBackend>(
             max_rel_diff: diff,
         });
         Ok(())
-    };
-    let eps = cfg.rms_norm_eps;
-    // Norms over the hidden size (one row per token) and over head_dim (the q-norm).
+    }
+}
+
+/// RMSNorm and its input gradient over the hidden size (one row per token) and over head_dim
+/// (the q-norm).
+fn norm_rows<B: ElementwiseBackend>(rows: &mut Rows<B>, cfg: &ModelConfig) -> Result<()> {
+    let (t, device, eps) = (rows.args.tokens, rows.device, cfg.rms_norm_eps);
     for (op, op_grad, shape) in [
         ("rms_norm", "rms_norm grad", vec![1, t, cfg.hidden_size]),
         (
@@ -484,16 +512,16 @@ fn measure_elementwise<B: ElementwiseBackend>(
         ),
     ] {
         let dim = shape[2];
-        let x = random(shape.clone());
+        let x = rows.random(shape.clone());
         let w = Tensor::<B, 1>::random([dim], Distribution::Uniform(0.5, 1.5), device);
-        let dy = random(shape.clone());
-        row(
+        let dy = rows.random(shape.clone());
+        rows.measure(
             op,
             shape.clone(),
             &|| vec![B::rms_norm(x.clone(), w.clone(), eps)],
             &|| vec![elementwise::burn_ops::rms_norm(x.clone(), w.clone(), eps)],
         )?;
-        row(
+        rows.measure(
             op_grad,
             shape,
             &|| {
@@ -514,20 +542,26 @@ fn measure_elementwise<B: ElementwiseBackend>(
             },
         )?;
     }
+    Ok(())
+}
+
+/// SwiGLU and its gradients over the intermediate size.
+fn swiglu_rows<B: ElementwiseBackend>(rows: &mut Rows<B>, cfg: &ModelConfig) -> Result<()> {
+    let t = rows.args.tokens;
     let shape = vec![1, t, cfg.intermediate_size];
     let (gate, up, dy) = (
-        random(shape.clone()),
-        random(shape.clone()),
-        random(shape.clone()),
+        rows.random(shape.clone()),
+        rows.random(shape.clone()),
+        rows.random(shape.clone()),
     );
-    row(
+    rows.measure(
         "swiglu",
         shape.clone(),
         &|| vec![B::swiglu(gate.clone(), up.clone())],
         &|| vec![elementwise::burn_ops::swiglu(gate.clone(), up.clone())],
     )?;
     let pair = |(a, b): (Tensor<B, 3>, Tensor<B, 3>)| vec![a, b];
-    row(
+    rows.measure(
         "swiglu grads",
         shape,
         &|| pair(B::swiglu_grads(gate.clone(), up.clone(), dy.clone())),
@@ -539,8 +573,15 @@ fn measure_elementwise<B: ElementwiseBackend>(
             ))
         },
     )?;
-    // RoPE of the queries through the decoder's transposed view [1, T, H, D] -> [1, H, T, D].
-    let tables = crate::model::RopeTables::<B>::for_model(&cfg, 0, t, device);
+    Ok(())
+}
+
+/// RoPE of the queries through the decoder's transposed view [1, T, H, D] -> [1, H, T, D], and
+/// its inverse (the gradient).
+fn rope_rows<B: ElementwiseBackend>(rows: &mut Rows<B>, cfg: &ModelConfig) -> Result<()> {
+    let (t, device) = (rows.args.tokens, rows.device);
+    let normal = Distribution::Normal(0.0, 1.0);
+    let tables = crate::model::RopeTables::<B>::for_model(cfg, 0, t, device);
     let q = Tensor::<B, 4>::random([1, t, cfg.num_heads, cfg.head_dim], normal, device);
     let flat = |x: Tensor<B, 4>| -> Tensor<B, 3> { x.flatten(0, 1) };
     for (op, inverse) in [("rope", false), ("rope inverse (grad)", true)] {
@@ -553,22 +594,29 @@ fn measure_elementwise<B: ElementwiseBackend>(
                 elementwise::burn_ops::rope(x, cos, sin, inverse)
             })]
         };
-        row(
+        rows.measure(
             op,
             vec![1, cfg.num_heads, t, cfg.head_dim],
             &|| rope(true),
             &|| rope(false),
         )?;
     }
-    // The distillation KL over one chunk of `--kl-chunk` tokens' logits (logit-like spread).
-    let chunk = args.kl_chunk.min(t);
+    Ok(())
+}
+
+/// The distillation KL over one chunk of `--kl-chunk` tokens' logits (logit-like spread), and its
+/// student gradient.
+fn kl_rows<B: ElementwiseBackend>(rows: &mut Rows<B>, cfg: &ModelConfig) -> Result<()> {
+    let (t, device) = (rows.args.tokens, rows.device);
+    let normal = Distribution::Normal(0.0, 1.0);
+    let chunk = rows.args.kl_chunk.min(t);
     let logits_shape = vec![1, chunk, cfg.vocab_size];
     let logits =
         || Tensor::<B, 3>::random(logits_shape.clone(), Distribution::Normal(0.0, 3.0), device);
     let (student, teacher) = (logits(), logits());
     let per_token = Tensor::<B, 2>::random([1, chunk], normal, device);
     let rows_of = |kl: Tensor<B, 2>| vec![kl.unsqueeze_dim::<3>(2)];
-    row(
+    rows.measure(
         "token_kl",
         logits_shape.clone(),
         &|| rows_of(B::token_kl(student.clone(), teacher.clone())),
@@ -579,7 +627,7 @@ fn measure_elementwise<B: ElementwiseBackend>(
             ))
         },
     )?;
-    row(
+    rows.measure(
         "token_kl student grad",
         logits_shape,
         &|| {
@@ -597,5 +645,5 @@ fn measure_elementwise<B: ElementwiseBackend>(
             )]
         },
     )?;
-    Ok(rows)
+    Ok(())
 }
