@@ -343,18 +343,14 @@ pub fn distillation_micro_step<B: TrainBackend>(
         TensorData::new(noise, [cfg.num_layers, b, cfg.num_kv_heads, seq]),
         &device,
     );
-    // Teacher: no graph either way.
-    let teacher = match separate_teacher {
-        Some(teacher) => {
-            let rope = crate::model::RopeTables::for_model(cfg, 0, seq, &device);
-            Tensor::from_inner(teacher.hidden(batch.input.clone().inner(), &rope))
-        }
-        None => {
-            model
-                .forward(batch.input.clone(), cfg, dms, &Mode::Original)
-                .hidden
-        }
-    }
+    // Teacher: on the inner backend, so the autodiff backend records no graph (and keeps no
+    // activations) for it; the student's frozen base is the teacher unless base weights train.
+    let rope_inner = crate::model::RopeTables::<B::InnerBackend>::for_model(cfg, 0, seq, &device);
+    let input = batch.input.clone().inner();
+    let teacher = Tensor::<B, 3>::from_inner(match separate_teacher {
+        Some(teacher) => teacher.hidden(input, &rope_inner),
+        None => model.base.valid().hidden(input, &rope_inner),
+    })
     .detach();
     phase_done(StepPhase::Teacher);
     if setup.recompute_layers {
@@ -725,6 +721,43 @@ mod tests {
                 _ => vec![],
             })
             .collect()
+    }
+
+    /// The teacher pass runs on the inner backend (no autodiff graph) and gives exactly the
+    /// student's hidden states with eviction off, for every trainable set.
+    #[test]
+    fn inner_teacher_equals_the_student_with_eviction_off() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llama");
+        let ckpt = Checkpoint::open(dir).unwrap();
+        let cfg = &ckpt.config;
+        let device = Default::default();
+        let dms = DmsConfig::default();
+        let input = make_batch::<B>(
+            &[&Sequence {
+                input_ids: vec![1, 2, 3, 4, 5, 6, 7],
+                attention_mask: vec![1; 7],
+            }],
+            &device,
+        )
+        .input;
+        for trainable in [Trainable::Adapter, Trainable::All] {
+            let decoder = ckpt.load_decoder::<B>(FloatFormat::F32, &device).unwrap();
+            let model = DmsModel::new(decoder, cfg, &dms, None, &device).unwrap();
+            let model = apply_trainable(model, trainable);
+            let rope = crate::model::RopeTables::<
+                <B as burn::tensor::backend::AutodiffBackend>::InnerBackend,
+            >::for_model(cfg, 0, 7, &device);
+            let inner = model.base.valid().hidden(input.clone().inner(), &rope);
+            let graph = model
+                .forward(input.clone(), cfg, &dms, &Mode::Original)
+                .hidden
+                .inner();
+            let (a, b): (Vec<f32>, Vec<f32>) = (
+                inner.into_data().to_vec().unwrap(),
+                graph.into_data().to_vec().unwrap(),
+            );
+            assert_eq!(a, b, "{trainable:?}");
+        }
     }
 
     /// A record read back in another dtype (as the GPU's bf16 default does) is cast to each
