@@ -276,16 +276,8 @@ fn step_bench<B: TrainBackend>(
         window: args.window,
         ..DmsConfig::default()
     };
-    let started = Instant::now();
-    let model = random_model::<B>(&cfg, format, &dms, device)?;
-    let mut model = apply_trainable(model, Trainable::Adapter);
     let recompute_mlp = !args.keep_mlp_activations && !args.recompute_layers;
-    model.base.recompute_mlp(recompute_mlp);
-    B::sync(device)?;
-    tracing::info!(
-        "DMS model ready after {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    let mut model = step_model::<B>(&cfg, &dms, recompute_mlp, format, device)?;
     let mut optimizer = AdamWConfig::new()
         .with_beta_1(0.9)
         .with_beta_2(0.95)
@@ -368,20 +360,15 @@ fn step_bench<B: TrainBackend>(
         }
     }
     let first = times[0];
-    let mut timed = times[1..].to_vec();
-    timed.sort_by(f64::total_cmp);
-    let step_s = if timed.is_empty() {
-        first
-    } else {
-        timed[timed.len() / 2]
+    // The median of the steps after the first (which compiles and tunes), else the first.
+    let step_s = match times.len() {
+        1 => first,
+        _ => median(times[1..].to_vec()),
     };
     let phases_s = args.profile.then(|| {
         phase_times
             .into_iter()
-            .map(|(name, mut t)| {
-                t.sort_by(f64::total_cmp);
-                (name, t[t.len() / 2])
-            })
+            .map(|(name, t)| (name, median(t)))
             .collect()
     });
     Ok(StepReport {
@@ -401,6 +388,32 @@ fn step_bench<B: TrainBackend>(
         losses,
         grad_norms,
     })
+}
+
+/// The adapter-only DMS model `bench step` trains, on random weights.
+fn step_model<B: TrainBackend>(
+    cfg: &ModelConfig,
+    dms: &DmsConfig,
+    recompute_mlp: bool,
+    format: FloatFormat,
+    device: &B::Device,
+) -> Result<DmsModel<B>> {
+    let started = Instant::now();
+    let model = random_model::<B>(cfg, format, dms, device)?;
+    let mut model = apply_trainable(model, Trainable::Adapter);
+    model.base.recompute_mlp(recompute_mlp);
+    B::sync(device)?;
+    tracing::info!(
+        "DMS model ready after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(model)
+}
+
+/// The upper median (the value at index `len / 2` once sorted).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }
 
 #[derive(Serialize, Default)]
