@@ -67,3 +67,23 @@ fn smollm2_recipes_are_the_campaign_winners() {
         );
     }
 }
+
+#[test]
+fn compression_loss_key_parses_and_names_its_values() {
+    use dms_retrofit::dms::losses::CompressionLoss;
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("recipes/tiny.toml");
+    let r = Recipe::load(&path, &["dms.compression_loss=\"two_sided\"".to_string()]).unwrap();
+    assert_eq!(r.dms.compression_loss, CompressionLoss::TwoSided);
+    assert_eq!(
+        recipe("tiny.toml").dms.compression_loss,
+        CompressionLoss::Hinge
+    );
+    let err = format!(
+        "{:#}",
+        Recipe::load(&path, &["dms.compression_loss=\"both\"".to_string()]).unwrap_err()
+    );
+    assert!(
+        err.contains("compression_loss") && err.contains("two_sided"),
+        "{err}"
+    );
+}
