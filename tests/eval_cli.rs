@@ -60,23 +60,9 @@ fn eval_and_generate_show_the_cache_shrinking() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     tiny_run(&run);
-    let data = root().join("data/shakespeare/eval.jsonl");
     let report_dir = dir.path().join("report");
-    let (ok, stdout, stderr) = cli(&[
-        "eval",
-        run.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--seq-len",
-        "96",
-        "--max-sequences",
-        "2",
-        "--out",
-        report_dir.to_str().unwrap(),
-        "--json",
-    ]);
-    assert!(ok, "{stderr}");
-    let report: Value = serde_json::from_str(&stdout).unwrap();
+    let report = eval_report(&run, &["--out", report_dir.to_str().unwrap()]);
+    let data = root().join("data/shakespeare/eval.jsonl");
     let length = &report["lengths"][0];
     let rows = length["rows"].as_array().unwrap();
     let names: Vec<&str> = rows.iter().map(|r| r["method"].as_str().unwrap()).collect();

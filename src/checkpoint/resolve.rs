@@ -273,19 +273,27 @@ fn resolve_hub(id: &HubId) -> Result<CheckpointFiles> {
     download(id, &cache).map(|dir| local_folder(&dir, origin(None)))?
 }
 
-/// Downloads the files of a checkpoint into the cache and returns the snapshot folder.
-fn download(id: &HubId, cache: &Path) -> Result<PathBuf> {
-    use hf_hub::api::sync::ApiBuilder;
-    use hf_hub::{Repo, RepoType};
-    let api = ApiBuilder::from_env()
+/// A hub client for one repo revision (model or dataset) that downloads into `cache`, with the
+/// environment's endpoint and token.
+pub fn hub_repo(
+    cache: &Path,
+    id: &HubId,
+    kind: hf_hub::RepoType,
+) -> Result<hf_hub::api::sync::ApiRepo> {
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
         .with_cache_dir(cache.to_path_buf())
         .build()
         .context("cannot set up the Hugging Face hub client")?;
-    let repo = api.repo(Repo::with_revision(
+    Ok(api.repo(hf_hub::Repo::with_revision(
         id.repo_id.clone(),
-        RepoType::Model,
+        kind,
         id.revision.clone(),
-    ));
+    )))
+}
+
+/// Downloads the files of a checkpoint into the cache and returns the snapshot folder.
+fn download(id: &HubId, cache: &Path) -> Result<PathBuf> {
+    let repo = hub_repo(cache, id, hf_hub::RepoType::Model)?;
     let fetch = |name: &str| {
         repo.get(name).with_context(|| {
             format!(

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail, ensure};
 use glob::{MatchOptions, Pattern};
 
-use crate::checkpoint::resolve::{HubId, cached_repo_snapshot, hub_cache_dir, hub_offline};
+use crate::checkpoint::resolve::{
+    HubId, cached_repo_snapshot, hub_cache_dir, hub_offline, hub_repo,
+};
 
 const PREFIX: &str = "hf://datasets/";
 
@@ -91,17 +93,7 @@ impl DatasetFiles {
     }
 
     fn download(&self, cache: &Path, pattern: &Pattern) -> Result<Vec<PathBuf>> {
-        use hf_hub::api::sync::ApiBuilder;
-        use hf_hub::{Repo, RepoType};
-        let api = ApiBuilder::from_env()
-            .with_cache_dir(cache.to_path_buf())
-            .build()
-            .context("cannot set up the Hugging Face hub client")?;
-        let repo = api.repo(Repo::with_revision(
-            self.id.repo_id.clone(),
-            RepoType::Dataset,
-            self.id.revision.clone(),
-        ));
+        let repo = hub_repo(cache, &self.id, hf_hub::RepoType::Dataset)?;
         let offline_hint = "set HF_HUB_OFFLINE=1 to use only the local cache, or give local files";
         let info = repo.info().with_context(|| {
             format!(

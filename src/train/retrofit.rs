@@ -51,7 +51,7 @@ pub fn train<B: TrainBackend>(
     let start = retrofit.resume(&run, options.resume, &mut model, &mut optimizer)?;
     atomic::write_file(
         &run.root().join(crate::run::RECIPE_FILE),
-        recipe.to_toml().as_bytes(),
+        retrofit.recipe_toml.as_bytes(),
     )?;
 
     let total = recipe.train.max_steps;
