@@ -19,7 +19,7 @@ fn model() -> (Checkpoint, DmsModel<Cpu>) {
     let ckpt = Checkpoint::open(common::fixtures().join("llama").to_str().unwrap()).unwrap();
     let device = Default::default();
     let base = ckpt.load_decoder::<Cpu>(FloatFormat::F32, &device).unwrap();
-    let model = DmsModel::new(base, &ckpt.config, &DmsConfig::default(), None, &device).unwrap();
+    let model = DmsModel::new(base, &DmsConfig::default(), None, &device).unwrap();
     (ckpt, model)
 }
 
@@ -50,7 +50,7 @@ fn one_token_chunks_equal_the_per_token_cache_for_every_rule() {
     let (count, len) = (2, 37);
     let seqs = sequences(count, len);
     let batch = Batch::<Cpu>::new(&seqs, &Default::default());
-    let decoding = Decoding::new(&model, cfg, None);
+    let decoding = Decoding::new(&model, false);
     for cr in [2.0, 3.5, 8.0] {
         let budget = Budget {
             compression_ratio: cr,
@@ -61,7 +61,7 @@ fn one_token_chunks_equal_the_per_token_cache_for_every_rule() {
             Baseline::Tova,
             Baseline::H2o,
         ] {
-            let run = run_baseline(&model, cfg, &batch, baseline, budget, 1);
+            let run = run_baseline(&model, &batch, baseline, budget, 1);
             let chunked = rows(model.logits(run.hidden), cfg.vocab_size);
             for (s, seq) in seqs.iter().enumerate() {
                 let mut cache = decoding.cache(baseline.exact_policy(), Some(budget));
@@ -92,8 +92,7 @@ fn one_token_chunks_equal_the_per_token_cache_for_every_rule() {
 
 #[test]
 fn larger_chunks_hold_the_budget_at_boundaries_and_a_whole_sequence_chunk_is_dense() {
-    let (ckpt, model) = model();
-    let cfg = &ckpt.config;
+    let (_, model) = model();
     let len = 64;
     let seqs = sequences(3, len);
     let batch = Batch::<Cpu>::new(&seqs, &Default::default());
@@ -102,17 +101,12 @@ fn larger_chunks_hold_the_budget_at_boundaries_and_a_whole_sequence_chunk_is_den
     };
     let dense = model.logits(
         model
-            .forward(
-                batch.ids.clone(),
-                cfg,
-                &DmsConfig::default(),
-                &dms_retrofit::dms::Mode::Original,
-            )
+            .forward(batch.ids.clone(), &dms_retrofit::dms::Mode::Original)
             .hidden,
     );
     for baseline in Baseline::ALL {
         for chunk in [4, 16, 64] {
-            let run = run_baseline(&model, cfg, &batch, baseline, budget, chunk);
+            let run = run_baseline(&model, &batch, baseline, budget, chunk);
             // The last chunk starts with budget(start + 1) - 1 entries and adds its own tokens.
             let start = (len - 1) / chunk * chunk;
             let rows = len - start;

@@ -133,7 +133,7 @@ fn run_case(name: &str) {
     }
     let mut adapter_source =
         SafetensorsStore::open(&[dir.join("inputs.safetensors")], FloatFormat::F32).unwrap();
-    let model = DmsModel::new(base, cfg, &dms, Some(&mut adapter_source), &device).unwrap();
+    let model = DmsModel::new(base, &dms, Some(&mut adapter_source), &device).unwrap();
     assert_eq!(
         model.adapters.len(),
         if dms.variant == Variant::Adapter {
@@ -155,7 +155,7 @@ fn run_case(name: &str) {
     let input = ids_tensor::<B>(&ids, shape, &device);
 
     // Teacher: the original model.
-    let teacher = model.forward(input.clone(), cfg, &dms, &Mode::Original);
+    let teacher = model.forward(input.clone(), &Mode::Original);
     assert!(teacher.layers.is_empty());
     let teacher_hidden = teacher.hidden.detach();
     assert_rel(
@@ -166,7 +166,7 @@ fn run_case(name: &str) {
     );
 
     // Student (train mode).
-    let student = model.forward(input.clone(), cfg, &dms, &Mode::Train { noise: &noise });
+    let student = model.forward(input.clone(), &Mode::Train { noise: &noise });
     let logits: Vec<_> = student.layers.iter().map(|l| l.logits.clone()).collect();
     assert_rel(
         &stack_layers(logits),
@@ -268,7 +268,7 @@ fn run_case(name: &str) {
     );
 
     // Inference: hard decisions, exact eviction mask, retained fraction.
-    let inference = model.forward(input, cfg, &dms, &Mode::Inference);
+    let inference = model.forward(input, &Mode::Inference);
     assert_rel(
         &values(model.logits(inference.hidden)),
         &expected.f32("inference_logits"),

@@ -17,7 +17,7 @@ fn load(case: &str, dms: &DmsConfig) -> (ModelConfig, DmsModel<Cpu>) {
     let ckpt = Checkpoint::open(common::fixtures().join(case).to_str().unwrap()).unwrap();
     let device = Default::default();
     let base = ckpt.load_decoder::<Cpu>(FloatFormat::F32, &device).unwrap();
-    let model = DmsModel::new(base, &ckpt.config, dms, None, &device).unwrap();
+    let model = DmsModel::new(base, dms, None, &device).unwrap();
     (ckpt.config, model)
 }
 
@@ -49,7 +49,7 @@ fn original_mode_is_the_base_model_bit_for_bit() {
             let input = ids(2, 11);
             let rope = RopeTables::for_model(&cfg, 0, 11, &Default::default());
             let base = model.base.forward(input.clone(), &rope);
-            let out = model.forward(input, &cfg, &dms, &Mode::Original);
+            let out = model.forward(input, &Mode::Original);
             assert_eq!(
                 bits(model.logits(out.hidden)),
                 bits(base),
@@ -66,10 +66,10 @@ fn zero_initialised_adapter_evicts_nothing_at_inference() {
         ..DmsConfig::default()
     };
     for case in CASES {
-        let (cfg, model) = load(case, &dms);
+        let (_, model) = load(case, &dms);
         let input = ids(2, 13);
-        let teacher = model.forward(input.clone(), &cfg, &dms, &Mode::Original);
-        let student = model.forward(input, &cfg, &dms, &Mode::Inference);
+        let teacher = model.forward(input.clone(), &Mode::Original);
+        let student = model.forward(input, &Mode::Inference);
         for layer in &student.layers {
             let logits = layer.logits.clone().into_data().into_vec::<f32>().unwrap();
             assert!(
@@ -97,7 +97,7 @@ fn all_evicting_model_keeps_exactly_its_window() {
         };
         let (cfg, model) = load("llama", &dms);
         let seq = 16;
-        let out = model.forward(ids(2, seq), &cfg, &dms, &Mode::Inference);
+        let out = model.forward(ids(2, seq), &Mode::Inference);
         for layer in out.layers {
             let retained = retained_fraction(inference_key_decisions(layer.logits), dms.window)
                 .into_data()
@@ -120,7 +120,7 @@ fn all_evicting_model_keeps_exactly_its_window() {
             TensorData::new(noise_values, [cfg.num_layers, 2, cfg.num_kv_heads, seq]),
             &Default::default(),
         );
-        let train = model.forward(ids(2, seq), &cfg, &dms, &Mode::Train { noise: &noise });
+        let train = model.forward(ids(2, seq), &Mode::Train { noise: &noise });
         let frac = dms_retrofit::dms::losses::frac_closed(
             &train
                 .layers
@@ -150,13 +150,9 @@ fn single_token_inputs_work_in_every_mode() {
             [cfg.num_layers, 3, cfg.num_kv_heads, 1],
             &Default::default(),
         );
-        let teacher = model.logits(
-            model
-                .forward(input.clone(), &cfg, &dms, &Mode::Original)
-                .hidden,
-        );
+        let teacher = model.logits(model.forward(input.clone(), &Mode::Original).hidden);
         for mode in [Mode::Inference, Mode::Train { noise: &noise }] {
-            let out = model.forward(input.clone(), &cfg, &dms, &mode);
+            let out = model.forward(input.clone(), &mode);
             assert_eq!(out.layers[0].decisions.dims(), [3, cfg.num_kv_heads, 1]);
             let logits = model.logits(out.hidden);
             if variant == Variant::Adapter {

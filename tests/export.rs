@@ -74,7 +74,7 @@ fn assert_same_model(snapshot: &Path, exported: &Path) {
     let device = Default::default();
     let state = read_state(snapshot).unwrap();
     let base = Checkpoint::open(state.base_dir.to_str().unwrap()).unwrap();
-    let (mut run_model, dms) = base
+    let (mut run_model, _) = base
         .load_dms_model::<Cpu>(Some(&state.dms), FloatFormat::F32, &device)
         .unwrap();
     load_trainable(snapshot, &mut run_model).unwrap();
@@ -88,10 +88,9 @@ fn assert_same_model(snapshot: &Path, exported: &Path) {
 
     let ids: Vec<i64> = (0..2 * 40).map(|i| (i * 7 % 250) as i64 + 1).collect();
     let input = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(ids, [2, 40]), &device);
-    let cfg = &base.config;
     for mode in [Mode::Inference, Mode::Original] {
-        let a = run_model.logits(run_model.forward(input.clone(), cfg, &dms, &mode).hidden);
-        let b = export_model.logits(export_model.forward(input.clone(), cfg, &dms, &mode).hidden);
+        let a = run_model.logits(run_model.forward(input.clone(), &mode).hidden);
+        let b = export_model.logits(export_model.forward(input.clone(), &mode).hidden);
         assert_eq!(bits(a), bits(b), "logits differ after export");
     }
     let _: &DmsModel<Cpu> = &export_model;

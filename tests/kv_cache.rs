@@ -22,9 +22,9 @@ fn values(t: Tensor<Cpu, 1>) -> Vec<f32> {
 }
 
 fn check_case(case: &str) {
-    let (ckpt, model, dms, ids) = golden_model(case);
-    let reference = common::forward_logits(&model, &ckpt, &dms, &ids, Mode::Inference);
-    let decoding = Decoding::new(&model, &ckpt.config, Some(&dms));
+    let (ckpt, model, _, ids) = golden_model(case);
+    let reference = common::forward_logits(&model, &ckpt, &ids, Mode::Inference);
+    let decoding = Decoding::new(&model, true);
     for prompt in [1, 9, 25] {
         let mut cache = decoding.cache(None, None);
         let first = decoding.prefill(&ids[..prompt], &mut cache);
@@ -70,9 +70,9 @@ fn window_zero_prefill_and_decode_equal_the_masked_forward() {
 
 #[test]
 fn dense_cache_equals_the_original_model() {
-    let (ckpt, model, dms, ids) = golden_model("llama_adapter_head");
-    let reference = common::forward_logits(&model, &ckpt, &dms, &ids, Mode::Original);
-    let decoding = Decoding::new(&model, &ckpt.config, None);
+    let (ckpt, model, _, ids) = golden_model("llama_adapter_head");
+    let reference = common::forward_logits(&model, &ckpt, &ids, Mode::Original);
+    let decoding = Decoding::new(&model, false);
     let mut cache = decoding.cache(None, None);
     assert_eq!(cache.policy, Policy::Dense);
     let first = decoding.prefill(&ids[..5], &mut cache);

@@ -28,8 +28,8 @@ fn dtypes(model: &mut DmsModel<B>) -> Vec<(bool, DType)> {
         .params_mut()
         .into_iter()
         .map(|(key, slot)| match slot {
-            ParamSlot::Vector(p) => (key.is_dms(), p.val().dtype()),
-            ParamSlot::Matrix(p) => (key.is_dms(), p.val().dtype()),
+            ParamSlot::Vector(p) => (key.is_adapter(), p.val().dtype()),
+            ParamSlot::Matrix(p) => (key.is_adapter(), p.val().dtype()),
         })
         .collect()
 }
@@ -45,9 +45,9 @@ fn adapters_train_in_f32_beside_f64_activations() {
         ..DmsConfig::default()
     };
     let decoder = ckpt.load_decoder::<B>(FloatFormat::F32, &device).unwrap();
-    let mut model = DmsModel::new(decoder, cfg, &dms, None, &device).unwrap();
+    let mut model = DmsModel::new(decoder, &dms, None, &device).unwrap();
     for (key, slot) in model.params_mut() {
-        if !key.is_dms() {
+        if !key.is_adapter() {
             match slot {
                 ParamSlot::Vector(p) => to_f64(p),
                 ParamSlot::Matrix(p) => to_f64(p),
@@ -69,7 +69,6 @@ fn adapters_train_in_f32_beside_f64_activations() {
     };
     let setup = StepSetup {
         cfg,
-        dms: &dms,
         target: 0.5,
         compression_weight: 1.0,
         compression_loss: Default::default(),

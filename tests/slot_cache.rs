@@ -16,7 +16,7 @@ fn check(case: &str, use_dms: bool) {
 /// Sequences with `prompts` tokens of prompt each, prefilled into one cache and decoded together
 /// for `steps` tokens, against the teacher-forced logits and the per-token reference cache.
 fn check_batch(case: &str, prompts: &[usize], steps: usize, use_dms: bool) -> CacheMemory {
-    let (ckpt, model, dms) = common::golden_dms_model(case);
+    let (ckpt, model, _) = common::golden_dms_model(case);
     let vocab = ckpt.config.vocab_size;
     let streams: Vec<Vec<u32>> = (0..prompts.len())
         .map(|s| {
@@ -33,10 +33,10 @@ fn check_batch(case: &str, prompts: &[usize], steps: usize, use_dms: bool) -> Ca
             } else {
                 Mode::Original
             };
-            common::forward_logits(&model, &ckpt, &dms, ids, mode)
+            common::forward_logits(&model, &ckpt, ids, mode)
         })
         .collect();
-    let decoding = Decoding::new(&model, &ckpt.config, use_dms.then_some(&dms));
+    let decoding = Decoding::new(&model, use_dms);
     let mut cache = decoding.slot_cache(prompts.len());
     for (s, &p) in prompts.iter().enumerate() {
         let first = decoding.prefill_slots(&streams[s][..p], s, &mut cache);
@@ -127,8 +127,8 @@ fn dense_batch_decode_equals_the_original_model() {
 
 #[test]
 fn evicted_slots_are_reused_so_the_tables_stop_growing() {
-    let (ckpt, model, dms) = common::golden_dms_model("qwen2_adapter_head_w0");
-    let decoding = Decoding::new(&model, &ckpt.config, Some(&dms));
+    let (_, model, _) = common::golden_dms_model("qwen2_adapter_head_w0");
+    let decoding = Decoding::new(&model, true);
     let mut cache = decoding.slot_cache(2);
     let prompt: Vec<u32> = (0..4).map(|i| i + 5).collect();
     for s in 0..2 {
@@ -152,9 +152,9 @@ fn evicted_slots_are_reused_so_the_tables_stop_growing() {
 
 #[test]
 fn a_repeated_cache_decodes_like_its_original_in_every_copy() {
-    let (ckpt, model, dms) = common::golden_dms_model("llama_adapter_head");
+    let (ckpt, model, _) = common::golden_dms_model("llama_adapter_head");
     let vocab = ckpt.config.vocab_size;
-    let decoding = Decoding::new(&model, &ckpt.config, Some(&dms));
+    let decoding = Decoding::new(&model, true);
     let prompt: Vec<u32> = (0..30).map(|i| (i * 37 + 5) % 250 + 3).collect();
     let mut single = decoding.slot_cache(1);
     decoding.prefill_slots(&prompt, 0, &mut single);

@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 use super::names::hf_name;
 use super::{Checkpoint, SafetensorsStore};
 use crate::atomic;
+use crate::dms::decision::{adapter_keys, tensor_shape};
 use crate::dms::{DmsConfig, Granularity, Variant};
 use crate::model::{FloatFormat, WeightKey};
 
@@ -298,7 +299,7 @@ fn write_into(
     let cfg = &base.config;
     let mut keys = cfg.base_weight_keys();
     if dms.config.variant == Variant::Adapter {
-        keys.extend(cfg.dms_adapter_keys());
+        keys.extend(adapter_keys(cfg));
     }
     let mut report = ExportReport {
         out: dir.to_path_buf(),
@@ -333,7 +334,7 @@ fn collect_tensors(
     let mut tensors = Vec::with_capacity(keys.len());
     for &key in keys {
         let name = hf_name(key);
-        let shape = cfg.weight_shape(key);
+        let shape = tensor_shape(cfg, key);
         let tensor = if trained_names.contains(&name) {
             let data = trained.load_named(&name, &shape)?;
             report.trained += 1;
@@ -382,7 +383,7 @@ fn collect_tensors(
     if !trained_names.iter().all(|n| {
         cfg.base_weight_keys()
             .into_iter()
-            .chain(cfg.dms_adapter_keys())
+            .chain(adapter_keys(cfg))
             .any(|k| hf_name(k) == *n)
     }) {
         bail!(

@@ -124,7 +124,7 @@ impl Checkpoint {
         let mut store = self.store(format)?;
         self.verify_tensor_names(&store)?;
         let base = Decoder::load(&self.config, &mut store, device)?;
-        let model = DmsModel::new(base, &self.config, &config, Some(&mut store), device)?;
+        let model = DmsModel::new(base, &config, Some(&mut store), device)?;
         Ok((model, config))
     }
 

@@ -1,10 +1,10 @@
 //! The one table between structural [`WeightKey`]s and Hugging Face tensor names, used in both
 //! directions (loading and export). Llama, Qwen2 and Qwen3 share it.
 
-use crate::model::{LayerNorm, Projection, WeightKey};
+use crate::model::{AdapterTensor, LayerNorm, Projection, WeightKey};
 
 /// `(projection, path under model.layers.{i})`
-const PROJECTIONS: [(Projection, &str); 8] = [
+const PROJECTIONS: [(Projection, &str); 7] = [
     (Projection::Q, "self_attn.q_proj"),
     (Projection::K, "self_attn.k_proj"),
     (Projection::V, "self_attn.v_proj"),
@@ -12,17 +12,21 @@ const PROJECTIONS: [(Projection, &str); 8] = [
     (Projection::Gate, "mlp.gate_proj"),
     (Projection::Up, "mlp.up_proj"),
     (Projection::Down, "mlp.down_proj"),
-    // DMS adapter, as the official Model-Optimizer export names it.
-    (Projection::DmsAlpha, "self_attn.dms_proj_alpha"),
 ];
 
 /// `(norm, path under model.layers.{i})`; all end in `.weight`.
-const NORMS: [(LayerNorm, &str); 5] = [
+const NORMS: [(LayerNorm, &str); 4] = [
     (LayerNorm::Input, "input_layernorm"),
     (LayerNorm::PostAttention, "post_attention_layernorm"),
     (LayerNorm::Q, "self_attn.q_norm"),
     (LayerNorm::K, "self_attn.k_norm"),
-    (LayerNorm::DmsAlpha, "self_attn.dms_proj_alpha_norm"),
+];
+
+/// The DMS adapter's tensors, as the official Model-Optimizer export names them.
+const ADAPTER: [(AdapterTensor, &str); 3] = [
+    (AdapterTensor::Weight, "self_attn.dms_proj_alpha.weight"),
+    (AdapterTensor::Bias, "self_attn.dms_proj_alpha.bias"),
+    (AdapterTensor::Norm, "self_attn.dms_proj_alpha_norm.weight"),
 ];
 
 /// The Hugging Face name of a tensor.
@@ -52,6 +56,14 @@ pub fn hf_name(key: WeightKey) -> String {
                 .expect("every norm has a name");
             format!("model.layers.{layer}.{path}.weight")
         }
+        WeightKey::Adapter { layer, tensor } => {
+            let path = ADAPTER
+                .iter()
+                .find(|(t, _)| *t == tensor)
+                .map(|(_, path)| *path)
+                .expect("every adapter tensor has a name");
+            format!("model.layers.{layer}.{path}")
+        }
     }
 }
 
@@ -66,6 +78,12 @@ pub fn parse_hf_name(name: &str) -> Option<WeightKey> {
     let rest = name.strip_prefix("model.layers.")?;
     let (layer, path) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
+    if let Some((tensor, _)) = ADAPTER.iter().find(|(_, p)| *p == path) {
+        return Some(WeightKey::Adapter {
+            layer,
+            tensor: *tensor,
+        });
+    }
     let (path, part) = path.rsplit_once('.')?;
     if let Some((projection, _)) = PROJECTIONS.iter().find(|(_, p)| *p == path) {
         let bias = match part {
@@ -105,7 +123,7 @@ mod tests {
         let keys: Vec<_> = cfg
             .base_weight_keys()
             .into_iter()
-            .chain(cfg.dms_adapter_keys())
+            .chain(crate::dms::decision::adapter_keys(&cfg))
             .collect();
         assert!(keys.len() > 30);
         for key in keys {
@@ -113,10 +131,9 @@ mod tests {
             assert_eq!(parse_hf_name(&name), Some(key), "{name}");
         }
         assert_eq!(
-            hf_name(WeightKey::Linear {
+            hf_name(WeightKey::Adapter {
                 layer: 3,
-                projection: Projection::DmsAlpha,
-                bias: false
+                tensor: AdapterTensor::Weight
             }),
             "model.layers.3.self_attn.dms_proj_alpha.weight"
         );

@@ -288,5 +288,5 @@ pub fn names_of(keys: impl IntoIterator<Item = WeightKey>) -> BTreeSet<String> {
 
 /// Whether a name is a DMS tensor (present in exports, absent from base checkpoints).
 pub fn is_dms_name(name: &str) -> bool {
-    parse_hf_name(name).is_some_and(WeightKey::is_dms)
+    parse_hf_name(name).is_some_and(WeightKey::is_adapter)
 }

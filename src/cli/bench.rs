@@ -257,7 +257,7 @@ pub(super) fn random_model<B: AttentionBackend>(
     let started = Instant::now();
     let mut source = RandomWeights { format, counter: 0 };
     let base = Decoder::<B>::load(cfg, &mut source, device)?;
-    let model = DmsModel::new(base, cfg, dms, None, device)?;
+    let model = DmsModel::new(base, dms, None, device)?;
     B::sync(device)?;
     tracing::info!(
         "random weights on the device in {:.1} s",
@@ -293,7 +293,6 @@ fn step_bench<B: TrainBackend>(
     };
     let setup = StepSetup {
         cfg: &cfg,
-        dms: &dms,
         target: 1.0 - 1.0 / 8.0,
         compression_weight: 1.0,
         compression_loss: Default::default(),

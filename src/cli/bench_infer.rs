@@ -21,7 +21,7 @@ use crate::dms::{DmsConfig, DmsModel, Mode, Variant};
 use crate::eval::Decoding;
 use crate::eval::generation::checked_tokens;
 use crate::eval::quality::{Batch, dms_hidden, original_hidden, score_hidden};
-use crate::model::{FloatFormat, ModelConfig};
+use crate::model::FloatFormat;
 use crate::ops::attention::AttentionBackend;
 
 #[derive(Args, Debug)]
@@ -117,29 +117,21 @@ fn bench_ids(len: usize, vocab: usize, salt: usize) -> Vec<i64> {
 
 /// The decision offset at which `len`-token sequences keep about `1 / cr` of their keys (the
 /// newest `window` always stay), from the decision logits of one calibration sequence.
-fn calibrate_offset<B: AttentionBackend>(
-    model: &DmsModel<B>,
-    cfg: &ModelConfig,
-    dms: &DmsConfig,
-    len: usize,
-    cr: f64,
-) -> f64 {
+fn calibrate_offset<B: AttentionBackend>(model: &DmsModel<B>, len: usize, cr: f64) -> f64 {
+    let (cfg, dms) = (&model.base.config, &model.dms);
     let device = model.base.embed_tokens.val().device();
     let sample = 1024.min(len).max(2);
     let ids = Tensor::<B, 2, Int>::from_data(
         TensorData::new(bench_ids(sample, cfg.vocab_size, 7), [1, sample]),
         &device,
     );
-    let unshifted = DmsConfig {
-        offset: 0.0,
-        ..*dms
-    };
-    let out = model.forward(ids, cfg, &unshifted, &Mode::Inference);
+    let out = model.forward(ids, &Mode::Inference);
     let mut logits: Vec<f32> = out
         .layers
         .into_iter()
         .flat_map(|l| {
-            l.logits
+            // Unshifted: the model's logits are `alpha_scale * raw - offset`.
+            (l.logits + dms.offset)
                 .into_data()
                 .convert::<f32>()
                 .into_vec::<f32>()
@@ -186,11 +178,10 @@ fn eval_bench<B: AttentionBackend>(
     device: &B::Device,
 ) -> Result<()> {
     let cfg = shape(&args.shape)?;
-    let mut dms = bench_dms(args.window);
-    let model = random_model::<B>(&cfg, format, &dms, device)?;
+    let mut model = random_model::<B>(&cfg, format, &bench_dms(args.window), device)?;
     let eos = [u32::MAX];
     for &seq in &args.seq {
-        dms.offset = calibrate_offset(&model, &cfg, &dms, seq, args.cr);
+        model.dms.offset = calibrate_offset(&model, seq, args.cr);
         let sequences: Vec<Sequence> = (0..args.batch)
             .map(|s| Sequence {
                 input_ids: bench_ids(seq, cfg.vocab_size, s),
@@ -202,12 +193,12 @@ fn eval_bench<B: AttentionBackend>(
         let mut retained = 0.0;
         for repeat in 0..=args.repeats {
             let start = Instant::now();
-            let teacher = original_hidden(&model, &cfg, &batch);
+            let teacher = original_hidden(&model, &batch);
             score_hidden(&model, &batch, teacher.clone(), None, &eos);
             B::sync(device)?;
             let dense = start.elapsed().as_secs_f64();
             let start = Instant::now();
-            let (hidden, kept) = dms_hidden(&model, &cfg, &dms, &batch);
+            let (hidden, kept) = dms_hidden(&model, &batch);
             score_hidden(&model, &batch, hidden, Some(&teacher), &eos);
             B::sync(device)?;
             let with_dms = start.elapsed().as_secs_f64();
@@ -260,8 +251,7 @@ fn decode_bench<B: AttentionBackend>(
     device: &B::Device,
 ) -> Result<()> {
     let cfg = shape(&args.shape)?;
-    let mut dms = bench_dms(args.window);
-    let model = random_model::<B>(&cfg, format, &dms, device)?;
+    let mut model = random_model::<B>(&cfg, format, &bench_dms(args.window), device)?;
     for &context in &args.context {
         let prompt: Vec<u32> = bench_ids(context, cfg.vocab_size, 0)
             .into_iter()
@@ -270,9 +260,9 @@ fn decode_bench<B: AttentionBackend>(
         for &cr in &args.cr {
             let dense = cr <= 1.0;
             if !dense {
-                dms.offset = calibrate_offset(&model, &cfg, &dms, context, cr);
+                model.dms.offset = calibrate_offset(&model, context, cr);
             }
-            let decoding = Decoding::new(&model, &cfg, (!dense).then_some(&dms));
+            let decoding = Decoding::new(&model, !dense);
             // One real prefill; larger batches repeat its cache (same sizes, same work).
             let mut single = decoding.slot_cache(1);
             if dense {

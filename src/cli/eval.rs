@@ -163,8 +163,7 @@ fn evaluate<B: AttentionBackend>(
         let models = Models {
             model: &loaded.model,
             original: original.as_ref().map(|o| &o.model),
-            cfg,
-            dms: loaded.dms.as_ref(),
+            evict: loaded.dms.is_some(),
         };
         let length = evaluate_length(models, seq_len, &dataset.train, eos, settings);
         let seconds = started.elapsed().as_secs_f64();

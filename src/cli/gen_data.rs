@@ -211,7 +211,7 @@ fn gen_data<B: AttentionBackend>(
         units.len(),
         total - units.len()
     );
-    let decoding = Decoding::new(&loaded.model, &loaded.ckpt.config, loaded.dms.as_ref());
+    let decoding = Decoding::new(&loaded.model, loaded.dms.is_some());
     let sampling = Sampling {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,

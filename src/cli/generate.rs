@@ -236,8 +236,7 @@ fn generate<B: AttentionBackend>(
         sequences.push(ids);
     }
     tracing::info!("{}", loaded.description);
-    let cfg = &loaded.ckpt.config;
-    let decoding = Decoding::new(&loaded.model, cfg, loaded.dms.as_ref());
+    let decoding = Decoding::new(&loaded.model, loaded.dms.is_some());
     let sampling = Sampling {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,

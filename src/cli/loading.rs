@@ -68,10 +68,7 @@ pub fn load_model<B: AttentionBackend>(
     let base = ckpt.load_decoder::<B>(format, device)?;
     Ok(Loaded {
         ckpt,
-        model: DmsModel {
-            base,
-            adapters: Vec::new(),
-        },
+        model: DmsModel::dense(base),
         dms: None,
         base: None,
         description: format!("base checkpoint {spec} (no DMS: dense cache)"),

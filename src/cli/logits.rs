@@ -55,12 +55,8 @@ fn forward<B: AttentionBackend>(
             decoder.forward(input, &RopeTables::for_model(&ckpt.config, 0, seq, device))
         }
         Eviction::On => {
-            let (model, dms) = ckpt.load_dms_model::<B>(None, format, device)?;
-            model.logits(
-                model
-                    .forward(input, &ckpt.config, &dms, &Mode::Inference)
-                    .hidden,
-            )
+            let (model, _) = ckpt.load_dms_model::<B>(None, format, device)?;
+            model.logits(model.forward(input, &Mode::Inference).hidden)
         }
     };
     Ok(logits

@@ -6,7 +6,50 @@ use burn::tensor::{Tensor, TensorData, activation, backend::Backend};
 
 use super::{DmsConfig, Granularity};
 use crate::model::decoder::{Linear, RmsNorm, in_dtype, keyed_param};
-use crate::model::{LayerNorm, ModelConfig, ParamSlot, Projection, WeightKey, WeightSource};
+use crate::model::{AdapterTensor, ModelConfig, ParamSlot, WeightKey, WeightSource};
+
+/// Whether the adapter's projection has a bias: the official adapter is
+/// `nn.Linear(hidden, kv_heads, bias=config.attention_bias)`, the flag that gives `o_proj` its bias.
+pub fn adapter_has_bias(cfg: &ModelConfig) -> bool {
+    cfg.o_bias
+}
+
+/// The shape of one adapter tensor in the Hugging Face `[out, in]` layout.
+pub fn adapter_shape(cfg: &ModelConfig, tensor: AdapterTensor) -> Vec<usize> {
+    match tensor {
+        AdapterTensor::Norm => vec![cfg.hidden_size],
+        AdapterTensor::Weight => vec![cfg.num_kv_heads, cfg.hidden_size],
+        AdapterTensor::Bias => vec![cfg.num_kv_heads],
+    }
+}
+
+/// The shape of any tensor of a DMS model: the base model's, or the adapter's.
+pub fn tensor_shape(cfg: &ModelConfig, key: WeightKey) -> Vec<usize> {
+    match key {
+        WeightKey::Adapter { tensor, .. } => adapter_shape(cfg, tensor),
+        key => cfg
+            .weight_shape(key)
+            .expect("every key other than an adapter's is a base-model tensor"),
+    }
+}
+
+/// The tensors the adapter variant adds to every layer, in a stable order.
+pub fn adapter_keys(cfg: &ModelConfig) -> Vec<WeightKey> {
+    let mut keys = Vec::new();
+    for layer in 0..cfg.num_layers {
+        let mut tensors = vec![AdapterTensor::Weight];
+        if adapter_has_bias(cfg) {
+            tensors.push(AdapterTensor::Bias);
+        }
+        tensors.push(AdapterTensor::Norm);
+        keys.extend(
+            tensors
+                .into_iter()
+                .map(|tensor| WeightKey::Adapter { layer, tensor }),
+        );
+    }
+    keys
+}
 
 /// The adapter variant's parameters for one layer: its own RMSNorm over the residual stream and a
 /// Linear(hidden -> kv_heads).
@@ -19,7 +62,7 @@ pub struct DmsAdapter<B: Backend> {
 impl<B: Backend> DmsAdapter<B> {
     /// Zero projection (every logit starts at exactly `-offset`), unit norm weight.
     pub fn zeros(cfg: &ModelConfig, layer: usize, device: &B::Device) -> Self {
-        let (out, inp) = cfg.projection_dims(Projection::DmsAlpha);
+        let (out, inp) = (cfg.num_kv_heads, cfg.hidden_size);
         let (norm_key, weight_key, bias_key) = Self::keys(layer);
         Self {
             norm: RmsNorm {
@@ -28,8 +71,7 @@ impl<B: Backend> DmsAdapter<B> {
             },
             proj: Linear {
                 weight: keyed_param(weight_key, Tensor::zeros([out, inp], device)),
-                bias: cfg
-                    .has_bias(Projection::DmsAlpha)
+                bias: adapter_has_bias(cfg)
                     .then(|| keyed_param(bias_key, Tensor::zeros([out], device))),
             },
         }
@@ -37,28 +79,19 @@ impl<B: Backend> DmsAdapter<B> {
 
     /// (norm weight, projection weight, projection bias) keys of `layer`.
     fn keys(layer: usize) -> (WeightKey, WeightKey, WeightKey) {
-        let linear = |bias| WeightKey::Linear {
-            layer,
-            projection: Projection::DmsAlpha,
-            bias,
-        };
+        let key = |tensor| WeightKey::Adapter { layer, tensor };
         (
-            WeightKey::Norm {
-                layer,
-                norm: LayerNorm::DmsAlpha,
-            },
-            linear(false),
-            linear(true),
+            key(AdapterTensor::Norm),
+            key(AdapterTensor::Weight),
+            key(AdapterTensor::Bias),
         )
     }
 
     /// Slots of this adapter's parameters.
     pub fn params_mut(&mut self, layer: usize) -> Vec<(WeightKey, ParamSlot<'_, B>)> {
-        let mut out = vec![(
-            Self::keys(layer).0,
-            ParamSlot::Vector(&mut self.norm.weight),
-        )];
-        self.proj.slots(layer, Projection::DmsAlpha, &mut out);
+        let (norm_key, weight_key, bias_key) = Self::keys(layer);
+        let mut out = vec![(norm_key, ParamSlot::Vector(&mut self.norm.weight))];
+        self.proj.slots_keyed(weight_key, bias_key, &mut out);
         out
     }
 
@@ -71,10 +104,10 @@ impl<B: Backend> DmsAdapter<B> {
     ) -> Result<Self> {
         let (norm_key, weight_key, bias_key) = Self::keys(layer);
         let mut tensor =
-            |key: WeightKey| -> Result<TensorData> { source.load(key, &cfg.weight_shape(key)) };
+            |key: WeightKey| -> Result<TensorData> { source.load(key, &tensor_shape(cfg, key)) };
         let norm = tensor(norm_key)?;
         let weight = tensor(weight_key)?;
-        let bias = if cfg.has_bias(Projection::DmsAlpha) {
+        let bias = if adapter_has_bias(cfg) {
             Some(tensor(bias_key)?)
         } else {
             None

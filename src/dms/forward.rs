@@ -16,7 +16,7 @@ use super::{DmsConfig, Variant};
 use crate::model::decoder::{
     Attention, AttentionHook, AttentionMask, Masked, Qkv, grouped_attention,
 };
-use crate::model::{Decoder, ModelConfig, ParamSlot, RopeTables, WeightKey, WeightSource};
+use crate::model::{Decoder, ParamSlot, RopeTables, WeightKey, WeightSource};
 use crate::ops::attention::AttentionBackend;
 
 /// What the attention layers do with the eviction decisions.
@@ -35,6 +35,9 @@ pub struct DmsModel<B: Backend> {
     pub base: Decoder<B>,
     /// One per layer for the adapter variant, empty for the q-neuron variant.
     pub adapters: Vec<DmsAdapter<B>>,
+    /// The method's settings, captured at construction.
+    #[module(skip)]
+    pub dms: DmsConfig,
 }
 
 /// Per-layer decision tensors, each `[batch, kv_heads, seq]`.
@@ -64,11 +67,11 @@ impl<B: Backend> DmsModel<B> {
     /// snapshot), otherwise they start at zero (every logit `-offset`).
     pub fn new(
         base: Decoder<B>,
-        model: &ModelConfig,
         dms: &DmsConfig,
         source: Option<&mut dyn WeightSource>,
         device: &B::Device,
     ) -> Result<Self> {
+        let model = &base.config;
         let adapters = match (dms.variant, source) {
             (Variant::QNeuron, _) => Vec::new(),
             (Variant::Adapter, Some(source)) if source.contains(adapter_probe()) => (0..model
@@ -82,7 +85,21 @@ impl<B: Backend> DmsModel<B> {
         if dms.variant == Variant::QNeuron && model.head_dim < 2 {
             bail!("the q-neuron variant needs head_dim >= 2");
         }
-        Ok(Self { base, adapters })
+        Ok(Self {
+            base,
+            adapters,
+            dms: dms.clone(),
+        })
+    }
+
+    /// A base checkpoint in the same type, for the paths that serve both: no adapters, and
+    /// only [`Mode::Original`] is meaningful.
+    pub fn dense(base: Decoder<B>) -> Self {
+        Self {
+            base,
+            adapters: Vec::new(),
+            dms: DmsConfig::default(),
+        }
     }
 
     /// Every parameter (base and adapters) with its key.
@@ -100,17 +117,10 @@ impl<B: AttentionBackend> DmsModel<B> {
     ///
     /// # Shapes
     /// - `input_ids`: `[batch, seq]`
-    pub fn forward(
-        &self,
-        input_ids: Tensor<B, 2, Int>,
-        model: &ModelConfig,
-        dms: &DmsConfig,
-        mode: &Mode<B>,
-    ) -> DmsOutput<B> {
+    pub fn forward(&self, input_ids: Tensor<B, 2, Int>, mode: &Mode<B>) -> DmsOutput<B> {
         let [_, seq] = input_ids.dims();
-        let device = input_ids.device();
-        let rope = RopeTables::for_model(model, 0, seq, &device);
-        let mut hook = DmsAttention::new(self, &rope, model, dms, mode);
+        let rope = self.base.rope(0, seq, &input_ids.device());
+        let mut hook = DmsAttention::new(self, &rope, mode);
         let hidden = self.base.layers_with(self.base.embed(input_ids), &mut hook);
         DmsOutput {
             hidden,
@@ -125,11 +135,9 @@ impl<B: AttentionBackend> DmsModel<B> {
         index: usize,
         hidden: Tensor<B, 3>,
         rope: &RopeTables<B>,
-        model: &ModelConfig,
-        dms: &DmsConfig,
         mode: &Mode<B>,
     ) -> (Tensor<B, 3>, Option<LayerDecisions<B>>) {
-        let mut hook = DmsAttention::new(self, rope, model, dms, mode);
+        let mut hook = DmsAttention::new(self, rope, mode);
         let out = self.base.layers[index].forward_with(index, hidden, &mut hook);
         (out, hook.decisions.pop())
     }
@@ -152,8 +160,8 @@ impl<B: AttentionBackend> DmsModel<B> {
         residual: &Tensor<B, 3>,
         normed: Tensor<B, 3>,
         rope: &RopeTables<B>,
-        dms: &DmsConfig,
     ) -> (Qkv<B>, Tensor<B, 3>) {
+        let dms = &self.dms;
         let keep = (dms.variant == Variant::QNeuron).then(|| {
             q_neuron_keep_mask::<B>(
                 attn.num_heads,
@@ -182,19 +190,13 @@ struct DmsAttention<'a, B: AttentionBackend> {
 }
 
 impl<'a, B: AttentionBackend> DmsAttention<'a, B> {
-    fn new(
-        model: &'a DmsModel<B>,
-        rope: &'a RopeTables<B>,
-        cfg: &ModelConfig,
-        dms: &'a DmsConfig,
-        mode: &'a Mode<'a, B>,
-    ) -> Self {
+    fn new(model: &'a DmsModel<B>, rope: &'a RopeTables<B>, mode: &'a Mode<'a, B>) -> Self {
         Self {
             model,
             rope,
-            dms,
+            dms: &model.dms,
             mode,
-            decisions: Vec::with_capacity(cfg.num_layers),
+            decisions: Vec::with_capacity(model.base.config.num_layers),
         }
     }
 }
@@ -216,7 +218,7 @@ impl<B: AttentionBackend> AttentionHook<B> for DmsAttention<'_, B> {
         // 1. Projections and noise-free decision logits.
         let (qkv, logits) = self
             .model
-            .project_with_decisions(index, attn, residual, normed, rope, dms);
+            .project_with_decisions(index, attn, residual, normed, rope);
 
         // 2. Mask from the decisions (one-token shift inside the mask builders).
         let (bias, decisions) = match self.mode {
@@ -306,9 +308,9 @@ fn project_reading_q_neuron<B: AttentionBackend>(
 
 /// A tensor every adapter checkpoint has.
 fn adapter_probe() -> crate::model::WeightKey {
-    crate::model::WeightKey::Norm {
+    crate::model::WeightKey::Adapter {
         layer: 0,
-        norm: crate::model::LayerNorm::DmsAlpha,
+        tensor: crate::model::AdapterTensor::Norm,
     }
 }
 

@@ -15,9 +15,9 @@ use serde::Serialize;
 use super::cache::{Budget, Policy};
 use super::quality::Batch;
 use crate::dms::DmsModel;
+use crate::model::RopeTables;
 use crate::model::decoder::{Attention, AttentionHook, AttentionMask, grouped_attention};
 use crate::model::rope::inverse_frequencies;
-use crate::model::{ModelConfig, RopeTables};
 use crate::ops::attention::AttentionBackend;
 
 /// A training-free eviction policy with a per-head budget of `ceil(seen / CR)` entries.
@@ -91,13 +91,13 @@ pub struct BaselineRun<B: AttentionBackend> {
 /// at a time.
 pub fn run_baseline<B: AttentionBackend>(
     model: &DmsModel<B>,
-    cfg: &ModelConfig,
     batch: &Batch<B>,
     baseline: Baseline,
     budget: Budget,
     chunk: usize,
 ) -> BaselineRun<B> {
     assert!(chunk >= 1, "chunk must be >= 1");
+    let cfg = &model.base.config;
     let device = batch.ids.device();
     let len = batch.seq_len();
     let inv_freq = inverse_frequencies(&cfg.rope, cfg.head_dim);

@@ -13,7 +13,8 @@ use crate::model::rope::inverse_frequencies;
 use crate::model::{ModelConfig, RopeTables};
 use crate::ops::attention::AttentionBackend;
 
-/// A model ready to decode: DMS eviction when `dms` is set, else the original model.
+/// A model ready to decode: DMS eviction (the model's own settings) when `dms` is set, else the
+/// original model.
 pub struct Decoding<'a, B: Backend> {
     pub model: &'a DmsModel<B>,
     pub cfg: &'a ModelConfig,
@@ -43,11 +44,13 @@ fn to_bools<B: Backend>(t: Tensor<B, 3>) -> Vec<Vec<bool>> {
 }
 
 impl<'a, B: AttentionBackend> Decoding<'a, B> {
-    pub fn new(model: &'a DmsModel<B>, cfg: &'a ModelConfig, dms: Option<&'a DmsConfig>) -> Self {
+    /// `evict`: decode with DMS eviction; otherwise as the original model (dense cache).
+    pub fn new(model: &'a DmsModel<B>, evict: bool) -> Self {
+        let cfg = &model.base.config;
         Self {
             model,
             cfg,
-            dms,
+            dms: evict.then_some(&model.dms),
             inv_freq: inverse_frequencies(&cfg.rope, cfg.head_dim),
         }
     }
@@ -134,10 +137,8 @@ impl<'a, B: AttentionBackend> Decoding<'a, B> {
             &device,
         );
         let vocab = self.cfg.vocab_size;
-        if let (true, Some(config)) = (dms, self.dms) {
-            let out = self
-                .model
-                .forward(input, self.cfg, config, &Mode::Inference);
+        if let (true, Some(_)) = (dms, self.dms) {
+            let out = self.model.forward(input, &Mode::Inference);
             let layers = out
                 .layers
                 .into_iter()
@@ -214,7 +215,7 @@ impl<'a, B: AttentionBackend> Decoding<'a, B> {
             Some(dms) => {
                 let (qkv, logits) = self
                     .model
-                    .project_with_decisions(index, attn, residual, normed, rope, dms);
+                    .project_with_decisions(index, attn, residual, normed, rope);
                 let hard = apply_granularity(logits, dms.granularity)
                     .greater_elem(0.0)
                     .float();

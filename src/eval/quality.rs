@@ -8,8 +8,7 @@ use serde::Serialize;
 use crate::data::Sequence;
 use crate::dms::losses::{loss_mask, token_kl};
 use crate::dms::mask::{inference_key_decisions, retained_fraction};
-use crate::dms::{DmsConfig, DmsModel, Mode};
-use crate::model::ModelConfig;
+use crate::dms::{DmsModel, Mode};
 use crate::ops::attention::AttentionBackend;
 
 /// Sums over tokens, so several sequences combine exactly.
@@ -173,19 +172,8 @@ pub fn score_hidden<B: AttentionBackend>(
 }
 
 /// The original model's final hidden states, `[batch, seq, hidden]`.
-pub fn original_hidden<B: AttentionBackend>(
-    model: &DmsModel<B>,
-    cfg: &ModelConfig,
-    batch: &Batch<B>,
-) -> Tensor<B, 3> {
-    model
-        .forward(
-            batch.ids.clone(),
-            cfg,
-            &DmsConfig::default(),
-            &Mode::Original,
-        )
-        .hidden
+pub fn original_hidden<B: AttentionBackend>(model: &DmsModel<B>, batch: &Batch<B>) -> Tensor<B, 3> {
+    model.forward(batch.ids.clone(), &Mode::Original).hidden
 }
 
 /// The DMS model under the exact inference mask: its final hidden states and the retained
@@ -193,11 +181,10 @@ pub fn original_hidden<B: AttentionBackend>(
 /// (`[layers][kv_heads]`).
 pub fn dms_hidden<B: AttentionBackend>(
     model: &DmsModel<B>,
-    cfg: &ModelConfig,
-    dms: &DmsConfig,
     batch: &Batch<B>,
 ) -> (Tensor<B, 3>, Vec<Vec<f64>>) {
-    let out = model.forward(batch.ids.clone(), cfg, dms, &Mode::Inference);
+    let dms = &model.dms;
+    let out = model.forward(batch.ids.clone(), &Mode::Inference);
     let retained = out
         .layers
         .into_iter()

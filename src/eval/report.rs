@@ -11,7 +11,6 @@ use super::baselines::{Baseline, run_baseline};
 use super::quality::{Batch, Totals, dms_hidden, original_hidden, score_hidden};
 use crate::data::Sequence;
 use crate::dms::{DmsConfig, DmsModel};
-use crate::model::ModelConfig;
 use crate::ops::attention::AttentionBackend;
 
 #[derive(Clone, Debug, Serialize)]
@@ -84,13 +83,13 @@ pub struct Models<'a, B: AttentionBackend> {
     pub model: &'a DmsModel<B>,
     /// The original model when it is not `model` with eviction off (training changed weights).
     pub original: Option<&'a DmsModel<B>>,
-    pub cfg: &'a ModelConfig,
-    /// `model`'s DMS settings; `None` for a dense model (baselines only).
-    pub dms: Option<&'a DmsConfig>,
+    /// Whether `model` evicts (a DMS model, with its own settings); false for a dense model
+    /// (baselines only).
+    pub evict: bool,
 }
 
 /// Scores `sequences` (all `seq_len` tokens long) `settings.batch` at a time: the original model
-/// (`original`, else `model` with eviction off), `model` under DMS when `dms` is given (exact
+/// (`original`, else `model` with eviction off), `model` under DMS when it evicts (exact
 /// inference mask), and unless the baselines are `None`, every [`Baseline`] decoding the original
 /// model at the compression ratio they name.
 pub fn evaluate_length<B: AttentionBackend>(
@@ -103,8 +102,7 @@ pub fn evaluate_length<B: AttentionBackend>(
     let Models {
         model,
         original,
-        cfg,
-        dms,
+        evict,
     } = models;
     let device = model.base.embed_tokens.val().device();
     let reference = original.unwrap_or(model);
@@ -118,7 +116,7 @@ pub fn evaluate_length<B: AttentionBackend>(
     let started = std::time::Instant::now();
     for seqs in &batches {
         let batch = Batch::new(seqs, &device);
-        let teacher = original_hidden(reference, cfg, &batch);
+        let teacher = original_hidden(reference, &batch);
         original_totals.add(&score_hidden(
             reference,
             &batch,
@@ -126,8 +124,8 @@ pub fn evaluate_length<B: AttentionBackend>(
             None,
             &eos,
         ));
-        if let Some(dms) = dms {
-            let (hidden, retained) = dms_hidden(model, cfg, dms, &batch);
+        if evict {
+            let (hidden, retained) = dms_hidden(model, &batch);
             dms_totals.add(&score_hidden(model, &batch, hidden, Some(&teacher), &eos));
             if retained_sum.is_empty() {
                 retained_sum = retained.iter().map(|l| vec![0.0; l.len()]).collect();
@@ -160,7 +158,7 @@ pub fn evaluate_length<B: AttentionBackend>(
             .flatten()
             .sum::<f64>()
             .max(f64::MIN_POSITIVE);
-    if dms.is_some() {
+    if evict {
         rows.push(row("DMS", &dms_totals, dms_cr));
     }
     let budget_cr = match settings.baselines {
@@ -185,7 +183,7 @@ pub fn evaluate_length<B: AttentionBackend>(
             let mut crs = 0.0;
             for (seqs, teacher) in batches.iter().zip(&teachers) {
                 let batch = Batch::new(seqs, &device);
-                let run = run_baseline(reference, cfg, &batch, baseline, budget, chunk);
+                let run = run_baseline(reference, &batch, baseline, budget, chunk);
                 totals.add(&score_hidden(
                     reference,
                     &batch,

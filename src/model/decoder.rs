@@ -4,7 +4,7 @@
 //! Architecture differences are `ModelConfig` fields (biases, q/k norm, head_dim, tied head,
 //! RoPE scaling), never branches on the architecture's name.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use burn::module::{Module, Param};
 use burn::tensor::{Int, Tensor, backend::Backend};
 
@@ -32,7 +32,10 @@ fn load_param<B: Backend, const D: usize>(
     key: WeightKey,
     device: &B::Device,
 ) -> Result<Param<Tensor<B, D>>> {
-    let data = source.load(key, &cfg.weight_shape(key))?;
+    let shape = cfg
+        .weight_shape(key)
+        .with_context(|| format!("{key:?} is not a base-model tensor"))?;
+    let data = source.load(key, &shape)?;
     let tensor =
         B::memory_persistent_allocations(device, data, |data| Tensor::from_data(data, device));
     Ok(keyed_param(key, tensor))
@@ -104,9 +107,19 @@ impl<B: Backend> Linear<B> {
             projection,
             bias,
         };
-        out.push((key(false), ParamSlot::Matrix(&mut self.weight)));
+        self.slots_keyed(key(false), key(true), out);
+    }
+
+    /// Slots of the weight and (when present) the bias under the given keys.
+    pub fn slots_keyed<'a>(
+        &'a mut self,
+        weight_key: WeightKey,
+        bias_key: WeightKey,
+        out: &mut Vec<(WeightKey, ParamSlot<'a, B>)>,
+    ) {
+        out.push((weight_key, ParamSlot::Matrix(&mut self.weight)));
         if let Some(bias) = &mut self.bias {
-            out.push((key(true), ParamSlot::Vector(bias)));
+            out.push((bias_key, ParamSlot::Vector(bias)));
         }
     }
 }
@@ -440,9 +453,17 @@ pub struct Decoder<B: Backend> {
     pub norm: RmsNorm<B>,
     /// `None` when tied to `embed_tokens`.
     pub lm_head: Option<Linear<B>>,
+    /// The architecture it was built from (RoPE, sizes); captured at load, not passed to calls.
+    #[module(skip)]
+    pub config: ModelConfig,
 }
 
 impl<B: Backend> Decoder<B> {
+    /// RoPE tables for positions `start .. start + len` of this model.
+    pub fn rope(&self, start: usize, len: usize, device: &B::Device) -> RopeTables<B> {
+        RopeTables::for_model(&self.config, start, len, device)
+    }
+
     /// Whether training keeps only each MLP's input and recomputes its gate and up projections
     /// in the backward (see [`crate::ops::mlp`]); off after loading.
     pub fn recompute_mlp(&mut self, on: bool) {
@@ -475,6 +496,7 @@ impl<B: Backend> Decoder<B> {
             layers,
             norm,
             lm_head,
+            config: cfg.clone(),
         })
     }
 

@@ -9,4 +9,4 @@ pub mod weights;
 pub use config::{Architecture, FloatFormat, ModelConfig, RopeConfig, RopeScaling};
 pub use decoder::Decoder;
 pub use rope::RopeTables;
-pub use weights::{LayerNorm, ParamSlot, Projection, WeightKey, WeightSource};
+pub use weights::{AdapterTensor, LayerNorm, ParamSlot, Projection, WeightKey, WeightSource};

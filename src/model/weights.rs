@@ -17,8 +17,6 @@ pub enum Projection {
     Gate,
     Up,
     Down,
-    /// DMS adapter: hidden -> one eviction logit per KV head.
-    DmsAlpha,
 }
 
 /// The RMSNorms inside one decoder layer.
@@ -30,8 +28,16 @@ pub enum LayerNorm {
     Q,
     /// Per-head norm on keys (Qwen3).
     K,
-    /// DMS adapter's own norm over the pre-`input_layernorm` residual.
-    DmsAlpha,
+}
+
+/// The tensors of the per-layer adapter a retrofit method attaches to a decoder layer (DMS's
+/// eviction head: an RMSNorm and a linear map with an optional bias). The method sizes and uses
+/// them (`dms::decision`), `checkpoint::names` names them; the model only carries their keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AdapterTensor {
+    Norm,
+    Weight,
+    Bias,
 }
 
 /// One tensor of the model.
@@ -49,31 +55,38 @@ pub enum WeightKey {
         layer: usize,
         norm: LayerNorm,
     },
+    Adapter {
+        layer: usize,
+        tensor: AdapterTensor,
+    },
 }
 
 impl WeightKey {
     /// A parameter id derived from the key alone, so optimizer state saved by one process maps
     /// onto the same parameters when another process rebuilds the model (exact resume).
     pub fn param_id(self) -> burn::module::ParamId {
-        // FNV-1a over the key's debug form: stable across runs and platforms.
-        let text = format!("{self:?}");
+        // FNV-1a over the key's debug form: stable across runs and platforms. Adapter keys hash
+        // the form they had when they were spelled as a projection and a norm, so optimizer
+        // state saved by earlier versions still resumes.
+        let text = match self {
+            WeightKey::Adapter { layer, tensor } => match tensor {
+                AdapterTensor::Norm => format!("Norm {{ layer: {layer}, norm: DmsAlpha }}"),
+                AdapterTensor::Weight | AdapterTensor::Bias => format!(
+                    "Linear {{ layer: {layer}, projection: DmsAlpha, bias: {} }}",
+                    tensor == AdapterTensor::Bias
+                ),
+            },
+            _ => format!("{self:?}"),
+        };
         let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
             (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
         });
         burn::module::ParamId::from(hash)
     }
 
-    pub fn is_dms(self) -> bool {
-        matches!(
-            self,
-            WeightKey::Linear {
-                projection: Projection::DmsAlpha,
-                ..
-            } | WeightKey::Norm {
-                norm: LayerNorm::DmsAlpha,
-                ..
-            }
-        )
+    /// Whether the tensor belongs to a retrofit adapter rather than the base model.
+    pub fn is_adapter(self) -> bool {
+        matches!(self, WeightKey::Adapter { .. })
     }
 }
 
@@ -87,7 +100,6 @@ impl ModelConfig {
             Projection::O => (h, self.q_dim()),
             Projection::Gate | Projection::Up => (self.intermediate_size, h),
             Projection::Down => (h, self.intermediate_size),
-            Projection::DmsAlpha => (self.num_kv_heads, h),
         }
     }
 
@@ -96,14 +108,13 @@ impl ModelConfig {
             Projection::Q | Projection::K | Projection::V => self.qkv_bias,
             Projection::O => self.o_bias,
             Projection::Gate | Projection::Up | Projection::Down => self.mlp_bias,
-            // The official adapter is `nn.Linear(hidden, kv_heads, bias=config.attention_bias)`.
-            Projection::DmsAlpha => self.o_bias,
         }
     }
 
-    /// The shape every tensor must have, in the Hugging Face layout.
-    pub fn weight_shape(&self, key: WeightKey) -> Vec<usize> {
-        match key {
+    /// The shape every base-model tensor must have, in the Hugging Face layout; `None` for an
+    /// adapter's tensors, whose shapes the method that adds them knows (`dms::adapter_shape`).
+    pub fn weight_shape(&self, key: WeightKey) -> Option<Vec<usize>> {
+        Some(match key {
             WeightKey::Embedding | WeightKey::LmHead => vec![self.vocab_size, self.hidden_size],
             WeightKey::FinalNorm => vec![self.hidden_size],
             WeightKey::Linear {
@@ -116,7 +127,8 @@ impl ModelConfig {
                 LayerNorm::Q | LayerNorm::K => vec![self.head_dim],
                 _ => vec![self.hidden_size],
             },
-        }
+            WeightKey::Adapter { .. } => return None,
+        })
     }
 
     /// Every tensor of the base model (no DMS adapter), in a stable order.
@@ -170,30 +182,6 @@ impl ModelConfig {
         }
         keys
     }
-
-    /// The tensors the DMS adapter variant adds to every layer.
-    pub fn dms_adapter_keys(&self) -> Vec<WeightKey> {
-        let mut keys = Vec::new();
-        for layer in 0..self.num_layers {
-            keys.push(WeightKey::Linear {
-                layer,
-                projection: Projection::DmsAlpha,
-                bias: false,
-            });
-            if self.has_bias(Projection::DmsAlpha) {
-                keys.push(WeightKey::Linear {
-                    layer,
-                    projection: Projection::DmsAlpha,
-                    bias: true,
-                });
-            }
-            keys.push(WeightKey::Norm {
-                layer,
-                norm: LayerNorm::DmsAlpha,
-            });
-        }
-        keys
-    }
 }
 
 /// Where a model's tensors come from (a safetensors checkpoint, a training snapshot, ...).
@@ -211,4 +199,42 @@ pub trait WeightSource {
 pub enum ParamSlot<'a, B: burn::tensor::backend::Backend> {
     Vector(&'a mut burn::module::Param<burn::tensor::Tensor<B, 1>>),
     Matrix(&'a mut burn::module::Param<burn::tensor::Tensor<B, 2>>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adapter_param_ids_keep_the_form_earlier_snapshots_saved() {
+        // Optimizer state is keyed by these ids; earlier versions spelled the adapter as a
+        // `DmsAlpha` projection and norm, and their runs must still resume.
+        let fnv = |text: &str| {
+            burn::module::ParamId::from(text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+            }))
+        };
+        let key = |tensor| WeightKey::Adapter { layer: 7, tensor };
+        assert_eq!(
+            key(AdapterTensor::Norm).param_id(),
+            fnv("Norm { layer: 7, norm: DmsAlpha }")
+        );
+        assert_eq!(
+            key(AdapterTensor::Weight).param_id(),
+            fnv("Linear { layer: 7, projection: DmsAlpha, bias: false }")
+        );
+        assert_eq!(
+            key(AdapterTensor::Bias).param_id(),
+            fnv("Linear { layer: 7, projection: DmsAlpha, bias: true }")
+        );
+        let q = WeightKey::Linear {
+            layer: 7,
+            projection: Projection::Q,
+            bias: false,
+        };
+        assert_eq!(
+            q.param_id(),
+            fnv("Linear { layer: 7, projection: Q, bias: false }")
+        );
+    }
 }

@@ -195,7 +195,7 @@ impl<'a, B: TrainBackend> Retrofit<'a, B> {
         let (dataset, eos) = load_data(recipe, &options.recipe_dir, &ckpt)?;
         let dms = recipe.dms.config();
         let t = &recipe.train;
-        let model = student::<B>(&ckpt, &cfg, &dms, recipe, format, device)?;
+        let model = student::<B>(&ckpt, &dms, recipe, format, device)?;
         let separate_teacher = (t.trainable != Trainable::Adapter)
             .then(|| ckpt.load_decoder::<B::InnerBackend>(format, device))
             .transpose()?;
@@ -314,7 +314,6 @@ impl<'a, B: TrainBackend> Retrofit<'a, B> {
             };
             let setup = StepSetup {
                 cfg: &self.cfg,
-                dms: &self.dms,
                 target,
                 compression_weight: self.recipe.dms.compression_weight,
                 compression_loss: self.recipe.dms.compression_loss,
@@ -424,7 +423,6 @@ impl<'a, B: TrainBackend> Retrofit<'a, B> {
             .max(1);
         let settings = EvalSettings {
             cfg: &self.cfg,
-            dms: &self.dms,
             batch_size: t.micro_batch,
             eos: &[self.eos],
             kl_chunk: t.kl_chunk,
@@ -579,7 +577,6 @@ fn load_data(recipe: &Recipe, recipe_dir: &Path, ckpt: &Checkpoint) -> Result<(D
 /// The student: the base decoder with the DMS parameters, the recipe's trainable set applied.
 fn student<B: TrainBackend>(
     ckpt: &Checkpoint,
-    cfg: &ModelConfig,
     dms: &DmsConfig,
     recipe: &Recipe,
     format: FloatFormat,
@@ -588,7 +585,7 @@ fn student<B: TrainBackend>(
     let t = &recipe.train;
     let base = ckpt.load_decoder::<B>(format, device)?;
     let mut store = ckpt.store(format)?;
-    let model = DmsModel::new(base, cfg, dms, Some(&mut store), device)?;
+    let model = DmsModel::new(base, dms, Some(&mut store), device)?;
     let mut model = apply_trainable(model, t.trainable);
     model
         .base

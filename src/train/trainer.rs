@@ -28,7 +28,7 @@ use crate::dms::losses::{
 };
 use crate::dms::mask::{inference_key_decisions, retained_fraction};
 use crate::dms::noise::NoiseKey;
-use crate::dms::{DmsConfig, DmsModel, Mode};
+use crate::dms::{DmsModel, Mode};
 use crate::model::decoder::in_dtype;
 use crate::model::{Decoder, LayerNorm, ModelConfig, ParamSlot, Projection, WeightKey};
 use crate::ops::attention::{AttentionBackend, TrainBackend};
@@ -105,9 +105,9 @@ pub fn apply_trainable<B: TrainBackend>(model: DmsModel<B>, trainable: Trainable
     for (key, slot) in model.params_mut() {
         let on = match trainable {
             Trainable::All => true,
-            Trainable::Adapter => key.is_dms(),
+            Trainable::Adapter => key.is_adapter(),
             Trainable::AdapterAndAttention => {
-                key.is_dms()
+                key.is_adapter()
                     || matches!(
                         key,
                         WeightKey::Linear {
@@ -124,7 +124,7 @@ pub fn apply_trainable<B: TrainBackend>(model: DmsModel<B>, trainable: Trainable
             }
         };
         if on {
-            let dms = key.is_dms();
+            let dms = key.is_adapter();
             match slot {
                 ParamSlot::Vector(p) => make_trainable(p, dms),
                 ParamSlot::Matrix(p) => make_trainable(p, dms),
@@ -292,7 +292,6 @@ pub fn make_batch<B: AttentionBackend>(sequences: &[&Sequence], device: &B::Devi
 /// Fixed inputs of a distillation micro-step.
 pub struct StepSetup<'a> {
     pub cfg: &'a ModelConfig,
-    pub dms: &'a DmsConfig,
     /// Target fraction of closed decisions (`1 - 1/CR`).
     pub target: f64,
     pub compression_weight: f64,
@@ -335,7 +334,7 @@ pub fn distillation_micro_step<B: TrainBackend>(
     setup: &StepSetup,
     phase_done: &mut dyn FnMut(StepPhase),
 ) -> (GradientsParams, StepStats) {
-    let StepSetup { cfg, dms, .. } = *setup;
+    let StepSetup { cfg, .. } = *setup;
     let device = batch.input.device();
     let [b, seq] = batch.shape;
     let noise = noise.logistic(cfg.num_layers * b * cfg.num_kv_heads * seq);
@@ -356,12 +355,7 @@ pub fn distillation_micro_step<B: TrainBackend>(
     if setup.recompute_layers {
         return recomputing_student_pass(model, batch, teacher, &noise, setup, phase_done);
     }
-    let student = model.forward(
-        batch.input.clone(),
-        cfg,
-        dms,
-        &Mode::Train { noise: &noise },
-    );
+    let student = model.forward(batch.input.clone(), &Mode::Train { noise: &noise });
     phase_done(StepPhase::Student);
     let decisions: Vec<_> = student.layers.into_iter().map(|l| l.decisions).collect();
     let mut loss = StepLoss::new(model, batch, student.hidden, teacher, &decisions, setup);
@@ -464,7 +458,7 @@ fn recomputing_student_pass<B: TrainBackend>(
     setup: &StepSetup,
     phase_done: &mut dyn FnMut(StepPhase),
 ) -> (GradientsParams, StepStats) {
-    let StepSetup { cfg, dms, .. } = *setup;
+    let StepSetup { cfg, .. } = *setup;
     let device = batch.input.device();
     let [_, seq] = batch.shape;
     let rope = crate::model::RopeTables::<B>::for_model(cfg, 0, seq, &device);
@@ -481,7 +475,7 @@ fn recomputing_student_pass<B: TrainBackend>(
     let mut decisions = Vec::with_capacity(cfg.num_layers);
     for index in 0..cfg.num_layers {
         inputs.push(hidden.clone());
-        let (next, layer) = frozen.forward_layer(index, hidden, &inner_rope, cfg, dms, &inner_mode);
+        let (next, layer) = frozen.forward_layer(index, hidden, &inner_rope, &inner_mode);
         hidden = next;
         decisions.extend(layer.map(|l| l.decisions));
     }
@@ -509,7 +503,7 @@ fn recomputing_student_pass<B: TrainBackend>(
     for index in (0..cfg.num_layers).rev() {
         let input =
             Tensor::<B, 3>::from_inner(inputs.pop().expect("one input per layer")).require_grad();
-        let (out, layer) = model.forward_layer(index, input.clone(), &rope, cfg, dms, &mode);
+        let (out, layer) = model.forward_layer(index, input.clone(), &rope, &mode);
         let mut surrogate = match upstream.take() {
             Some(g) => (out * g).sum(),
             None => out.sum() * 0.0,
@@ -541,7 +535,6 @@ pub struct EvalReport {
 /// What an evaluation runs with besides the models and data.
 pub struct EvalSettings<'a> {
     pub cfg: &'a ModelConfig,
-    pub dms: &'a DmsConfig,
     pub batch_size: usize,
     pub eos: &'a [u32],
     pub kl_chunk: usize,
@@ -558,7 +551,6 @@ pub fn evaluate<B: AttentionBackend>(
 ) -> EvalReport {
     let EvalSettings {
         cfg,
-        dms,
         batch_size,
         eos,
         kl_chunk,
@@ -570,7 +562,7 @@ pub fn evaluate<B: AttentionBackend>(
         let batch = make_batch::<B>(&refs, device);
         let rope = crate::model::RopeTables::for_model(cfg, 0, batch.shape[1], device);
         let teacher_hidden = teacher.hidden(batch.input.clone(), &rope);
-        let out = student.forward(batch.input.clone(), cfg, dms, &Mode::Inference);
+        let out = student.forward(batch.input.clone(), &Mode::Inference);
         let mask = loss_mask::<B>(&batch.ids, &batch.mask, batch.shape, eos, device);
         let count = mask.clone().sum().into_scalar().elem::<f64>();
         let mean = distillation_loss(
@@ -588,7 +580,7 @@ pub fn evaluate<B: AttentionBackend>(
             let n = layer.decisions.shape().num_elements() as f64;
             closed += layer.decisions.clone().sum().into_scalar().elem::<f64>();
             decisions += n;
-            let kept = retained_fraction(inference_key_decisions(layer.logits), dms.window);
+            let kept = retained_fraction(inference_key_decisions(layer.logits), student.dms.window);
             heads += kept.shape().num_elements() as f64;
             retained += kept.sum().into_scalar().elem::<f64>();
         }
@@ -703,6 +695,7 @@ mod tests {
     use super::*;
     use crate::backend::CpuAutodiff;
     use crate::checkpoint::Checkpoint;
+    use crate::dms::DmsConfig;
     use crate::model::FloatFormat;
     use burn::optim::AdamWConfig;
 
@@ -742,16 +735,13 @@ mod tests {
         .input;
         for trainable in [Trainable::Adapter, Trainable::All] {
             let decoder = ckpt.load_decoder::<B>(FloatFormat::F32, &device).unwrap();
-            let model = DmsModel::new(decoder, cfg, &dms, None, &device).unwrap();
+            let model = DmsModel::new(decoder, &dms, None, &device).unwrap();
             let model = apply_trainable(model, trainable);
             let rope = crate::model::RopeTables::<
                 <B as burn::tensor::backend::AutodiffBackend>::InnerBackend,
             >::for_model(cfg, 0, 7, &device);
             let inner = model.base.valid().hidden(input.clone().inner(), &rope);
-            let graph = model
-                .forward(input.clone(), cfg, &dms, &Mode::Original)
-                .hidden
-                .inner();
+            let graph = model.forward(input.clone(), &Mode::Original).hidden.inner();
             let (a, b): (Vec<f32>, Vec<f32>) = (
                 inner.into_data().to_vec().unwrap(),
                 graph.into_data().to_vec().unwrap(),
@@ -770,7 +760,7 @@ mod tests {
         let device = Default::default();
         let dms = DmsConfig::default();
         let decoder = ckpt.load_decoder::<B>(FloatFormat::F32, &device).unwrap();
-        let model = DmsModel::new(decoder, cfg, &dms, None, &device).unwrap();
+        let model = DmsModel::new(decoder, &dms, None, &device).unwrap();
         let mut model = apply_trainable(model, Trainable::Adapter);
         let mut optimizer = AdamWConfig::new().init::<B, DmsModel<B>>();
         let batch = make_batch::<B>(
@@ -782,7 +772,6 @@ mod tests {
         );
         let setup = StepSetup {
             cfg,
-            dms: &dms,
             target: 0.5,
             compression_weight: 1.0,
             compression_loss: CompressionLoss::Hinge,
@@ -856,10 +845,10 @@ mod tests {
                 ..DmsConfig::default()
             };
             let decoder = ckpt.load_decoder::<B>(FloatFormat::F32, &device).unwrap();
-            let mut model = DmsModel::new(decoder, cfg, &dms, None, &device).unwrap();
+            let mut model = DmsModel::new(decoder, &dms, None, &device).unwrap();
             // Random adapters, so that decisions sit where their gradients are not ~0.
             for (key, slot) in model.params_mut() {
-                if let (true, ParamSlot::Matrix(p)) = (key.is_dms(), slot) {
+                if let (true, ParamSlot::Matrix(p)) = (key.is_adapter(), slot) {
                     let dims = p.val().dims();
                     *p = Param::initialized(
                         p.id,
@@ -890,7 +879,6 @@ mod tests {
             let step_of = |model: &DmsModel<B>, recompute_layers: bool| {
                 let setup = StepSetup {
                     cfg,
-                    dms: &dms,
                     target: 0.6,
                     compression_weight: 1.0,
                     compression_loss: CompressionLoss::Hinge,

@@ -72,7 +72,7 @@ pub fn golden_dms_model(case: &str) -> (Checkpoint, DmsModel<Cpu>, DmsConfig) {
     let base = ckpt.load_decoder::<Cpu>(FloatFormat::F32, &device).unwrap();
     let mut adapters =
         SafetensorsStore::open(&[dir.join("inputs.safetensors")], FloatFormat::F32).unwrap();
-    let model = DmsModel::new(base, &ckpt.config, &dms, Some(&mut adapters), &device).unwrap();
+    let model = DmsModel::new(base, &dms, Some(&mut adapters), &device).unwrap();
     (ckpt, model, dms)
 }
 
@@ -80,7 +80,6 @@ pub fn golden_dms_model(case: &str) -> (Checkpoint, DmsModel<Cpu>, DmsConfig) {
 pub fn forward_logits(
     model: &DmsModel<Cpu>,
     ckpt: &Checkpoint,
-    dms: &DmsConfig,
     ids: &[u32],
     mode: Mode<Cpu>,
 ) -> Vec<Vec<f32>> {
@@ -91,7 +90,7 @@ pub fn forward_logits(
         ),
         &Default::default(),
     );
-    let out = model.forward(input, &ckpt.config, dms, &mode);
+    let out = model.forward(input, &mode);
     let v = model
         .logits(out.hidden)
         .into_data()
