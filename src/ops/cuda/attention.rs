@@ -7,9 +7,10 @@ use burn::tensor::{DType, FloatDType, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 
-use super::{BLOCK, Cube, Gemm, KernelArg, Matrix, on_cubecl_stream};
+use super::{BLOCK, Cube, DeviceContext, Gemm, KernelArg, Matrix, on_cubecl_stream};
 use crate::backend::Cuda;
 use crate::ops::attention::{AttentionForward, AttentionGrads, AttentionInputs, AttentionOptions};
+use cudarc::driver::CudaFunction;
 
 /// Longest query chunk: shorter chunks skip more of the causal upper triangle, longer ones
 /// launch fewer GEMMs.
@@ -353,63 +354,7 @@ pub fn attention_backward(
     ];
     tensors.extend(&bias);
     if flash_applies(&geo) {
-        on_cubecl_stream(&tensors, |context, p| {
-            let kv_bytes = batch * kv_heads * k_len * dim * 4;
-            context.zero(p[7], kv_bytes)?;
-            context.zero(p[8], kv_bytes)?;
-            context.zero(p[9], batch * kv_heads * k_len * 4)?;
-            let kernels = context.kernels()?;
-            let (kv_kernel, q_kernel) = match dim {
-                64 => (
-                    kernels.flash_backward_kv_d64.clone(),
-                    kernels.flash_backward_q_d64.clone(),
-                ),
-                _ => (
-                    kernels.flash_backward_kv_d128.clone(),
-                    kernels.flash_backward_q_d128.clone(),
-                ),
-            };
-            let bias_ptr = KernelArg::Pointer(p.get(10).copied().unwrap_or(0));
-            let inputs = || {
-                [
-                    KernelArg::Pointer(p[0]),
-                    KernelArg::Pointer(p[1]),
-                    KernelArg::Pointer(p[2]),
-                    KernelArg::Pointer(p[3]),
-                    KernelArg::Pointer(p[4]),
-                    KernelArg::Pointer(p[5]),
-                ]
-            };
-            let sizes = geo.flash_args(options);
-            let mut kv_args = Vec::from(inputs());
-            kv_args.push(bias_ptr.clone());
-            kv_args.extend([
-                KernelArg::Pointer(p[7]),
-                KernelArg::Pointer(p[8]),
-                KernelArg::Pointer(if with_bias_grad { p[9] } else { 0 }),
-            ]);
-            kv_args.extend(sizes.clone());
-            context.launch(
-                &kv_kernel,
-                (
-                    k_len.div_ceil(FLASH_KEYS) as u32,
-                    heads as u32,
-                    batch as u32,
-                ),
-                FLASH_THREADS,
-                &kv_args,
-            )?;
-            let mut q_args = Vec::from(inputs());
-            q_args.extend([bias_ptr, KernelArg::Pointer(p[6])]);
-            q_args.extend(sizes);
-            context.launch_with_shared(
-                &q_kernel,
-                geo.flash_query_grid(),
-                FLASH_THREADS,
-                super::flash_tile_shared_bytes(dim),
-                &q_args,
-            )
-        })?;
+        flash_backward(&geo, &tensors, with_bias_grad, options)?;
     } else {
         gemm_backward(&geo, &tensors, with_bias_grad, options)?;
     }
@@ -421,6 +366,81 @@ pub fn attention_backward(
             (true, Some(bias_dtype)) => Some(tensor::<3>(grad_bias).cast(bias_dtype)),
             _ => None,
         },
+    })
+}
+
+/// The backward as the two flash kernels (bf16, head_dim 64 or 128): dK, dV and the bias
+/// gradient per key block of a KV head, dQ per query block. `tensors` as for [`gemm_backward`].
+fn flash_backward(
+    geo: &Geometry,
+    tensors: &[&Cube],
+    with_bias_grad: bool,
+    options: &AttentionOptions,
+) -> Option<()> {
+    let Geometry {
+        batch,
+        heads,
+        kv_heads,
+        k_len,
+        dim,
+        ..
+    } = *geo;
+    on_cubecl_stream(tensors, |context, p| {
+        let kv_bytes = batch * kv_heads * k_len * dim * 4;
+        context.zero(p[7], kv_bytes)?;
+        context.zero(p[8], kv_bytes)?;
+        context.zero(p[9], batch * kv_heads * k_len * 4)?;
+        let kernels = context.kernels()?;
+        let (kv_kernel, q_kernel) = match dim {
+            64 => (
+                kernels.flash_backward_kv_d64.clone(),
+                kernels.flash_backward_q_d64.clone(),
+            ),
+            _ => (
+                kernels.flash_backward_kv_d128.clone(),
+                kernels.flash_backward_q_d128.clone(),
+            ),
+        };
+        let bias_ptr = KernelArg::Pointer(p.get(10).copied().unwrap_or(0));
+        let inputs = || {
+            [
+                KernelArg::Pointer(p[0]),
+                KernelArg::Pointer(p[1]),
+                KernelArg::Pointer(p[2]),
+                KernelArg::Pointer(p[3]),
+                KernelArg::Pointer(p[4]),
+                KernelArg::Pointer(p[5]),
+            ]
+        };
+        let sizes = geo.flash_args(options);
+        let mut kv_args = Vec::from(inputs());
+        kv_args.push(bias_ptr.clone());
+        kv_args.extend([
+            KernelArg::Pointer(p[7]),
+            KernelArg::Pointer(p[8]),
+            KernelArg::Pointer(if with_bias_grad { p[9] } else { 0 }),
+        ]);
+        kv_args.extend(sizes.clone());
+        context.launch(
+            &kv_kernel,
+            (
+                k_len.div_ceil(FLASH_KEYS) as u32,
+                heads as u32,
+                batch as u32,
+            ),
+            FLASH_THREADS,
+            &kv_args,
+        )?;
+        let mut q_args = Vec::from(inputs());
+        q_args.extend([bias_ptr, KernelArg::Pointer(p[6])]);
+        q_args.extend(sizes);
+        context.launch_with_shared(
+            &q_kernel,
+            geo.flash_query_grid(),
+            FLASH_THREADS,
+            super::flash_tile_shared_bytes(dim),
+            &q_args,
+        )
     })
 }
 
@@ -507,23 +527,7 @@ fn gemm_backward(
             args.extend(geo.row_args(&chunk, options));
             context.launch(&grad_rows, (rows as u32, group as u32, 1), BLOCK, &args)?;
             if with_bias_grad {
-                let splits = (group * rows).div_ceil(64);
-                let [keys_arg, rows_arg, _, qpos0, window] = geo.row_args(&chunk, options);
-                context.launch(
-                    &bias_columns,
-                    (keys.div_ceil(BLOCK as usize) as u32, splits as u32, 1),
-                    BLOCK,
-                    &[
-                        KernelArg::Pointer(grad),
-                        KernelArg::Pointer(geo.bias_head(&chunk, Some(db_ptr))),
-                        keys_arg,
-                        rows_arg,
-                        KernelArg::Int(group as i32),
-                        qpos0,
-                        window,
-                        KernelArg::Int(64),
-                    ],
-                )?;
+                add_bias_grad(context, &bias_columns, geo, &chunk, grad, db_ptr, options)?;
             }
             // dQ = scale dS K for the group's heads (each row's keys are all here).
             context.gemm(&Gemm {
@@ -536,27 +540,84 @@ fn gemm_backward(
                 alpha: scale,
                 beta: 0.0,
             })?;
-            // dV += Pᵀ dO and dK += scale dSᵀ Q, head by head into the shared KV head.
-            for g in 0..group {
-                let head_rows = q_rows + (g * per_head) as u64 * elem;
-                let chunk_at = (g * scores_at) as u64 * elem;
-                for (left, right, out, alpha) in [
-                    (probs, do_ptr, dv_head, 1.0),
-                    (grad_low, q_ptr, dk_head, scale),
-                ] {
-                    context.gemm(&Gemm {
-                        a: Matrix::packed(left + chunk_at, rows, keys, 0, dtype),
-                        a_transposed: true,
-                        b: Matrix::packed(right + head_rows, rows, dim, 0, dtype),
-                        b_transposed: false,
-                        c: Matrix::packed(out, keys, dim, 0, DType::F32),
-                        batch: 1,
-                        alpha,
-                        beta: 1.0,
-                    })?;
-                }
-            }
+            accumulate_kv_grads(
+                context,
+                geo,
+                &chunk,
+                [probs, grad_low],
+                [do_ptr, q_ptr],
+                [dv_head, dk_head],
+                scale,
+            )?;
         }
         Ok(())
     })
+}
+
+/// One chunk's key-bias gradient: the columns of `dS` (f32, at `grad`) summed over the group's
+/// rows into the KV head's f32 accumulator in `db_ptr`.
+fn add_bias_grad(
+    context: &mut DeviceContext,
+    kernel: &CudaFunction,
+    geo: &Geometry,
+    chunk: &Chunk,
+    grad: u64,
+    db_ptr: u64,
+    options: &AttentionOptions,
+) -> Result<(), String> {
+    let splits = (geo.group * chunk.rows).div_ceil(64);
+    let [keys_arg, rows_arg, _, qpos0, window] = geo.row_args(chunk, options);
+    context.launch(
+        kernel,
+        (chunk.keys.div_ceil(BLOCK as usize) as u32, splits as u32, 1),
+        BLOCK,
+        &[
+            KernelArg::Pointer(grad),
+            KernelArg::Pointer(geo.bias_head(chunk, Some(db_ptr))),
+            keys_arg,
+            rows_arg,
+            KernelArg::Int(geo.group as i32),
+            qpos0,
+            window,
+            KernelArg::Int(64),
+        ],
+    )
+}
+
+/// `dV += Pᵀ dO` and `dK += scale dSᵀ Q` for one chunk, head by head of the group into the shared
+/// KV head's f32 accumulators. `[probs, grad_low]`: the chunk's `P` and `dS` in the activation
+/// dtype; `[do_ptr, q_ptr]`: `dO` and `Q`; `[dv_head, dk_head]`: the KV head's accumulators.
+fn accumulate_kv_grads(
+    context: &mut DeviceContext,
+    geo: &Geometry,
+    chunk: &Chunk,
+    [probs, grad_low]: [u64; 2],
+    [do_ptr, q_ptr]: [u64; 2],
+    [dv_head, dk_head]: [u64; 2],
+    scale: f32,
+) -> Result<(), String> {
+    let (rows, keys, dim, elem, dtype) = (chunk.rows, chunk.keys, geo.dim, geo.elem, geo.dtype);
+    let q_rows = geo.q_rows(chunk);
+    let per_head = geo.q_len * dim;
+    let scores_at = rows * keys;
+    for g in 0..geo.group {
+        let head_rows = q_rows + (g * per_head) as u64 * elem;
+        let chunk_at = (g * scores_at) as u64 * elem;
+        for (left, right, out, alpha) in [
+            (probs, do_ptr, dv_head, 1.0),
+            (grad_low, q_ptr, dk_head, scale),
+        ] {
+            context.gemm(&Gemm {
+                a: Matrix::packed(left + chunk_at, rows, keys, 0, dtype),
+                a_transposed: true,
+                b: Matrix::packed(right + head_rows, rows, dim, 0, dtype),
+                b_transposed: false,
+                c: Matrix::packed(out, keys, dim, 0, DType::F32),
+                batch: 1,
+                alpha,
+                beta: 1.0,
+            })?;
+        }
+    }
+    Ok(())
 }
