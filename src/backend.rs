@@ -16,6 +16,20 @@ pub type CpuAutodiff = burn::backend::Autodiff<Cpu>;
 #[cfg(feature = "cuda")]
 pub type Cuda = burn::backend::Cuda<f32, i32>;
 
+/// Bytes the GPU backend's memory pools hold on `device` now, `(in use, reserved)`; `None` on the
+/// CPU. A sample, not a peak: callers take the largest over the points they sample.
+pub fn device_pool_bytes<D: 'static>(device: &D) -> Option<(u64, u64)> {
+    #[cfg(feature = "cuda")]
+    {
+        let any = device as &dyn std::any::Any;
+        if let Some(cuda) = any.downcast_ref::<burn_cubecl::cubecl::cuda::CudaDevice>() {
+            return crate::ops::cuda::pool_bytes(cuda);
+        }
+    }
+    let _ = device;
+    None
+}
+
 /// Where compiled kernels and autotune results are kept between runs: `DMS_RETROFIT_CACHE`, else
 /// `$XDG_CACHE_HOME/dms-retrofit`, else `~/.cache/dms-retrofit`; one folder per GPU model (an H100's
 /// tuning is not reused on an H200).

@@ -99,6 +99,11 @@ struct StepReport {
     /// Median seconds per phase of the profiled steps (with `--profile`).
     #[serde(skip_serializing_if = "Option::is_none")]
     phases_s: Option<std::collections::BTreeMap<&'static str, f64>>,
+    /// GPU memory pools (with `--profile` on CUDA), GiB: the most bytes in use by live tensors
+    /// and reserved in pages at the end of any profiled phase (samples, so a lower bound of the
+    /// peak inside a phase); `nvidia-smi` adds the CUDA context to the reserved figure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pool_gib: Option<PoolGib>,
     /// CUDA hand-offs per timed step (count, and the host seconds they took: looking up
     /// buffers, choosing GEMM algorithms, enqueueing); absent on the CPU.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -107,6 +112,43 @@ struct StepReport {
     /// random weights and tokens give the same numbers up to rounding, whichever GEMM runs.
     losses: Vec<f64>,
     grad_norms: Vec<f64>,
+}
+
+#[derive(Serialize)]
+struct PoolGib {
+    in_use_max: f64,
+    reserved_max: f64,
+}
+
+/// The profiled steps' phase times and GPU pool samples.
+#[derive(Default)]
+struct Profile {
+    phase_times: std::collections::BTreeMap<&'static str, Vec<f64>>,
+    pool_max: Option<(u64, u64)>,
+}
+
+impl Profile {
+    /// Ends phase `name` (the device already synchronised): its time since `mark`, a pool sample.
+    fn lap<D: 'static>(&mut self, name: &'static str, mark: &mut Instant, device: &D) {
+        let now = Instant::now();
+        self.phase_times
+            .entry(name)
+            .or_default()
+            .push((now - *mark).as_secs_f64());
+        *mark = now;
+        if let Some((used, reserved)) = crate::backend::device_pool_bytes(device) {
+            let (u, r) = self.pool_max.unwrap_or((0, 0));
+            self.pool_max = Some((u.max(used), r.max(reserved)));
+        }
+    }
+
+    fn pool_gib(&self) -> Option<PoolGib> {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        self.pool_max.map(|(used, reserved)| PoolGib {
+            in_use_max: gib(used),
+            reserved_max: gib(reserved),
+        })
+    }
 }
 
 /// Model shapes for benchmarks (architecture sizes of the public checkpoints).
@@ -305,7 +347,7 @@ fn step_bench<B: TrainBackend>(
     #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
     let mut handoffs: Option<HandoffsPerStep> = None;
     let (mut losses, mut grad_norms) = (Vec::new(), Vec::new());
-    let mut phase_times: std::collections::BTreeMap<&'static str, Vec<f64>> = Default::default();
+    let mut profile = Profile::default();
     let profiled = if args.profile { 2 } else { 0 };
     for step in 0..=args.steps + profiled {
         let profiling = step > args.steps;
@@ -315,12 +357,7 @@ fn step_bench<B: TrainBackend>(
         let mut lap = |name: &'static str| {
             if profiling {
                 let _ = B::sync(device);
-                let now = Instant::now();
-                phase_times
-                    .entry(name)
-                    .or_default()
-                    .push((now - mark).as_secs_f64());
-                mark = now;
+                profile.lap(name, &mut mark, device);
             }
         };
         let batch = make_batch::<B>(&[&sequence], device);
@@ -365,7 +402,7 @@ fn step_bench<B: TrainBackend>(
         _ => median(times[1..].to_vec()),
     };
     let phases_s = args.profile.then(|| {
-        phase_times
+        std::mem::take(&mut profile.phase_times)
             .into_iter()
             .map(|(name, t)| (name, median(t)))
             .collect()
@@ -383,6 +420,7 @@ fn step_bench<B: TrainBackend>(
         step_s,
         tokens_per_s: args.seq as f64 / step_s,
         phases_s,
+        pool_gib: profile.pool_gib(),
         cuda_handoffs_per_step: handoffs,
         losses,
         grad_norms,

@@ -117,6 +117,14 @@ static STATS: Mutex<HandoffStats> = Mutex::new(HandoffStats {
     host_s: 0.0,
 });
 
+/// Bytes cubecl's memory pools hold on `device` now: `(in use by live tensors, reserved in
+/// pages)`. What `nvidia-smi` shows is the reserved figure plus the CUDA context.
+pub fn pool_bytes(device: &burn_cubecl::cubecl::cuda::CudaDevice) -> Option<(u64, u64)> {
+    use burn_cubecl::cubecl::Runtime;
+    let usage = CudaRuntime::client(device).memory_usage().ok()?;
+    Some((usage.bytes_in_use, usage.bytes_reserved))
+}
+
 /// The statistics gathered since the last call, which resets them.
 pub fn take_handoff_stats() -> HandoffStats {
     STATS
