@@ -41,9 +41,10 @@ declare -A candidates=(
     [h-all-cr4]="train.trainable=\"all\" train.lr=3e-5 dms.cr_final=4.0"
     [i-attention-cr10]="train.trainable=\"adapter+attention\" train.lr=1e-4 dms.cr_final=10.0 dms.steps_per_cr=27"
     [j-all-lr1e-4]="train.trainable=\"all\" train.lr=1e-4"
-    # Second round: a longer hold, tau, self-generated chat data. (The overshoot's fix, the
+    # Second round, same 360 steps: a longer hold (CR 8 at step 154 instead of 245), tau,
+    # self-generated chat data (gen-data) alone and mixed with Shakespeare. (The overshoot's fix, the
     # two-sided compression loss, is run as the shipped recipes/smollm2-135m-cr4.toml itself.)
-    [l-attention-hold]="train.trainable=\"adapter+attention\" train.lr=1e-4 train.max_steps=480"
+    [l-attention-hold]="train.trainable=\"adapter+attention\" train.lr=1e-4 dms.steps_per_cr=22"
     [m-attention-tau0.3]="train.trainable=\"adapter+attention\" train.lr=1e-4 dms.tau=0.3"
     [n-attention-chat]="train.trainable=\"adapter+attention\" train.lr=1e-4 data.train_files=[\"$corpus/chat.jsonl\"] data.chat_template=true"
     [o-attention-mix]="train.trainable=\"adapter+attention\" train.lr=1e-4 data.train_files=[\"$corpus/train.jsonl\",\"$corpus/chat.jsonl\"] data.chat_template=true"

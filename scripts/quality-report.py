@@ -7,7 +7,8 @@ measured CR, and the best training-free baseline at the same KV budget.
 
 Baselines always run on the original weights: `base/*.json` (eval of the base model at a fixed CR)
 and the reports of adapter-only runs (whose non-DMS weights are the original's). A candidate's own
-report is used for the baselines only when its weights are the original's.
+report is used for the baselines only when they ran on the original weights: adapter-only runs, and
+reports whose "original" names a separate model (eval loads the recorded base since 2026-12-02).
 """
 import glob
 import json
@@ -42,12 +43,16 @@ table = []
 for name in runs:
     d = os.path.join(root, name)
     summary = load(os.path.join(d, "summary.json"))
-    own_weights = "adapter" in name and "attention" not in name
+    adapter_only = "adapter" in name and "attention" not in name
     entry = {"name": name, "summary": summary, "lengths": {}}
     for path in sorted(glob.glob(os.path.join(d, "eval-*.json"))):
-        seq, r = rows(load(path))
+        report = load(path)
+        seq, r = rows(report)
         entry["lengths"][seq] = r
-        if own_weights:
+        # Reports written since eval loads the recorded base say so in "original"; earlier ones
+        # ran their baselines on the retrofit's own weights.
+        separate_original = not report.get("original", "").startswith("the model itself")
+        if adapter_only or ("original" in report and separate_original):
             for m in BASELINES:
                 points.setdefault(seq, []).append((r[m]["compression_ratio"], m, r[m]["perplexity"]))
     table.append(entry)
