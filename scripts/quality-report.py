@@ -13,6 +13,7 @@ reports whose "original" names a separate model (eval loads the recorded base si
 import glob
 import json
 import os
+import re
 import sys
 
 root = sys.argv[1]
@@ -38,11 +39,42 @@ for path in sorted(glob.glob(os.path.join(root, "base", "*.json"))):
     for m in BASELINES:
         points.setdefault(seq, []).append((r[m]["compression_ratio"], m, r[m]["perplexity"]))
 
-runs = sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "summary.json")))
+def train_lines(d):
+    for name in ("metrics-thinned.jsonl", "metrics-every-20.jsonl"):
+        path = os.path.join(d, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                return [l for l in map(json.loads, filter(str.strip, f)) if l.get("kind") == "train"]
+    return []
+
+
+def train_cr_cell(d, summary):
+    """Train CR at the last step, and the mean over the last 60 steps where every step was kept
+    (one micro-batch's CR is noisy), against the target."""
+    lines = train_lines(d)
+    last = summary["last"] if summary else (lines[-1] if lines else None)
+    if last is None:
+        return "-"
+    cell = f"{last['train_cr']:.2f}"
+    tail = [l["train_cr"] for l in lines if l["step"] > lines[-1]["step"] - 60]
+    if len(tail) == 60:
+        cell += f", mean {sum(tail) / 60:.2f}"
+    cell += f" ({last['target_cr']:.0f})"
+    if not summary:
+        # Stopped by a time limit before its summary: say which checkpoint was evaluated.
+        log = os.path.join(d, "export.log")
+        step = re.search(r"\(step (\d+)", open(log).read()) if os.path.isfile(log) else None
+        cell += f" [stopped; evaluated step {step.group(1) if step else '?'}]"
+    return cell
+
+
+runs = sorted(d for d in os.listdir(root)
+              if d != "base" and glob.glob(os.path.join(root, d, "eval-*.json")))
 table = []
 for name in runs:
     d = os.path.join(root, name)
-    summary = load(os.path.join(d, "summary.json"))
+    path = os.path.join(d, "summary.json")
+    summary = load(path) if os.path.isfile(path) else None
     adapter_only = "adapter" in name and "attention" not in name
     entry = {"name": name, "summary": summary, "lengths": {}}
     for path in sorted(glob.glob(os.path.join(d, "eval-*.json"))):
@@ -69,8 +101,7 @@ print("| run | train CR (target) | " + " | ".join(
     f"{s} tok: PPL (vs original) | CR | best baseline at that CR" for s in sorted(original)) + " |")
 print("|---|---|" + "---|---|---|" * len(original))
 for e in table:
-    last = e["summary"]["last"]
-    cells = [e["name"], f"{last['train_cr']:.2f} ({last['target_cr']:.0f})"]
+    cells = [e["name"], train_cr_cell(os.path.join(root, e["name"]), e["summary"])]
     for seq in sorted(original):
         r = e["lengths"].get(seq)
         if not r:
@@ -82,7 +113,7 @@ for e in table:
         b = best_baseline(seq, dms["compression_ratio"])
         if b:
             bd = 100 * (b[2] / original[seq] - 1)
-            cells.append(f"{b[1]} {b[2]:.3f} ({bd:+.2f}%) at CR {b[0]:.2f}; {bd / max(delta, 1e-9):.1f}x DMS's increase" if delta > 0 else f"{b[1]} {b[2]:.3f} ({bd:+.2f}%) at CR {b[0]:.2f}")
+            cells.append(f"{b[1]} {b[2]:.3f} ({bd:+.2f}%) at CR {b[0]:.2f}; {bd / max(delta, 1e-9):.1f}x DMS's increase" if delta > 0.05 else f"{b[1]} {b[2]:.3f} ({bd:+.2f}%) at CR {b[0]:.2f}")
         else:
             cells.append("-")
     print("| " + " | ".join(cells) + " |")
