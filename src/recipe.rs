@@ -212,6 +212,11 @@ impl TrainSection {
 pub struct RunSection {
     /// `cpu`, `cuda` or `cuda:N`.
     pub device: String,
+    /// Data-parallel ranks, one per device (`["cpu", "cpu"]`: simulated ranks in one process);
+    /// empty: one rank on `device`. `train.grad_accum` stays the global number of micro-batches
+    /// per step, split evenly over the ranks, so the run does not change with the device count.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
     /// Run folder (relative to the current directory).
     pub output_dir: PathBuf,
     /// Save a resumable checkpoint every N steps (0: only at the end).
@@ -228,6 +233,7 @@ impl Default for RunSection {
     fn default() -> Self {
         Self {
             device: "cpu".into(),
+            devices: Vec::new(),
             output_dir: PathBuf::from("runs/default"),
             checkpoint_every: 100,
             eval_every: 100,
@@ -334,6 +340,31 @@ impl Recipe {
             "model.dtype must be one of: auto, f32, bf16, f16",
         )?;
         self.device()?;
+        let devices = self.devices()?;
+        let ranks = devices.len();
+        if !t.grad_accum.is_multiple_of(ranks) {
+            bail!(
+                "train.grad_accum = {} must be a multiple of the {ranks} devices in run.devices \
+                 (it is the global number of micro-batches per step, split evenly over the ranks); \
+                 use train.grad_accum = {}",
+                t.grad_accum,
+                t.grad_accum.div_ceil(ranks) * ranks
+            );
+        }
+        use crate::backend::DeviceSpec;
+        let on_cpu = devices.iter().filter(|d| **d == DeviceSpec::Cpu).count();
+        if on_cpu != 0 && on_cpu != ranks {
+            bail!("run.devices mixes the CPU with GPUs; use one kind of device");
+        }
+        let mut gpus: Vec<String> = devices
+            .iter()
+            .filter(|d| **d != DeviceSpec::Cpu)
+            .map(|d| d.to_string())
+            .collect();
+        gpus.sort();
+        if let Some(twice) = gpus.windows(2).find(|w| w[0] == w[1]) {
+            bail!("run.devices names {} twice; one rank per GPU", twice[0]);
+        }
         check(self.run.keep_last >= 1, "run.keep_last must be >= 1")?;
         check(
             self.run.eval_sequences >= 1,
@@ -344,6 +375,18 @@ impl Recipe {
             "run.output_dir must name a folder (it is empty)",
         )?;
         Ok(())
+    }
+
+    /// The devices of the data-parallel ranks (`run.devices`, else `run.device` alone).
+    pub fn devices(&self) -> Result<Vec<crate::backend::DeviceSpec>> {
+        if self.run.devices.is_empty() {
+            return Ok(vec![self.device()?]);
+        }
+        self.run
+            .devices
+            .iter()
+            .map(|d| d.parse().with_context(|| "run.devices".to_string()))
+            .collect()
     }
 
     pub fn device(&self) -> Result<crate::backend::DeviceSpec> {

@@ -8,7 +8,7 @@ use clap::Args;
 use crate::backend::{CpuAutodiff, DeviceSpec};
 use crate::model::FloatFormat;
 use crate::recipe::Recipe;
-use crate::train::{TrainOptions, plot, train};
+use crate::train::{TrainOptions, plot, train_ranks};
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
@@ -31,8 +31,16 @@ pub struct TrainArgs {
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let recipe = Recipe::load(&args.recipe, &args.overrides)?;
-    let device = recipe.device()?;
+    let devices = recipe.devices()?;
+    let device = devices[0];
     device.ensure_available()?;
+    if devices.len() > 1 && device != DeviceSpec::Cpu {
+        anyhow::bail!(
+            "run.devices names {} GPUs: multi-GPU training needs NCCL, which this build does not \
+             have yet (issue 19); use one GPU (run.device), or [\"cpu\", ...] for simulated ranks",
+            devices.len()
+        );
+    }
     let format = match recipe.model.dtype.as_str() {
         "auto" => device.default_format(),
         other => FloatFormat::parse(other).expect("validated"),
@@ -50,7 +58,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
                     "model.dtype = {format:?} is not supported on the CPU; use f32 or auto"
                 );
             }
-            train::<CpuAutodiff>(&recipe, &options, format, &Default::default())?
+            let ranks = vec![Default::default(); devices.len()];
+            train_ranks::<CpuAutodiff>(&recipe, &options, format, &ranks)?
         }
         DeviceSpec::Cuda(index) => train_cuda(&recipe, &options, format, index)?,
     };
@@ -102,7 +111,9 @@ fn train_cuda(
 ) -> Result<crate::train::TrainSummary> {
     let device = burn::backend::cuda::CudaDevice::new(index);
     crate::backend::init_cuda(&device, format)?;
-    train::<burn::backend::Autodiff<crate::backend::Cuda>>(recipe, options, format, &device)
+    crate::train::train::<burn::backend::Autodiff<crate::backend::Cuda>>(
+        recipe, options, format, &device,
+    )
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -1,10 +1,11 @@
 //! The training loop, its checkpoints and its metrics plot.
 
+pub mod collective;
 pub mod plot;
 mod retrofit;
 mod trainer;
 
-pub use retrofit::train;
+pub use retrofit::{train, train_ranks};
 pub use trainer::{
     Batch, EvalReport, EvalSettings, StepPhase, StepSetup, StepStats, TrainOptions, TrainSummary,
     apply_trainable, clip_global_norm, distillation_micro_step, evaluate, make_batch,

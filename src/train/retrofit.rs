@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -15,6 +15,7 @@ use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Opt
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use super::collective::{Collective, InProcessGroup, RankAborted, Single, all_reduce_gradients};
 use super::plot::{self, EvalMetrics, MetricLine, TrainMetrics};
 use super::trainer::{
     EvalSettings, StepSetup, TrainOptions, TrainSummary, append_metrics, apply_trainable,
@@ -43,43 +44,163 @@ pub fn train<B: TrainBackend>(
     format: FloatFormat,
     device: &B::Device,
 ) -> Result<TrainSummary> {
+    train_ranks::<B>(recipe, options, format, std::slice::from_ref(device))
+}
+
+/// Runs (or resumes) a retrofit with one data-parallel rank per device, as threads of this
+/// process. The ranks split each step's `train.grad_accum` micro-batches evenly, sum their
+/// gradients and metrics, and take the same optimizer step; rank 0 alone writes the run folder.
+pub fn train_ranks<B: TrainBackend>(
+    recipe: &Recipe,
+    options: &TrainOptions,
+    format: FloatFormat,
+    devices: &[B::Device],
+) -> Result<TrainSummary> {
+    let world = devices.len();
+    if world == 0 || !recipe.train.grad_accum.is_multiple_of(world) {
+        bail!(
+            "train.grad_accum = {} must be a multiple of the number of ranks ({world})",
+            recipe.train.grad_accum
+        );
+    }
     // Installed before the slow loading, so that an early signal stops the run cleanly too.
     let interrupted = interrupt_flag();
     let run = open_run(recipe, options)?;
+    let (step, was_interrupted) = if world == 1 {
+        rank_loop::<B>(
+            recipe,
+            options,
+            format,
+            &devices[0],
+            &run,
+            &interrupted,
+            &Single,
+        )?
+    } else {
+        let group = InProcessGroup::new(world);
+        let results: Vec<Result<(u64, bool)>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = devices
+                .iter()
+                .enumerate()
+                .map(|(rank, device)| {
+                    let (member, run, interrupted) = (group.member(rank), &run, &interrupted);
+                    scope.spawn(move || {
+                        // Released on any exit, a panic included, so no rank waits forever.
+                        let mut guard = AbortOnFailure(&member, true);
+                        let result = rank_loop::<B>(
+                            recipe,
+                            options,
+                            format,
+                            device,
+                            run,
+                            interrupted,
+                            &member,
+                        );
+                        guard.1 = result.is_err();
+                        result
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .enumerate()
+                .map(|(rank, h)| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("rank {rank} panicked")))
+                })
+                .collect()
+        });
+        first_failure(results)?
+    };
+    finish(&run, step, was_interrupted)
+}
+
+/// Aborts the group when dropped with `.1` set (a failed or unwinding rank).
+struct AbortOnFailure<'c>(&'c dyn Collective, bool);
+
+impl Drop for AbortOnFailure<'_> {
+    fn drop(&mut self) {
+        if self.1 {
+            self.0.abort();
+        }
+    }
+}
+
+/// Rank 0's result, or the first error that is not a rank being told another failed.
+fn first_failure(results: Vec<Result<(u64, bool)>>) -> Result<(u64, bool)> {
+    let mut first_abort = None;
+    let mut lead = None;
+    for result in results {
+        match result {
+            Err(e) if e.downcast_ref::<RankAborted>().is_some() => {
+                first_abort.get_or_insert(e);
+            }
+            Err(e) => return Err(e),
+            Ok(done) => {
+                lead.get_or_insert(done);
+            }
+        }
+    }
+    match (first_abort, lead) {
+        (Some(e), _) => Err(e),
+        (None, Some(done)) => Ok(done),
+        (None, None) => bail!("no rank ran"),
+    }
+}
+
+/// One rank's loop; rank 0 writes the metrics, evaluations, snapshots and checkpoints.
+fn rank_loop<B: TrainBackend>(
+    recipe: &Recipe,
+    options: &TrainOptions,
+    format: FloatFormat,
+    device: &B::Device,
+    run: &RunFolder,
+    interrupted: &AtomicBool,
+    ranks: &dyn Collective,
+) -> Result<(u64, bool)> {
+    let lead = ranks.rank() == 0;
     let (mut retrofit, mut model) = Retrofit::<B>::load(recipe, options, format, device)?;
     let mut optimizer = adamw::<B>(recipe);
-    let start = retrofit.resume(&run, options.resume, &mut model, &mut optimizer)?;
-    atomic::write_file(
-        &run.root().join(crate::run::RECIPE_FILE),
-        retrofit.recipe_toml.as_bytes(),
-    )?;
+    let start = retrofit.resume(run, options.resume, lead, &mut model, &mut optimizer)?;
+    if lead {
+        atomic::write_file(
+            &run.root().join(crate::run::RECIPE_FILE),
+            retrofit.recipe_toml.as_bytes(),
+        )?;
+    }
 
     let total = recipe.train.max_steps;
-    let bar = progress_bar(total, start, options.quiet);
+    let bar = progress_bar(total, start, options.quiet || !lead);
     // A signal during loading stops before the first step: nothing new to save.
-    let mut was_interrupted = interrupted.load(Ordering::SeqCst);
+    let mut was_interrupted = any_rank(ranks, interrupted.load(Ordering::SeqCst))?;
     let mut step = start;
     retrofit.run_start = Instant::now();
     while step < total && !was_interrupted {
         let started = Instant::now();
         let lr = recipe.train.lr_at(step);
-        let (grads, mut metrics) = retrofit.gradients(&mut model, step, &run, &bar)?;
+        let (grads, mut metrics) = retrofit.gradients(&mut model, step, run, &bar, ranks)?;
         model = optimizer.step(lr, model, grads);
         step += 1;
-        metrics.lr = lr;
-        metrics.tokens_per_s = retrofit.tokens_per_step / started.elapsed().as_secs_f64();
-        metrics.elapsed_s = retrofit.run_start.elapsed().as_secs_f64();
-        let mut last = retrofit.log(&metrics, &run, &bar)?;
+        // Every rank stops at the same step, whichever saw the signal.
+        let stop_now = any_rank(
+            ranks,
+            interrupted.load(Ordering::SeqCst)
+                || options.stop_after.is_some_and(|n| step - start >= n),
+        )?;
         let finished = step == total;
-        if recipe.run.eval_every > 0 && step % recipe.run.eval_every == 0 || finished {
-            retrofit.evaluate_heldout(&model, step, &run, &bar, &mut last)?;
-        }
-        retrofit.save_cr_snapshots(&run, &mut model, step, &last, &bar)?;
-        let stop_now = interrupted.load(Ordering::SeqCst)
-            || options.stop_after.is_some_and(|n| step - start >= n);
-        let every = recipe.run.checkpoint_every;
-        if finished || stop_now || (every > 0 && step % every == 0) {
-            retrofit.checkpoint(&run, &mut model, &optimizer, step, &last, &bar)?;
+        if lead {
+            metrics.lr = lr;
+            metrics.tokens_per_s = retrofit.tokens_per_step / started.elapsed().as_secs_f64();
+            metrics.elapsed_s = retrofit.run_start.elapsed().as_secs_f64();
+            let mut last = retrofit.log(&metrics, run, &bar)?;
+            if recipe.run.eval_every > 0 && step % recipe.run.eval_every == 0 || finished {
+                retrofit.evaluate_heldout(&model, step, run, &bar, &mut last)?;
+            }
+            retrofit.save_cr_snapshots(run, &mut model, step, &last, &bar)?;
+            let every = recipe.run.checkpoint_every;
+            if finished || stop_now || (every > 0 && step % every == 0) {
+                retrofit.checkpoint(run, &mut model, &optimizer, step, &last, &bar)?;
+            }
         }
         if stop_now && !finished {
             was_interrupted = true;
@@ -88,7 +209,14 @@ pub fn train<B: TrainBackend>(
         }
     }
     bar.finish();
-    finish(&run, step, was_interrupted)
+    Ok((step, was_interrupted))
+}
+
+/// Whether `flag` is set on any rank.
+fn any_rank(ranks: &dyn Collective, flag: bool) -> Result<bool> {
+    let mut value = [flag as u8 as f64];
+    ranks.all_reduce_f64(&mut value)?;
+    Ok(value[0] > 0.0)
 }
 
 /// Opens and locks the run folder; a folder that already holds a run needs `--resume`.
@@ -227,6 +355,7 @@ impl<'a, B: TrainBackend> Retrofit<'a, B> {
         &self,
         run: &RunFolder,
         resume: bool,
+        lead: bool,
         model: &mut DmsModel<B>,
         optimizer: &mut Adam<B>,
     ) -> Result<u64> {
@@ -237,7 +366,9 @@ impl<'a, B: TrainBackend> Retrofit<'a, B> {
         }
         let Some((step, dir)) = existing.last().cloned() else {
             // A folder without a checkpoint starts again from step 0, as a fresh run would.
-            truncate_metrics(&metrics, 0)?;
+            if lead {
+                truncate_metrics(&metrics, 0)?;
+            }
             tracing::info!(
                 "--resume: '{}' has no checkpoint yet; starting from step 0",
                 run.root().display()
@@ -277,26 +408,35 @@ impl<'a, B: TrainBackend> Retrofit<'a, B> {
         let dtypes = param_dtypes(model);
         *optimizer =
             adamw::<B>(self.recipe).load_record(moments_in_param_dtypes::<B>(record, &dtypes));
-        truncate_metrics(&metrics, step)?;
-        tracing::info!("resumed from {} (step {step})", dir.display());
+        if lead {
+            truncate_metrics(&metrics, step)?;
+            tracing::info!("resumed from {} (step {step})", dir.display());
+        }
         Ok(step)
     }
 
     /// One optimizer step's gradients (accumulated over the micro-batches, clipped) and its
     /// metrics (`lr` and `tokens_per_s` are the caller's). A non-finite loss or gradient norm
     /// stops the run before the weights change, with advice that depends on the checkpoints.
+    ///
+    /// With several ranks, rank `r` runs the step's micro-batches `r * k .. (r + 1) * k` (`k` =
+    /// grad_accum / ranks), each with the data and the noise one rank would give that micro-batch
+    /// (the noise is keyed by the micro-batch's index in the step, not by the rank that runs it),
+    /// and the sums over the ranks are what one rank accumulates.
     fn gradients(
         &self,
         model: &mut DmsModel<B>,
         step: u64,
         run: &RunFolder,
         bar: &ProgressBar,
+        ranks: &dyn Collective,
     ) -> Result<(GradientsParams, TrainMetrics)> {
         let t = &self.recipe.train;
         let target = self.schedule.target_fraction(step);
         let mut accumulator = GradientsAccumulator::<DmsModel<B>>::new();
         let mut sums = [0f64; 4];
-        for micro in 0..t.grad_accum {
+        let per_rank = t.grad_accum / ranks.world();
+        for micro in ranks.rank() * per_rank..(ranks.rank() + 1) * per_rank {
             let n_train = self.dataset.train.len();
             let sequences: Vec<&Sequence> = (0..t.micro_batch)
                 .map(|i| {
@@ -338,8 +478,10 @@ impl<'a, B: TrainBackend> Retrofit<'a, B> {
                 *sum += v;
             }
         }
+        ranks.all_reduce_f64(&mut sums)?;
         let [loss, kl, comp, frac] = sums.map(|s| s / t.grad_accum as f64);
         let mut grads = accumulator.grads();
+        all_reduce_gradients(model, &mut grads, ranks)?;
         let grad_norm = clip_global_norm(model, &mut grads, t.grad_clip);
         for (name, value) in [("loss", loss), ("grad_norm", grad_norm)] {
             if !value.is_finite() {

@@ -1,0 +1,201 @@
+//! Data-parallel ranks on the CPU (issue 19): N simulated ranks (`run.devices = ["cpu", ...]`,
+//! threads of one process summing through the in-process all-reduce) train exactly the run one
+//! rank does with the same `train.grad_accum`, and a run resumes across rank counts.
+
+use std::path::{Path, PathBuf};
+
+use dms_retrofit::backend::CpuAutodiff;
+use dms_retrofit::model::FloatFormat;
+use dms_retrofit::recipe::Recipe;
+use dms_retrofit::train::{TrainOptions, TrainSummary, train_ranks};
+use safetensors::SafeTensors;
+use serde_json::Value;
+
+fn recipes() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("recipes")
+}
+
+fn recipe(out: &Path, sets: &[&str], ranks: usize) -> Recipe {
+    let mut overrides: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    overrides.push(format!("run.output_dir=\"{}\"", out.display()));
+    overrides.push(format!("run.devices={:?}", vec!["cpu"; ranks]));
+    Recipe::load(&recipes().join("tiny.toml"), &overrides).unwrap()
+}
+
+/// Trains (or resumes) with `ranks` CPU ranks, as `dms-retrofit train` does for `run.devices`.
+fn run(out: &Path, sets: &[&str], ranks: usize, resume: bool, stop: Option<u64>) -> TrainSummary {
+    let recipe = recipe(out, sets, ranks);
+    assert_eq!(recipe.devices().unwrap().len(), ranks);
+    let options = TrainOptions {
+        resume,
+        recipe_dir: recipes(),
+        quiet: true,
+        stop_after: stop,
+    };
+    let devices = vec![Default::default(); ranks];
+    train_ranks::<CpuAutodiff>(&recipe, &options, FloatFormat::F32, &devices).unwrap()
+}
+
+/// metrics.jsonl without wall-clock fields.
+fn metrics(run: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            o.remove("tokens_per_s");
+            o.remove("elapsed_s");
+            v
+        })
+        .collect()
+}
+
+fn weights(run: &Path, step: u64) -> Vec<u8> {
+    std::fs::read(run.join(format!("checkpoints/step-{step}/trainable.safetensors"))).unwrap()
+}
+
+/// Largest relative difference between two runs' trainable weights (same names, f32).
+fn weight_difference(a: &[u8], b: &[u8]) -> f64 {
+    let (a, b) = (
+        SafeTensors::deserialize(a).unwrap(),
+        SafeTensors::deserialize(b).unwrap(),
+    );
+    let mut names = a.names();
+    names.sort();
+    let mut other = b.names();
+    other.sort();
+    assert_eq!(names, other);
+    let mut worst = 0f64;
+    for name in names {
+        let values = |t: &SafeTensors| -> Vec<f32> {
+            t.tensor(name)
+                .unwrap()
+                .data()
+                .chunks(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        };
+        for (x, y) in values(&a).iter().zip(values(&b)) {
+            let scale = x.abs().max(y.abs()).max(1e-3) as f64;
+            worst = worst.max((x - y).abs() as f64 / scale);
+        }
+    }
+    worst
+}
+
+const SMALL: [&str; 7] = [
+    "train.max_steps=8",
+    "dms.final_step=6",
+    "data.seq_len=64",
+    "train.micro_batch=2",
+    "run.checkpoint_every=0",
+    "run.eval_every=4",
+    "run.eval_sequences=2",
+];
+
+#[test]
+fn two_ranks_train_exactly_what_one_rank_does_with_the_same_grad_accum() {
+    // One micro-batch per rank: the all-reduce adds the gradients in the order one rank
+    // accumulates them, so metrics and weights are bit-identical.
+    for trainable in ["adapter", "adapter+attention"] {
+        let sets: Vec<String> = SMALL
+            .iter()
+            .map(|s| s.to_string())
+            .chain([
+                "train.grad_accum=2".to_string(),
+                format!("train.trainable=\"{trainable}\""),
+            ])
+            .collect();
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+        run(&one, &sets, 1, false, None);
+        let summary = run(&two, &sets, 2, false, None);
+        assert_eq!(summary.steps, 8);
+        assert_eq!(metrics(&one), metrics(&two), "{trainable}: every metric");
+        assert!(
+            weights(&one, 8) == weights(&two, 8),
+            "{trainable}: bit-identical weights"
+        );
+    }
+}
+
+#[test]
+fn ranks_with_several_micro_batches_each_match_one_rank_to_rounding() {
+    // Two micro-batches per rank: each rank sums its own pair first, so the sum is associated
+    // differently from one rank's running sum; f32 rounding only (tolerance 1e-5 relative).
+    let sets: Vec<&str> = SMALL
+        .iter()
+        .copied()
+        .chain(["train.grad_accum=4"])
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    run(&one, &sets, 1, false, None);
+    run(&two, &sets, 2, false, None);
+    let (a, b) = (metrics(&one), metrics(&two));
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        for (key, value) in x.as_object().unwrap() {
+            let (Some(p), Some(q)) = (value.as_f64(), y[key].as_f64()) else {
+                assert_eq!(value, &y[key], "{key}");
+                continue;
+            };
+            assert!(
+                (p - q).abs() <= 1e-5 * p.abs().max(q.abs()).max(1e-3),
+                "{key}: {p} vs {q} at {x}"
+            );
+        }
+    }
+    let worst = weight_difference(&weights(&one, 8), &weights(&two, 8));
+    assert!(worst < 1e-5, "weights differ by {worst:e} (relative)");
+}
+
+#[test]
+fn a_run_resumes_across_rank_counts_as_if_never_stopped() {
+    let sets: Vec<&str> = SMALL
+        .iter()
+        .copied()
+        .chain(["train.grad_accum=2"])
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let (straight, moved) = (dir.path().join("straight"), dir.path().join("moved"));
+    run(&straight, &sets, 1, false, None);
+    // 2 ranks for 3 steps, 1 rank for 3 more, then 2 ranks to the end.
+    assert!(run(&moved, &sets, 2, false, Some(3)).interrupted);
+    assert!(run(&moved, &sets, 1, true, Some(3)).interrupted);
+    let last = run(&moved, &sets, 2, true, None);
+    assert_eq!((last.steps, last.interrupted), (8, false));
+    assert_eq!(metrics(&straight), metrics(&moved), "every metric");
+    assert!(
+        weights(&straight, 8) == weights(&moved, 8),
+        "bit-identical weights"
+    );
+}
+
+#[test]
+fn grad_accum_must_split_evenly_over_the_devices() {
+    let mut overrides = vec![
+        "train.grad_accum=2".to_string(),
+        "run.devices=[\"cpu\", \"cpu\", \"cpu\"]".to_string(),
+    ];
+    let err = Recipe::load(&recipes().join("tiny.toml"), &overrides).unwrap_err();
+    let message = format!("{err:#}");
+    assert!(
+        message.contains("train.grad_accum = 2") && message.contains("train.grad_accum = 3"),
+        "{message}"
+    );
+    overrides[0] = "train.grad_accum=3".to_string();
+    assert_eq!(
+        Recipe::load(&recipes().join("tiny.toml"), &overrides)
+            .unwrap()
+            .devices()
+            .unwrap()
+            .len(),
+        3
+    );
+    overrides[1] = "run.devices=[\"cuda:1\", \"cuda:1\", \"cuda:0\"]".to_string();
+    let err = Recipe::load(&recipes().join("tiny.toml"), &overrides).unwrap_err();
+    assert!(format!("{err:#}").contains("cuda:1 twice"), "{err:#}");
+}
