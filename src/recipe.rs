@@ -217,6 +217,10 @@ pub struct RunSection {
     /// per step, split evenly over the ranks, so the run does not change with the device count.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<String>,
+    /// With several ranks, each keeps the AdamW moments of its share of the trainable parameters
+    /// only (ZeRO-1); same weights, 1/N of the optimizer memory per rank.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shard_optimizer: bool,
     /// Run folder (relative to the current directory).
     pub output_dir: PathBuf,
     /// Save a resumable checkpoint every N steps (0: only at the end).
@@ -234,6 +238,7 @@ impl Default for RunSection {
         Self {
             device: "cpu".into(),
             devices: Vec::new(),
+            shard_optimizer: false,
             output_dir: PathBuf::from("runs/default"),
             checkpoint_every: 100,
             eval_every: 100,

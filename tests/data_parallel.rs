@@ -199,3 +199,72 @@ fn grad_accum_must_split_evenly_over_the_devices() {
     let err = Recipe::load(&recipes().join("tiny.toml"), &overrides).unwrap_err();
     assert!(format!("{err:#}").contains("cuda:1 twice"), "{err:#}");
 }
+
+fn file_size(path: PathBuf) -> u64 {
+    std::fs::metadata(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .len()
+}
+
+#[test]
+fn a_sharded_optimizer_trains_the_same_weights_and_resumes_across_rank_counts() {
+    let sets: Vec<&str> = SMALL
+        .iter()
+        .copied()
+        .chain([
+            "train.grad_accum=2",
+            "train.trainable=\"adapter+attention\"",
+        ])
+        .collect();
+    let sharded: Vec<&str> = sets
+        .iter()
+        .copied()
+        .chain(["run.shard_optimizer=true"])
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two, moved) = (
+        dir.path().join("one"),
+        dir.path().join("two"),
+        dir.path().join("moved"),
+    );
+    run(&one, &sets, 1, false, None);
+    run(&two, &sharded, 2, false, None);
+    assert_eq!(metrics(&one), metrics(&two), "every metric");
+    assert!(
+        weights(&one, 8) == weights(&two, 8),
+        "bit-identical weights"
+    );
+
+    // Each rank saved only its share of the AdamW moments.
+    let whole = file_size(one.join("checkpoints/step-8/optimizer.mpk"));
+    let shards: Vec<u64> = (0..2)
+        .map(|r| file_size(two.join(format!("checkpoints/step-8/optimizer-rank-{r}.mpk"))))
+        .collect();
+    assert!(!two.join("checkpoints/step-8/optimizer.mpk").exists());
+    assert!(
+        shards.iter().all(|&s| s < whole * 3 / 4) && shards.iter().sum::<u64>() >= whole * 9 / 10,
+        "shards {shards:?} of a {whole}-byte state"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&two)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| e.file_name())
+        .filter(|n| n != ".lock")
+        .collect();
+    assert!(leftovers.is_empty(), "staging left behind: {leftovers:?}");
+
+    // Sharded on 2 ranks, then whole on 1, then sharded on 2 again: the straight run.
+    assert!(run(&moved, &sharded, 2, false, Some(3)).interrupted);
+    assert!(run(&moved, &sets, 1, true, Some(3)).interrupted);
+    run(&moved, &sharded, 2, true, None);
+    assert_eq!(
+        metrics(&one),
+        metrics(&moved),
+        "every metric after two moves"
+    );
+    assert!(
+        weights(&one, 8) == weights(&moved, 8),
+        "bit-identical weights after two moves"
+    );
+}

@@ -20,6 +20,11 @@ pub use super::{RECIPE_FILE, STATE_FILE, list_checkpoints};
 pub const TRAINABLE_FILE: &str = "trainable.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer";
 
+/// A sharded run's optimizer state: one file per rank (`run.shard_optimizer`), without extension.
+pub fn optimizer_shard(rank: usize) -> String {
+    format!("{OPTIMIZER_FILE}-rank-{rank}")
+}
+
 /// Everything besides tensors that a snapshot records.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotState {
@@ -139,7 +144,8 @@ pub fn load_trainable<B: Backend>(dir: &Path, model: &mut DmsModel<B>) -> Result
     Ok(loaded)
 }
 
-fn replace<B: Backend, const D: usize>(param: &mut Param<Tensor<B, D>>, data: TensorData) {
+/// Sets a parameter's value, keeping its id, dtype and gradient flag.
+pub fn replace<B: Backend, const D: usize>(param: &mut Param<Tensor<B, D>>, data: TensorData) {
     let device = param.val().device();
     let require_grad = param.is_require_grad();
     // Keep the parameter's dtype (f32 master weights stay f32 on a bf16 device).

@@ -36,6 +36,8 @@ pub trait Collective: Sync {
     /// Element-wise sum over the ranks (every rank receives the same values).
     fn all_reduce_f32(&self, values: &mut [f32]) -> Result<()>;
     fn all_reduce_f64(&self, values: &mut [f64]) -> Result<()>;
+    /// Every rank's `mine` (lengths may differ), in rank order.
+    fn all_gather_f32(&self, mine: &[f32]) -> Result<Vec<Vec<f32>>>;
     /// Tells the other ranks that this one failed: their waiting and later calls return an error
     /// instead of waiting forever.
     fn abort(&self);
@@ -56,6 +58,9 @@ impl Collective for Single {
     }
     fn all_reduce_f64(&self, _: &mut [f64]) -> Result<()> {
         Ok(())
+    }
+    fn all_gather_f32(&self, mine: &[f32]) -> Result<Vec<Vec<f32>>> {
+        Ok(vec![mine.to_vec()])
     }
     fn abort(&self) {}
 }
@@ -159,6 +164,17 @@ impl InProcessGroup {
         self.rendezvous(state).map(drop)
     }
 
+    fn all_gather(&self, rank: usize, mine: &[f32]) -> Result<Vec<Vec<f32>>> {
+        let mut state = self.lock();
+        if state.aborted {
+            return Err(RankAborted.into());
+        }
+        state.f32_slots[rank] = mine.to_vec();
+        let state = self.rendezvous(state)?;
+        let all = state.f32_slots.clone();
+        self.rendezvous(state).map(|_| all)
+    }
+
     fn abort_all(&self) {
         let mut state = self.lock();
         state.aborted = true;
@@ -186,6 +202,9 @@ impl Collective for InProcessRank<'_> {
     fn all_reduce_f64(&self, values: &mut [f64]) -> Result<()> {
         self.group
             .all_reduce(self.rank, values, |s| &mut s.f64_slots)
+    }
+    fn all_gather_f32(&self, mine: &[f32]) -> Result<Vec<Vec<f32>>> {
+        self.group.all_gather(self.rank, mine)
     }
     fn abort(&self) {
         self.group.abort_all();
@@ -259,6 +278,124 @@ pub fn all_reduce_gradients<B: TrainBackend>(
         }
     }
     Ok(())
+}
+
+/// ZeRO-1 style optimizer sharding (`run.shard_optimizer`): each trainable parameter belongs to
+/// one rank, which alone keeps its AdamW moments and updates it; the others receive its new value.
+/// AdamW treats parameters independently, so the weights are those of an unsharded run.
+pub struct ParamOwners {
+    /// Trainable parameters in the model's order, with their owning rank.
+    owners: Vec<(ParamId, usize)>,
+    rank: usize,
+}
+
+impl ParamOwners {
+    /// Assigns each trainable parameter, largest first, to the rank with the fewest elements so
+    /// far (ties to the lower rank): the same assignment on every rank.
+    pub fn new<B: TrainBackend>(model: &mut DmsModel<B>, rank: usize, world: usize) -> Self {
+        let mut params: Vec<(usize, ParamId, usize)> = Vec::new();
+        for (index, (_, slot)) in model.params_mut().into_iter().enumerate() {
+            match slot {
+                ParamSlot::Vector(p) if p.is_require_grad() => {
+                    params.push((index, p.id, p.val().shape().num_elements()))
+                }
+                ParamSlot::Matrix(p) if p.is_require_grad() => {
+                    params.push((index, p.id, p.val().shape().num_elements()))
+                }
+                _ => {}
+            }
+        }
+        let mut by_size = params.clone();
+        by_size.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(&b.0)));
+        let mut load = vec![0usize; world];
+        let mut owner_of = std::collections::HashMap::new();
+        for (_, id, size) in by_size {
+            let r = (0..world)
+                .min_by_key(|&r| (load[r], r))
+                .expect("world >= 1");
+            load[r] += size;
+            owner_of.insert(id, r);
+        }
+        Self {
+            owners: params
+                .iter()
+                .map(|(_, id, _)| (*id, owner_of[id]))
+                .collect(),
+            rank,
+        }
+    }
+
+    pub fn owns(&self, id: &ParamId) -> bool {
+        self.owners
+            .iter()
+            .any(|(owned, r)| owned == id && *r == self.rank)
+    }
+
+    /// Drops the gradients of the parameters another rank updates.
+    pub fn keep_own_gradients<B: TrainBackend>(
+        &self,
+        model: &mut DmsModel<B>,
+        grads: &mut GradientsParams,
+    ) {
+        for (_, slot) in model.params_mut() {
+            match slot {
+                ParamSlot::Vector(p) if !self.owns(&p.id) => {
+                    grads.remove::<B::InnerBackend, 1>(p.id);
+                }
+                ParamSlot::Matrix(p) if !self.owns(&p.id) => {
+                    grads.remove::<B::InnerBackend, 2>(p.id);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// After the optimizer step: every rank's updated parameters to every rank.
+    pub fn share_updates<B: TrainBackend>(
+        &self,
+        model: &mut DmsModel<B>,
+        collective: &dyn Collective,
+    ) -> Result<()> {
+        let mut mine = Vec::new();
+        for (_, slot) in model.params_mut() {
+            let data = match slot {
+                ParamSlot::Vector(p) if self.owns(&p.id) => p.val().into_data(),
+                ParamSlot::Matrix(p) if self.owns(&p.id) => p.val().into_data(),
+                _ => continue,
+            };
+            mine.extend(
+                data.convert::<f32>().into_vec::<f32>().map_err(|e| {
+                    anyhow::anyhow!("cannot read a parameter back to share it: {e:?}")
+                })?,
+            );
+        }
+        let all = collective.all_gather_f32(&mine)?;
+        let mut offsets = vec![0usize; all.len()];
+        for (_, slot) in model.params_mut() {
+            let (id, shape) = match &slot {
+                ParamSlot::Vector(p) => (p.id, p.val().dims().to_vec()),
+                ParamSlot::Matrix(p) => (p.id, p.val().dims().to_vec()),
+            };
+            let Some(&(_, owner)) = self.owners.iter().find(|(owned, _)| *owned == id) else {
+                continue;
+            };
+            let len: usize = shape.iter().product();
+            let start = offsets[owner];
+            offsets[owner] += len;
+            if owner == self.rank {
+                continue;
+            }
+            let values = all[owner].get(start..start + len).ok_or_else(|| {
+                anyhow::anyhow!("rank {owner} shared fewer parameter values than it owns")
+            })?;
+            let data = TensorData::new(values.to_vec(), shape);
+            match slot {
+                ParamSlot::Vector(p) => crate::run::snapshot::replace(p, data),
+                ParamSlot::Matrix(p) => crate::run::snapshot::replace(p, data),
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

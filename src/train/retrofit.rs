@@ -15,13 +15,15 @@ use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Opt
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::collective::{Collective, InProcessGroup, RankAborted, Single, all_reduce_gradients};
+use super::collective::{
+    Collective, InProcessGroup, ParamOwners, RankAborted, Single, all_reduce_gradients,
+};
 use super::plot::{self, EvalMetrics, MetricLine, TrainMetrics};
 use super::trainer::{
-    EvalSettings, StepSetup, TrainOptions, TrainSummary, append_metrics, apply_trainable,
-    clip_global_norm, count_params, distillation_micro_step, evaluate, interrupt_flag,
-    last_metrics, make_batch, moments_in_param_dtypes, param_dtypes, resolve_source, summarize,
-    truncate_metrics,
+    AdamWRecord, EvalSettings, StepSetup, TrainOptions, TrainSummary, append_metrics,
+    apply_trainable, clip_global_norm, count_params, distillation_micro_step, evaluate,
+    interrupt_flag, last_metrics, make_batch, moments_in_param_dtypes, param_dtypes,
+    resolve_source, summarize, truncate_metrics,
 };
 use crate::atomic;
 use crate::checkpoint::Checkpoint;
@@ -160,8 +162,17 @@ fn rank_loop<B: TrainBackend>(
 ) -> Result<(u64, bool)> {
     let lead = ranks.rank() == 0;
     let (mut retrofit, mut model) = Retrofit::<B>::load(recipe, options, format, device)?;
+    let owners = (recipe.run.shard_optimizer && ranks.world() > 1)
+        .then(|| ParamOwners::new(&mut model, ranks.rank(), ranks.world()));
     let mut optimizer = adamw::<B>(recipe);
-    let start = retrofit.resume(run, options.resume, lead, &mut model, &mut optimizer)?;
+    let start = retrofit.resume(
+        run,
+        options.resume,
+        lead,
+        owners.as_ref(),
+        &mut model,
+        &mut optimizer,
+    )?;
     if lead {
         atomic::write_file(
             &run.root().join(crate::run::RECIPE_FILE),
@@ -178,8 +189,14 @@ fn rank_loop<B: TrainBackend>(
     while step < total && !was_interrupted {
         let started = Instant::now();
         let lr = recipe.train.lr_at(step);
-        let (grads, mut metrics) = retrofit.gradients(&mut model, step, run, &bar, ranks)?;
+        let (mut grads, mut metrics) = retrofit.gradients(&mut model, step, run, &bar, ranks)?;
+        if let Some(owners) = &owners {
+            owners.keep_own_gradients(&mut model, &mut grads);
+        }
         model = optimizer.step(lr, model, grads);
+        if let Some(owners) = &owners {
+            owners.share_updates(&mut model, ranks)?;
+        }
         step += 1;
         // Every rank stops at the same step, whichever saw the signal.
         let stop_now = any_rank(
@@ -188,19 +205,29 @@ fn rank_loop<B: TrainBackend>(
                 || options.stop_after.is_some_and(|n| step - start >= n),
         )?;
         let finished = step == total;
+        let every = recipe.run.checkpoint_every;
+        let checkpoint_now = finished || stop_now || (every > 0 && step % every == 0);
+        let mut last = BTreeMap::new();
         if lead {
             metrics.lr = lr;
             metrics.tokens_per_s = retrofit.tokens_per_step / started.elapsed().as_secs_f64();
             metrics.elapsed_s = retrofit.run_start.elapsed().as_secs_f64();
-            let mut last = retrofit.log(&metrics, run, &bar)?;
+            last = retrofit.log(&metrics, run, &bar)?;
             if recipe.run.eval_every > 0 && step % recipe.run.eval_every == 0 || finished {
                 retrofit.evaluate_heldout(&model, step, run, &bar, &mut last)?;
             }
             retrofit.save_cr_snapshots(run, &mut model, step, &last, &bar)?;
-            let every = recipe.run.checkpoint_every;
-            if finished || stop_now || (every > 0 && step % every == 0) {
-                retrofit.checkpoint(run, &mut model, &optimizer, step, &last, &bar)?;
-            }
+        }
+        if checkpoint_now {
+            let saving = Saving {
+                run,
+                step,
+                last: &last,
+                bar: &bar,
+                ranks,
+                sharded: owners.is_some(),
+            };
+            retrofit.checkpoint(&saving, &mut model, &optimizer)?;
         }
         if stop_now && !finished {
             was_interrupted = true;
@@ -299,6 +326,17 @@ struct Retrofit<'a, B: TrainBackend> {
     run_start: Instant,
 }
 
+/// Where and what a checkpoint records, and how the ranks take part.
+#[derive(Clone, Copy)]
+struct Saving<'s> {
+    run: &'s RunFolder,
+    step: u64,
+    last: &'s BTreeMap<String, f64>,
+    bar: &'s ProgressBar,
+    ranks: &'s dyn Collective,
+    sharded: bool,
+}
+
 impl<'a, B: TrainBackend> Retrofit<'a, B> {
     /// Opens the checkpoint, builds the data and the student (trainable set applied).
     fn load(
@@ -356,6 +394,7 @@ impl<'a, B: TrainBackend> Retrofit<'a, B> {
         run: &RunFolder,
         resume: bool,
         lead: bool,
+        owners: Option<&ParamOwners>,
         model: &mut DmsModel<B>,
         optimizer: &mut Adam<B>,
     ) -> Result<u64> {
@@ -402,9 +441,7 @@ impl<'a, B: TrainBackend> Retrofit<'a, B> {
             );
         }
         snapshot::load_trainable(&dir, model)?;
-        let record = NamedMpkFileRecorder::<FullPrecisionSettings>::new()
-            .load(dir.join(snapshot::OPTIMIZER_FILE), self.device)
-            .with_context(|| format!("cannot read the optimizer state in '{}'", dir.display()))?;
+        let record = self.optimizer_state(&dir, owners)?;
         let dtypes = param_dtypes(model);
         *optimizer =
             adamw::<B>(self.recipe).load_record(moments_in_param_dtypes::<B>(record, &dtypes));
@@ -629,32 +666,106 @@ impl<'a, B: TrainBackend> Retrofit<'a, B> {
     }
 
     /// A resumable checkpoint (weights, optimizer, state) after `step` steps; old ones pruned.
+    /// The optimizer state of checkpoint `dir`: `optimizer.mpk`, or the shards a sharded run wrote
+    /// (`optimizer-rank-R.mpk`), merged; with `owners`, only this rank's parameters are kept.
+    fn optimizer_state(&self, dir: &Path, owners: Option<&ParamOwners>) -> Result<AdamWRecord<B>> {
+        let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
+        let whole = dir.join(format!("{}.mpk", snapshot::OPTIMIZER_FILE));
+        let files: Vec<PathBuf> = if whole.is_file() {
+            vec![dir.join(snapshot::OPTIMIZER_FILE)]
+        } else {
+            let shards = (0..)
+                .map(|r| dir.join(snapshot::optimizer_shard(r)))
+                .take_while(|p| p.with_extension("mpk").is_file())
+                .collect::<Vec<_>>();
+            if shards.is_empty() {
+                bail!(
+                    "'{}' holds no optimizer state ({}.mpk or {}.mpk); the checkpoint is \
+                     incomplete: resume from an earlier one (delete this folder)",
+                    dir.display(),
+                    snapshot::OPTIMIZER_FILE,
+                    snapshot::optimizer_shard(0)
+                );
+            }
+            shards
+        };
+        let mut merged = AdamWRecord::<B>::new();
+        for file in files {
+            let record: AdamWRecord<B> =
+                recorder.load(file.clone(), self.device).with_context(|| {
+                    format!("cannot read the optimizer state '{}.mpk'", file.display())
+                })?;
+            merged.extend(
+                record
+                    .into_iter()
+                    .filter(|(id, _)| owners.is_none_or(|o| o.owns(id))),
+            );
+        }
+        Ok(merged)
+    }
+
+    /// Saves a resumable checkpoint (rank 0 writes it; with a sharded optimizer every rank first
+    /// stages its shard in a hidden folder that rank 0 moves into the checkpoint) and prunes old
+    /// ones.
     fn checkpoint(
         &self,
-        run: &RunFolder,
+        saving: &Saving<'_>,
         model: &mut DmsModel<B>,
         optimizer: &Adam<B>,
-        step: u64,
-        last: &BTreeMap<String, f64>,
-        bar: &ProgressBar,
     ) -> Result<()> {
+        let Saving {
+            run,
+            step,
+            last,
+            bar,
+            ranks,
+            sharded,
+        } = *saving;
+        let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
+        let save = |record, path: PathBuf| {
+            recorder.record(record, path.clone()).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot save the optimizer state to '{}.mpk': {e}",
+                    path.display()
+                )
+            })
+        };
+        // A hidden `.NAME.partial-PID` folder: removed by the clean-up if this process dies.
+        let staging = run.root().join(format!(
+            ".optimizer-shards-{step}.partial-{}",
+            std::process::id()
+        ));
+        if sharded {
+            std::fs::create_dir_all(&staging)
+                .with_context(|| format!("cannot create '{}'", staging.display()))?;
+            save(
+                optimizer.to_record(),
+                staging.join(snapshot::optimizer_shard(ranks.rank())),
+            )?;
+            // Every shard is staged before rank 0 moves them.
+            any_rank(ranks, false)?;
+        }
+        if ranks.rank() != 0 {
+            return Ok(());
+        }
         let dir = run.checkpoint(step);
-        let record = optimizer.to_record();
         snapshot::write_snapshot(
             &dir,
             model,
             &self.state(step, last),
             &self.recipe_toml,
             |tmp| {
-                let path = tmp.join(snapshot::OPTIMIZER_FILE);
-                NamedMpkFileRecorder::<FullPrecisionSettings>::new()
-                    .record(record, path.clone())
-                    .map_err(|e| {
-                        anyhow::anyhow!(
-                            "cannot save the optimizer state to '{}.mpk': {e}",
-                            path.display()
-                        )
-                    })
+                if !sharded {
+                    return save(optimizer.to_record(), tmp.join(snapshot::OPTIMIZER_FILE));
+                }
+                for r in 0..ranks.world() {
+                    let name = format!("{}.mpk", snapshot::optimizer_shard(r));
+                    std::fs::rename(staging.join(&name), tmp.join(&name)).with_context(|| {
+                        format!("cannot move the staged '{}' into the checkpoint", name)
+                    })?;
+                }
+                std::fs::remove_dir(&staging)
+                    .with_context(|| format!("cannot remove '{}'", staging.display()))
             },
         )?;
         run.prune_checkpoints(self.recipe.run.keep_last)?;

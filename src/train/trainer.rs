@@ -157,7 +157,7 @@ pub(super) fn param_dtypes<B: AttentionBackend>(
         .collect()
 }
 
-type AdamWRecord<B> =
+pub(super) type AdamWRecord<B> =
     <OptimizerAdaptor<AdamW, DmsModel<B>, B> as Optimizer<DmsModel<B>, B>>::Record;
 
 /// Optimizer moments are read back in the device's default dtype (bf16 on the GPU); AdamW must see
