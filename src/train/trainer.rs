@@ -337,11 +337,6 @@ pub fn distillation_micro_step<B: TrainBackend>(
     let StepSetup { cfg, .. } = *setup;
     let device = batch.input.device();
     let [b, seq] = batch.shape;
-    let noise = noise.logistic(cfg.num_layers * b * cfg.num_kv_heads * seq);
-    let noise = Tensor::<B, 4>::from_data(
-        TensorData::new(noise, [cfg.num_layers, b, cfg.num_kv_heads, seq]),
-        &device,
-    );
     // Teacher: on the inner backend, so the autodiff backend records no graph (and keeps no
     // activations) for it; the student's frozen base is the teacher unless base weights train.
     let rope_inner = crate::model::RopeTables::<B::InnerBackend>::for_model(cfg, 0, seq, &device);
@@ -351,6 +346,14 @@ pub fn distillation_micro_step<B: TrainBackend>(
         None => model.base.valid().hidden(input, &rope_inner),
     })
     .detach();
+    // Drawn on the host while the GPU runs the teacher pass queued above (only the student needs it).
+    let noise = Tensor::<B, 4>::from_data(
+        TensorData::new(
+            noise.logistic(cfg.num_layers * b * cfg.num_kv_heads * seq),
+            [cfg.num_layers, b, cfg.num_kv_heads, seq],
+        ),
+        &device,
+    );
     phase_done(StepPhase::Teacher);
     if setup.recompute_layers {
         return recomputing_student_pass(model, batch, teacher, &noise, setup, phase_done);
