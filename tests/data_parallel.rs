@@ -2,6 +2,10 @@
 //! threads of one process summing through the in-process all-reduce) train exactly the run one
 //! rank does with the same `train.grad_accum`, and a run resumes across rank counts.
 
+mod common;
+
+use common::metrics_without_clock;
+
 use std::path::{Path, PathBuf};
 
 use dms_retrofit::backend::CpuAutodiff;
@@ -9,7 +13,6 @@ use dms_retrofit::model::FloatFormat;
 use dms_retrofit::recipe::Recipe;
 use dms_retrofit::train::{TrainOptions, TrainSummary, train_ranks};
 use safetensors::SafeTensors;
-use serde_json::Value;
 
 fn recipes() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("recipes")
@@ -34,21 +37,6 @@ fn run(out: &Path, sets: &[&str], ranks: usize, resume: bool, stop: Option<u64>)
     };
     let devices = vec![Default::default(); ranks];
     train_ranks::<CpuAutodiff>(&recipe, &options, FloatFormat::F32, &devices).unwrap()
-}
-
-/// metrics.jsonl without wall-clock fields.
-fn metrics(run: &Path) -> Vec<Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: Value = serde_json::from_str(l).unwrap();
-            let o = v.as_object_mut().unwrap();
-            o.remove("tokens_per_s");
-            o.remove("elapsed_s");
-            v
-        })
-        .collect()
 }
 
 fn weights(run: &Path, step: u64) -> Vec<u8> {
@@ -84,6 +72,19 @@ fn weight_difference(a: &[u8], b: &[u8]) -> f64 {
     worst
 }
 
+/// Two finished runs agree on every metric and on their final (step 8) weights, bit for bit.
+fn assert_same_run(a: &Path, b: &Path, label: &str) {
+    assert_eq!(
+        metrics_without_clock(a),
+        metrics_without_clock(b),
+        "{label}: every metric"
+    );
+    assert!(
+        weights(a, 8) == weights(b, 8),
+        "{label}: bit-identical weights"
+    );
+}
+
 const SMALL: [&str; 7] = [
     "train.max_steps=8",
     "dms.final_step=6",
@@ -113,11 +114,7 @@ fn two_ranks_train_exactly_what_one_rank_does_with_the_same_grad_accum() {
         run(&one, &sets, 1, false, None);
         let summary = run(&two, &sets, 2, false, None);
         assert_eq!(summary.steps, 8);
-        assert_eq!(metrics(&one), metrics(&two), "{trainable}: every metric");
-        assert!(
-            weights(&one, 8) == weights(&two, 8),
-            "{trainable}: bit-identical weights"
-        );
+        assert_same_run(&one, &two, trainable);
     }
 }
 
@@ -134,7 +131,7 @@ fn ranks_with_several_micro_batches_each_match_one_rank_to_rounding() {
     let (one, two) = (dir.path().join("one"), dir.path().join("two"));
     run(&one, &sets, 1, false, None);
     run(&two, &sets, 2, false, None);
-    let (a, b) = (metrics(&one), metrics(&two));
+    let (a, b) = (metrics_without_clock(&one), metrics_without_clock(&two));
     assert_eq!(a.len(), b.len());
     for (x, y) in a.iter().zip(&b) {
         for (key, value) in x.as_object().unwrap() {
@@ -167,11 +164,7 @@ fn a_run_resumes_across_rank_counts_as_if_never_stopped() {
     assert!(run(&moved, &sets, 1, true, Some(3)).interrupted);
     let last = run(&moved, &sets, 2, true, None);
     assert_eq!((last.steps, last.interrupted), (8, false));
-    assert_eq!(metrics(&straight), metrics(&moved), "every metric");
-    assert!(
-        weights(&straight, 8) == weights(&moved, 8),
-        "bit-identical weights"
-    );
+    assert_same_run(&straight, &moved, "2 -> 1 -> 2 ranks");
 }
 
 #[test]
@@ -229,11 +222,7 @@ fn a_sharded_optimizer_trains_the_same_weights_and_resumes_across_rank_counts() 
     );
     run(&one, &sets, 1, false, None);
     run(&two, &sharded, 2, false, None);
-    assert_eq!(metrics(&one), metrics(&two), "every metric");
-    assert!(
-        weights(&one, 8) == weights(&two, 8),
-        "bit-identical weights"
-    );
+    assert_same_run(&one, &two, "sharded");
 
     // Each rank saved only its share of the AdamW moments.
     let whole = file_size(one.join("checkpoints/step-8/optimizer.mpk"));
@@ -258,13 +247,5 @@ fn a_sharded_optimizer_trains_the_same_weights_and_resumes_across_rank_counts() 
     assert!(run(&moved, &sharded, 2, false, Some(3)).interrupted);
     assert!(run(&moved, &sets, 1, true, Some(3)).interrupted);
     run(&moved, &sharded, 2, true, None);
-    assert_eq!(
-        metrics(&one),
-        metrics(&moved),
-        "every metric after two moves"
-    );
-    assert!(
-        weights(&one, 8) == weights(&moved, 8),
-        "bit-identical weights after two moves"
-    );
+    assert_same_run(&one, &moved, "sharded 2 -> whole 1 -> sharded 2");
 }

@@ -2,6 +2,10 @@
 //! to the uninterrupted result, summary included; one process writes a folder at a time; signals
 //! checkpoint; leftovers of killed processes are cleaned; the folder works from any directory.
 
+mod common;
+
+use common::metrics_without_clock;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -67,28 +71,17 @@ fn summary(run: &Path) -> Value {
     v
 }
 
-/// Metrics without wall-clock fields.
-fn metrics(run: &Path) -> Vec<Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: Value = serde_json::from_str(l).unwrap();
-            let o = v.as_object_mut().unwrap();
-            o.remove("tokens_per_s");
-            o.remove("elapsed_s");
-            v
-        })
-        .collect()
-}
-
 fn final_weights(run: &Path) -> Vec<u8> {
     std::fs::read(run.join("checkpoints/step-12/trainable.safetensors")).unwrap()
 }
 
 /// Asserts that `b` ended exactly as the uninterrupted run `a`.
 fn assert_same_run(a: &Path, b: &Path) {
-    assert_eq!(metrics(a), metrics(b), "metrics differ");
+    assert_eq!(
+        metrics_without_clock(a),
+        metrics_without_clock(b),
+        "metrics differ"
+    );
     assert!(final_weights(a) == final_weights(b), "final weights differ");
     assert_eq!(summary(a), summary(b), "summaries differ");
     for k in [2, 3, 4] {

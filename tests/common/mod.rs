@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use burn::tensor::{Int, Tensor, TensorData};
 use dms_retrofit::backend::Cpu;
@@ -98,5 +98,21 @@ pub fn forward_logits(
         .unwrap();
     v.chunks(ckpt.config.vocab_size)
         .map(<[f32]>::to_vec)
+        .collect()
+}
+
+/// A run folder's `metrics.jsonl` without its wall-clock fields (`tokens_per_s`, `elapsed_s`):
+/// what two runs of the same recipe must agree on.
+pub fn metrics_without_clock(run: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            o.remove("tokens_per_s");
+            o.remove("elapsed_s");
+            v
+        })
         .collect()
 }
