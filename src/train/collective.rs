@@ -211,18 +211,11 @@ impl Collective for InProcessRank<'_> {
     }
 }
 
-/// Sums every trainable parameter's gradient over the ranks, in one flat bucket (parameter order,
-/// then a presence flag per parameter: a parameter no rank has a gradient for stays without one,
-/// as on one rank). Every rank ends with the same gradients, so the replicas stay identical.
-pub fn all_reduce_gradients<B: TrainBackend>(
+/// Every parameter that trains, in the model's order: id, shape, device, dtype.
+fn trainable_params<B: TrainBackend>(
     model: &mut DmsModel<B>,
-    grads: &mut GradientsParams,
-    collective: &dyn Collective,
-) -> Result<()> {
-    if collective.world() == 1 {
-        return Ok(());
-    }
-    let mut params: Vec<(ParamId, Vec<usize>, B::Device, burn::tensor::DType)> = Vec::new();
+) -> Vec<(ParamId, Vec<usize>, B::Device, burn::tensor::DType)> {
+    let mut params = Vec::new();
     for (_, slot) in model.params_mut() {
         match slot {
             ParamSlot::Vector(p) if p.is_require_grad() => {
@@ -236,6 +229,21 @@ pub fn all_reduce_gradients<B: TrainBackend>(
             _ => {}
         }
     }
+    params
+}
+
+/// Sums every trainable parameter's gradient over the ranks, in one flat bucket (parameter order,
+/// then a presence flag per parameter: a parameter no rank has a gradient for stays without one,
+/// as on one rank). Every rank ends with the same gradients, so the replicas stay identical.
+pub fn all_reduce_gradients<B: TrainBackend>(
+    model: &mut DmsModel<B>,
+    grads: &mut GradientsParams,
+    collective: &dyn Collective,
+) -> Result<()> {
+    if collective.world() == 1 {
+        return Ok(());
+    }
+    let params = trainable_params(model);
     let mut flat: Vec<f32> = Vec::new();
     let mut present: Vec<f32> = Vec::with_capacity(params.len());
     for (id, shape, _, _) in &params {
@@ -284,8 +292,8 @@ pub fn all_reduce_gradients<B: TrainBackend>(
 /// one rank, which alone keeps its AdamW moments and updates it; the others receive its new value.
 /// AdamW treats parameters independently, so the weights are those of an unsharded run.
 pub struct ParamOwners {
-    /// Trainable parameters in the model's order, with their owning rank.
-    owners: Vec<(ParamId, usize)>,
+    /// Each trainable parameter's owning rank.
+    owner_of: std::collections::HashMap<ParamId, usize>,
     rank: usize,
 }
 
@@ -293,19 +301,11 @@ impl ParamOwners {
     /// Assigns each trainable parameter, largest first, to the rank with the fewest elements so
     /// far (ties to the lower rank): the same assignment on every rank.
     pub fn new<B: TrainBackend>(model: &mut DmsModel<B>, rank: usize, world: usize) -> Self {
-        let mut params: Vec<(usize, ParamId, usize)> = Vec::new();
-        for (index, (_, slot)) in model.params_mut().into_iter().enumerate() {
-            match slot {
-                ParamSlot::Vector(p) if p.is_require_grad() => {
-                    params.push((index, p.id, p.val().shape().num_elements()))
-                }
-                ParamSlot::Matrix(p) if p.is_require_grad() => {
-                    params.push((index, p.id, p.val().shape().num_elements()))
-                }
-                _ => {}
-            }
-        }
-        let mut by_size = params.clone();
+        let mut by_size: Vec<(usize, ParamId, usize)> = trainable_params(model)
+            .into_iter()
+            .enumerate()
+            .map(|(index, (id, shape, _, _))| (index, id, shape.iter().product()))
+            .collect();
         by_size.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(&b.0)));
         let mut load = vec![0usize; world];
         let mut owner_of = std::collections::HashMap::new();
@@ -316,19 +316,11 @@ impl ParamOwners {
             load[r] += size;
             owner_of.insert(id, r);
         }
-        Self {
-            owners: params
-                .iter()
-                .map(|(_, id, _)| (*id, owner_of[id]))
-                .collect(),
-            rank,
-        }
+        Self { owner_of, rank }
     }
 
     pub fn owns(&self, id: &ParamId) -> bool {
-        self.owners
-            .iter()
-            .any(|(owned, r)| owned == id && *r == self.rank)
+        self.owner_of.get(id) == Some(&self.rank)
     }
 
     /// Drops the gradients of the parameters another rank updates.
@@ -376,7 +368,7 @@ impl ParamOwners {
                 ParamSlot::Vector(p) => (p.id, p.val().dims().to_vec()),
                 ParamSlot::Matrix(p) => (p.id, p.val().dims().to_vec()),
             };
-            let Some(&(_, owner)) = self.owners.iter().find(|(owned, _)| *owned == id) else {
+            let Some(&owner) = self.owner_of.get(&id) else {
                 continue;
             };
             let len: usize = shape.iter().product();
