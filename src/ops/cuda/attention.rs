@@ -7,6 +7,7 @@ use burn::tensor::{DType, FloatDType, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 
+use super::{flash_tile_shared_bytes as tile_shared, flash_wide_shared_bytes as wide_shared};
 use super::{BLOCK, Cube, DeviceContext, Gemm, KernelArg, Matrix, on_cubecl_stream};
 use crate::backend::Cuda;
 use crate::ops::attention::{AttentionForward, AttentionGrads, AttentionInputs, AttentionOptions};
@@ -146,10 +147,10 @@ impl Geometry {
         ]
     }
 
-    /// Grid of the flash kernels with one block per `FLASH_ROWS` query rows of a query head.
-    fn flash_query_grid(&self) -> (u32, u32, u32) {
+    /// Grid of the flash kernels with one block per `rows` query rows of a query head.
+    fn flash_query_grid(&self, rows: usize) -> (u32, u32, u32) {
         (
-            self.q_len.div_ceil(FLASH_ROWS) as u32,
+            self.q_len.div_ceil(rows) as u32,
             self.heads as u32,
             self.batch as u32,
         )
@@ -177,6 +178,13 @@ fn tensor<const D: usize>(t: Cube) -> Tensor<Cuda, D> {
 const FLASH_ROWS: usize = 64;
 const FLASH_KEYS: usize = 64;
 const FLASH_THREADS: u32 = 128;
+
+/// Whether the forward runs the wide flash kernel (128 query rows per block, 32 per warp) rather
+/// than the 64-row one; `DMS_RETROFIT_FLASH_ROWS=64` selects the latter (for comparisons).
+fn wide_forward() -> bool {
+    static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WIDE.get_or_init(|| std::env::var("DMS_RETROFIT_FLASH_ROWS").map_or(true, |v| v != "64"))
+}
 
 /// Whether the flash kernel (`flash.cu`) runs the forward: bf16, head_dim 64 or 128, sizes within
 /// its 32-bit indices, and not switched off with `DMS_RETROFIT_FLASH=0` (the GEMM + softmax path
@@ -224,10 +232,15 @@ pub fn attention_forward(
     tensors.extend(&bias);
     if flash_applies(&geo) {
         on_cubecl_stream(&tensors, |context, ptrs| {
-            let kernel = match dim {
-                64 => context.kernels()?.flash_forward_d64.clone(),
-                _ => context.kernels()?.flash_forward_d128.clone(),
+            let kernels = context.kernels()?;
+            let wide = wide_forward();
+            let (kernel, rows, shared) = match (dim, wide) {
+                (64, false) => (&kernels.flash_forward_d64, FLASH_ROWS, tile_shared(64)),
+                (_, false) => (&kernels.flash_forward_d128, FLASH_ROWS, tile_shared(128)),
+                (64, true) => (&kernels.flash_forward_wide_d64, 2 * FLASH_ROWS, wide_shared(64)),
+                (_, true) => (&kernels.flash_forward_wide_d128, 2 * FLASH_ROWS, wide_shared(128)),
             };
+            let kernel = kernel.clone();
             let mut args = vec![
                 KernelArg::Pointer(ptrs[0]),
                 KernelArg::Pointer(ptrs[1]),
@@ -239,9 +252,9 @@ pub fn attention_forward(
             args.extend(geo.flash_args(options));
             context.launch_with_shared(
                 &kernel,
-                geo.flash_query_grid(),
+                geo.flash_query_grid(rows),
                 FLASH_THREADS,
-                super::flash_tile_shared_bytes(dim),
+                shared,
                 &args,
             )
         })?;
@@ -436,9 +449,9 @@ fn flash_backward(
         q_args.extend(sizes);
         context.launch_with_shared(
             &q_kernel,
-            geo.flash_query_grid(),
+            geo.flash_query_grid(FLASH_ROWS),
             FLASH_THREADS,
-            super::flash_tile_shared_bytes(dim),
+            tile_shared(dim),
             &q_args,
         )
     })

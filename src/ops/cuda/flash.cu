@@ -189,15 +189,38 @@ __device__ void for_each_kv_tile(unsigned short* shared, const unsigned short* k
     }
 }
 
+// A fragment (16 rows x 16, k = columns k0..) of rows row0.. of a row-major [*][stride] shared
+// tile, one ldmatrix.x4: lanes 0-7 / 8-15 address rows 0-7 / 8-15 at k0, lanes 16-31 the same at
+// k0 + 8, which lands the four 8x8 matrices in the A register order.
+__device__ __forceinline__ void load_a_shared(unsigned int* a, const unsigned short* tile,
+                                              int stride, int row0, int k0) {
+    const int lane = threadIdx.x % 32;
+    const unsigned short* p =
+        tile + (row0 + (lane & 7) + ((lane & 8) ? 8 : 0)) * stride + k0 + ((lane & 16) ? 8 : 0);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+                 : "r"(smem_address(p)));
+}
+
+// Query rows per block of the forward with MT 16-row tiles per warp.
+#define FLASH_BLOCK_ROWS(MT) (FLASH_ROWS * (MT))
+
 // q, out: [batch, heads, q_len, D]; k, v: [batch, kv_heads, k_len, D]; bias: f32
 // [batch, kv_heads, k_len] or null; lse: f32 [batch, heads, q_len]. Queries sit at positions
 // offset .. offset + q_len, keys at 0 .. k_len.
-template <int D>
+//
+// MT = 16-row tiles per warp. MT 1: 64 rows per block, Q fragments in registers. MT 2 (the
+// "wide" kernel, FlashAttention-2's shape): 128 rows per block, 32 per warp, Q in shared memory
+// (its fragments do not fit in registers beside two tiles' scores and outputs); every K and V
+// fragment read from shared memory then feeds two tensor-core products instead of one, which
+// halves the shared-memory traffic per product (the MT 1 kernel is bound by it).
+template <int D, int MT>
 __device__ void flash_forward(const unsigned short* q, const unsigned short* k,
                               const unsigned short* v, const float* bias, unsigned short* out,
                               float* lse, int heads, int kv_heads, int q_len, int k_len,
                               int offset, int window, float scale) {
     constexpr int KS = D + 8;  // padded tile row (halves): conflict-free fragment loads
+    constexpr int ROWS = FLASH_BLOCK_ROWS(MT);
     extern __shared__ __align__(16) unsigned short flash_shared[];
     // exp(x) = exp2(x log2 e): the scores and the bias are kept in log2 units.
     const float scale2 = scale * LOG2E;
@@ -208,129 +231,175 @@ __device__ void flash_forward(const unsigned short* q, const unsigned short* k,
     const int block = gridDim.x - 1 - blockIdx.x;
     const int h = blockIdx.y, b = blockIdx.z;
     const int kvh = h / (heads / kv_heads);
-    const int row0 = block * FLASH_ROWS + warp * 16;
+    const int row0 = block * ROWS + warp * 16 * MT;
     const index_t q_head = ((index_t)b * heads + h) * q_len;
     const index_t kv_head = ((index_t)b * kv_heads + kvh) * k_len;
     const float* bias_head = bias ? bias + kv_head : 0;
 
-    unsigned int qf[D / 16][4];
-    load_a_rows<D>(qf, q + q_head * D, row0, q_len);
+    // MT 1: this warp's Q fragments in registers. MT > 1: the block's Q rows after the K/V and
+    // bias buffers of for_each_kv_tile (made visible by its first __syncthreads).
+    unsigned int qf[MT == 1 ? D / 16 : 1][4];
+    unsigned short* q_tile =
+        (unsigned short*)((float*)(flash_shared + 4 * FLASH_KEYS * KS) + 2 * FLASH_KEYS);
+    if constexpr (MT == 1)
+        load_a_rows<D>(qf, q + q_head * D, row0, q_len);
+    else
+        load_tile<D>(q_tile, q + q_head * D, block * ROWS, ROWS, q_len);
 
-    float o[D / 8][4];
+    float o[MT][D / 8][4];
 #pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
-    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) o[mt][dt][0] = o[mt][dt][1] = o[mt][dt][2] = o[mt][dt][3] = 0.0f;
+    float m[MT][2], l[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) m[mt][0] = m[mt][1] = NEG_INF, l[mt][0] = l[mt][1] = 0.0f;
 
-    const int last_row = imin(q_len, (block + 1) * FLASH_ROWS) - 1;
+    const int last_row = imin(q_len, (block + 1) * ROWS) - 1;
     const int key_end = imin(k_len, offset + last_row + 1);
-    // This warp's query positions (rows past q_len are computed but never stored).
-    const int first_pos = offset + row0, last_pos = offset + row0 + 15;
     for_each_kv_tile<D>(flash_shared, k + kv_head * D, v + kv_head * D, bias_head, k_len, key_end,
                         [&](int kb, const unsigned short* ks, const unsigned short* vs,
                             const float* bias_tile) {
-        float s[FLASH_KEYS / 8][4];
+        float s[MT][FLASH_KEYS / 8][4];
 #pragma unroll
-        for (int nt = 0; nt < FLASH_KEYS / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk)
+            for (int nt = 0; nt < FLASH_KEYS / 8; ++nt)
+                s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            unsigned int a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                if constexpr (MT == 1) {
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) a[mt][i] = qf[kk][i];
+                } else {
+                    load_a_shared(a[mt], q_tile, KS, warp * 16 * MT + mt * 16, kk * 16);
+                }
+            }
 #pragma unroll
             for (int nt = 0; nt < FLASH_KEYS / 8; nt += 2) {
                 unsigned int kb4[4];
                 load_b_pair(kb4, ks, KS, nt * 8, kk * 16);
-                mma_bf16(s[nt], qf[kk], kb4[0], kb4[1]);
-                mma_bf16(s[nt + 1], qf[kk], kb4[2], kb4[3]);
-            }
-
-        float mx[2] = {NEG_INF, NEG_INF};
-        // Tiles wholly below the diagonal, inside k_len and wholly on one side of the window
-        // need no per-score tests (all but the diagonal and window-edge tiles).
-        const bool plain = kb + FLASH_KEYS - 1 <= first_pos && kb + FLASH_KEYS <= k_len;
-        const bool all_biased = bias_head && first_pos - (kb + FLASH_KEYS - 1) > window;
-        const bool none_biased = !bias_head || last_pos - kb <= window;
-        if (plain && (all_biased || none_biased)) {
 #pragma unroll
-            for (int nt = 0; nt < FLASH_KEYS / 8; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    float x = s[nt][e] * scale2;
-                    if (all_biased) x += bias_tile[nt * 8 + 2 * t + (e & 1)];
-                    s[nt][e] = x;
-                    mx[e >> 1] = fmaxf(mx[e >> 1], x);
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_bf16(s[mt][nt], a[mt], kb4[0], kb4[1]);
+                    mma_bf16(s[mt][nt + 1], a[mt], kb4[2], kb4[3]);
                 }
-        } else {
+            }
+        }
+
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            const int tile_row0 = row0 + mt * 16;
+            float mx[2] = {NEG_INF, NEG_INF};
+            // Tiles wholly below the diagonal, inside k_len and wholly on one side of the window
+            // need no per-score tests (all but the diagonal and window-edge tiles).
+            const int first_pos = offset + tile_row0, last_pos = first_pos + 15;
+            const bool plain = kb + FLASH_KEYS - 1 <= first_pos && kb + FLASH_KEYS <= k_len;
+            const bool all_biased = bias_head && first_pos - (kb + FLASH_KEYS - 1) > window;
+            const bool none_biased = !bias_head || last_pos - kb <= window;
+            if (plain && (all_biased || none_biased)) {
+#pragma unroll
+                for (int nt = 0; nt < FLASH_KEYS / 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        float x = s[mt][nt][e] * scale2;
+                        if (all_biased) x += bias_tile[nt * 8 + 2 * t + (e & 1)];
+                        s[mt][nt][e] = x;
+                        mx[e >> 1] = fmaxf(mx[e >> 1], x);
+                    }
+            } else {
+#pragma unroll
+                for (int nt = 0; nt < FLASH_KEYS / 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int r = e >> 1;
+                        const int qpos = offset + tile_row0 + g + 8 * r;
+                        const int key = kb + nt * 8 + 2 * t + (e & 1);
+                        float x = s[mt][nt][e] * scale2;
+                        if (key > qpos || key >= k_len) x = NEG_INF;
+                        else if (bias_head && qpos - key > window) x += bias_tile[key - kb];
+                        s[mt][nt][e] = x;
+                        mx[r] = fmaxf(mx[r], x);
+                    }
+            }
+            float alpha[2], sum[2] = {0.0f, 0.0f};
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const float next = fmaxf(m[mt][r], quad_max(mx[r]));
+                alpha[r] = m[mt][r] == NEG_INF ? 0.0f : exp2f(m[mt][r] - next);
+                m[mt][r] = next;
+            }
 #pragma unroll
             for (int nt = 0; nt < FLASH_KEYS / 8; ++nt)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int r = e >> 1;
-                    const int qpos = offset + row0 + g + 8 * r;
-                    const int key = kb + nt * 8 + 2 * t + (e & 1);
-                    float x = s[nt][e] * scale2;
-                    if (key > qpos || key >= k_len) x = NEG_INF;
-                    else if (bias_head && qpos - key > window) x += bias_tile[key - kb];
-                    s[nt][e] = x;
-                    mx[r] = fmaxf(mx[r], x);
+                    const float p = m[mt][r] == NEG_INF ? 0.0f : exp2f(s[mt][nt][e] - m[mt][r]);
+                    s[mt][nt][e] = p;
+                    sum[r] += p;
                 }
-        }
-        float alpha[2], sum[2] = {0.0f, 0.0f};
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const float next = fmaxf(m[r], quad_max(mx[r]));
-            alpha[r] = m[r] == NEG_INF ? 0.0f : exp2f(m[r] - next);
-            m[r] = next;
-        }
+            for (int r = 0; r < 2; ++r) l[mt][r] = l[mt][r] * alpha[r] + sum[r];
 #pragma unroll
-        for (int nt = 0; nt < FLASH_KEYS / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int r = e >> 1;
-                const float p = m[r] == NEG_INF ? 0.0f : exp2f(s[nt][e] - m[r]);
-                s[nt][e] = p;
-                sum[r] += p;
+            for (int dt = 0; dt < D / 8; ++dt) {
+                o[mt][dt][0] *= alpha[0];
+                o[mt][dt][1] *= alpha[0];
+                o[mt][dt][2] *= alpha[1];
+                o[mt][dt][3] *= alpha[1];
             }
-#pragma unroll
-        for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + sum[r];
-#pragma unroll
-        for (int dt = 0; dt < D / 8; ++dt) {
-            o[dt][0] *= alpha[0];
-            o[dt][1] *= alpha[0];
-            o[dt][2] *= alpha[1];
-            o[dt][3] *= alpha[1];
         }
+        // O += P V: each V fragment pair feeds every row tile of the warp.
 #pragma unroll
         for (int kk = 0; kk < FLASH_KEYS / 16; ++kk) {
-            unsigned int pa[4];
-            c_tiles_to_a(pa, s, kk);
-            accumulate_product<D>(o, pa, vs, kk * 16);
+            unsigned int pa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) c_tiles_to_a(pa[mt], s[mt], kk);
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt += 2) {
+                unsigned int b4[4];
+                load_b_pair_transposed(b4, vs, KS, kk * 16, dt * 8);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_bf16(o[mt][dt], pa[mt], b4[0], b4[1]);
+                    mma_bf16(o[mt][dt + 1], pa[mt], b4[2], b4[3]);
+                }
+            }
         }
     });
 
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const float total = quad_sum(l[r]);
-        const int row = row0 + g + 8 * r;
-        if (row >= q_len) continue;
-        const float inv = 1.0f / total;
-        unsigned short* orow = out + (q_head + row) * D;
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int dt = 0; dt < D / 8; ++dt)
-            *(unsigned int*)(orow + dt * 8 + 2 * t) =
-                pack_bf16(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
-        if (t == 0) lse[q_head + row] = m[r] * LN2 + logf(total);
-    }
+        for (int r = 0; r < 2; ++r) {
+            const float total = quad_sum(l[mt][r]);
+            const int row = row0 + mt * 16 + g + 8 * r;
+            if (row >= q_len) continue;
+            const float inv = 1.0f / total;
+            unsigned short* orow = out + (q_head + row) * D;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; ++dt)
+                *(unsigned int*)(orow + dt * 8 + 2 * t) =
+                    pack_bf16(o[mt][dt][2 * r] * inv, o[mt][dt][2 * r + 1] * inv);
+            if (t == 0) lse[q_head + row] = m[mt][r] * LN2 + logf(total);
+        }
 }
 
-#define FLASH_FORWARD(D)                                                                         \
-    extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_forward_d##D(              \
+#define FLASH_FORWARD(NAME, D, MT)                                                               \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS) NAME(                            \
         const unsigned short* q, const unsigned short* k, const unsigned short* v,               \
         const float* bias, unsigned short* out, float* lse, int heads, int kv_heads, int q_len, \
         int k_len, int offset, int window, float scale) {                                        \
-        flash_forward<D>(q, k, v, bias, out, lse, heads, kv_heads, q_len, k_len, offset, window, \
-                         scale);                                                                 \
+        flash_forward<D, MT>(q, k, v, bias, out, lse, heads, kv_heads, q_len, k_len, offset,     \
+                             window, scale);                                                     \
     }
 
-FLASH_FORWARD(64)
-FLASH_FORWARD(128)
+FLASH_FORWARD(flash_forward_d64, 64, 1)
+FLASH_FORWARD(flash_forward_d128, 128, 1)
+FLASH_FORWARD(flash_forward_wide_d64, 64, 2)
+FLASH_FORWARD(flash_forward_wide_d128, 128, 2)
 
 // c1 = a1 tile1ᵀ and c2 = a2 tile2ᵀ for N rows of two [N][D + 8] shared tiles (zeroed first):
 // the scores and their gradient's dO Vᵀ (or Sᵀ and dPᵀ) of one tile.

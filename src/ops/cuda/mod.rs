@@ -589,6 +589,9 @@ struct Kernels {
     /// bf16 only, head_dim 64 and 128.
     flash_forward_d64: CudaFunction,
     flash_forward_d128: CudaFunction,
+    /// 128 query rows per block (`flash_forward<D, 2>`), Q in shared memory.
+    flash_forward_wide_d64: CudaFunction,
+    flash_forward_wide_d128: CudaFunction,
     flash_backward_kv_d64: CudaFunction,
     flash_backward_kv_d128: CudaFunction,
     flash_backward_q_d64: CudaFunction,
@@ -658,6 +661,14 @@ impl Kernels {
                 function("flash_forward_d128")?,
                 flash_tile_shared_bytes(128),
             )?,
+            flash_forward_wide_d64: with_shared(
+                function("flash_forward_wide_d64")?,
+                flash_wide_shared_bytes(64),
+            )?,
+            flash_forward_wide_d128: with_shared(
+                function("flash_forward_wide_d128")?,
+                flash_wide_shared_bytes(128),
+            )?,
             flash_backward_kv_d64: function("flash_backward_kv_d64")?,
             flash_backward_kv_d128: function("flash_backward_kv_d128")?,
             flash_backward_q_d64: with_shared(
@@ -677,6 +688,12 @@ impl Kernels {
 /// (64 keys, rows padded by 8 halves) and two bias tiles.
 pub(crate) fn flash_tile_shared_bytes(head_dim: usize) -> u32 {
     (4 * 64 * (head_dim + 8) * 2 + 2 * 64 * 4) as u32
+}
+
+/// Dynamic shared memory of the wide forward (`flash_forward<D, 2>`): the K/V tile buffers of
+/// [`flash_tile_shared_bytes`], then the block's 128 query rows (padded like the tiles).
+pub(crate) fn flash_wide_shared_bytes(head_dim: usize) -> u32 {
+    flash_tile_shared_bytes(head_dim) + (128 * (head_dim + 8) * 2) as u32
 }
 
 /// Lets `function` use `bytes` of dynamic shared memory (above 48 KB needs the opt-in).
