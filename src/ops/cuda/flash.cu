@@ -428,6 +428,44 @@ __device__ __forceinline__ void two_products(float (*c1)[4], const unsigned int 
 
 #define BWD_QROWS 32
 
+// Runs body(q0, q_tile, do_tile, lse_tile, delta_tile) for the query tiles first_q, first_q +
+// 32, .. < q_len of one query head (Q and dO rows, the log-sum-exps in log2 units, the deltas),
+// with each next tile's copies (cp.async) in flight while the body computes on the current one:
+// the dK/dV kernel's counterpart of for_each_kv_tile. The four buffers hold two tiles each.
+template <int D, typename Body>
+__device__ void for_each_q_tile(unsigned short* qs, unsigned short* dos, float* lse_tiles,
+                                float* delta_tiles, const unsigned short* q_head,
+                                const unsigned short* do_head, const float* lse_head,
+                                const float* delta_head, int first_q, int q_len, Body body) {
+    constexpr int TILE = BWD_QROWS * (D + 8);
+    auto issue = [&](int q0, int buffer) {
+        load_tile_async<D>(qs + buffer * TILE, q_head, q0, BWD_QROWS, q_len);
+        load_tile_async<D>(dos + buffer * TILE, do_head, q0, BWD_QROWS, q_len);
+        if (threadIdx.x < BWD_QROWS) {
+            const int row = q0 + threadIdx.x;
+            lse_tiles[buffer * BWD_QROWS + threadIdx.x] =
+                row < q_len ? lse_head[row] * LOG2E : 0.0f;
+            delta_tiles[buffer * BWD_QROWS + threadIdx.x] = row < q_len ? delta_head[row] : 0.0f;
+        }
+        async_commit();
+    };
+    if (first_q >= q_len) return;
+    issue(first_q, 0);
+    for (int q0 = first_q, buffer = 0; q0 < q_len; q0 += BWD_QROWS, buffer ^= 1) {
+        // The other buffer was released by the __syncthreads ending the previous iteration.
+        if (q0 + BWD_QROWS < q_len) {
+            issue(q0 + BWD_QROWS, buffer ^ 1);
+            async_wait<1>();
+        } else {
+            async_wait<0>();
+        }
+        __syncthreads();  // tile q0 has landed for every thread
+        body(q0, qs + buffer * TILE, dos + buffer * TILE, lse_tiles + buffer * BWD_QROWS,
+             delta_tiles + buffer * BWD_QROWS);
+        __syncthreads();  // every warp is done with this buffer before it is refilled
+    }
+}
+
 // ---- Backward (FlashAttention-2 style), from the forward's log-sum-exp and
 // delta_i = sum_d dO_id O_id: P = exp(S - lse), dS = P (dP - delta) with dP = dO Vᵀ;
 // dV = Pᵀ dO, dK = scale dSᵀ Q, dQ = scale dS K, d(bias_j) = sum of dS_ij over the rows where
@@ -442,9 +480,10 @@ __device__ void flash_backward_kv(const unsigned short* q, const unsigned short*
                                   float* dk, float* dv, float* dbias, int heads, int kv_heads,
                                   int q_len, int k_len, int offset, int window, float scale) {
     constexpr int S = D + 8;
-    __shared__ __align__(16) unsigned short qs[BWD_QROWS * S];
-    __shared__ __align__(16) unsigned short dos[BWD_QROWS * S];
-    __shared__ float lse_tile[BWD_QROWS], delta_tile[BWD_QROWS];
+    // Two buffers each: the tile being computed on and the next one in flight.
+    __shared__ __align__(16) unsigned short qs[2 * BWD_QROWS * S];
+    __shared__ __align__(16) unsigned short dos[2 * BWD_QROWS * S];
+    __shared__ float lse_tiles[2 * BWD_QROWS], delta_tiles[2 * BWD_QROWS];
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
@@ -475,20 +514,13 @@ __device__ void flash_backward_kv(const unsigned short* q, const unsigned short*
 
     // Queries before position kb see none of these keys.
     const int first_q = (kb > offset ? kb - offset : 0) / BWD_QROWS * BWD_QROWS;
-    for (int q0 = first_q; q0 < q_len; q0 += BWD_QROWS) {
-        __syncthreads();
-        load_tile<D>(qs, q + q_head * D, q0, BWD_QROWS, q_len);
-        load_tile<D>(dos, dout + q_head * D, q0, BWD_QROWS, q_len);
-        if (threadIdx.x < BWD_QROWS) {
-            const int row = q0 + threadIdx.x;
-            lse_tile[threadIdx.x] = row < q_len ? lse[q_head + row] * LOG2E : 0.0f;
-            delta_tile[threadIdx.x] = row < q_len ? delta[q_head + row] : 0.0f;
-        }
-        __syncthreads();
-
+    for_each_q_tile<D>(qs, dos, lse_tiles, delta_tiles, q + q_head * D, dout + q_head * D,
+                       lse + q_head, delta + q_head, first_q, q_len,
+                       [&](int q0, const unsigned short* q_tile, const unsigned short* do_tile,
+                           const float* lse_tile, const float* delta_tile) {
         // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ: this warp's 16 keys x 32 queries.
         float st[BWD_QROWS / 8][4], dpt[BWD_QROWS / 8][4];
-        two_products<D, BWD_QROWS>(st, kf, qs, dpt, vf, dos);
+        two_products<D, BWD_QROWS>(st, kf, q_tile, dpt, vf, do_tile);
         // Pᵀ and dSᵀ in place; the bias gradient of this thread's two keys.
 #pragma unroll
         for (int nt = 0; nt < BWD_QROWS / 8; ++nt)
@@ -517,10 +549,10 @@ __device__ void flash_backward_kv(const unsigned short* q, const unsigned short*
             c_tiles_to_a(pa, st, kk);
             unsigned int sa[4];
             c_tiles_to_a(sa, dpt, kk);
-            accumulate_product<D>(dv_acc, pa, dos, kk * 16);
-            accumulate_product<D>(dk_acc, sa, qs, kk * 16);
+            accumulate_product<D>(dv_acc, pa, do_tile, kk * 16);
+            accumulate_product<D>(dk_acc, sa, q_tile, kk * 16);
         }
-    }
+    });
 
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
