@@ -10,11 +10,11 @@ pub mod safetensors_io;
 use std::collections::BTreeSet;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::backend::Backend;
 use serde_json::Value;
 
 use crate::dms::{DmsConfig, DmsModel};
 use crate::model::{Decoder, FloatFormat, ModelConfig};
+use crate::ops::UploadBackend;
 pub use resolve::{CheckpointFiles, Origin};
 pub use safetensors_io::SafetensorsStore;
 
@@ -106,7 +106,7 @@ impl Checkpoint {
     /// Loads the model with its DMS parameters: `dms` overrides the settings in config.json (needed
     /// for base checkpoints, which have none). Adapter weights come from the files when present,
     /// else start at zero.
-    pub fn load_dms_model<B: Backend>(
+    pub fn load_dms_model<B: UploadBackend>(
         &self,
         dms: Option<&DmsConfig>,
         format: FloatFormat,
@@ -129,7 +129,7 @@ impl Checkpoint {
     }
 
     /// Loads the base decoder onto `device`, its weights converted to `format`.
-    pub fn load_decoder<B: Backend>(
+    pub fn load_decoder<B: UploadBackend>(
         &self,
         format: FloatFormat,
         device: &B::Device,

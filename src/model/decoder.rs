@@ -15,6 +15,7 @@ use crate::ops::attention::{AttentionBackend, AttentionOptions, delayed_attentio
 use crate::ops::elementwise::{ElementwiseBackend, rms_norm, swiglu};
 use crate::ops::linear::{LinearBackend, linear};
 use crate::ops::mlp::{MlpBackend, swiglu_mlp};
+use crate::ops::upload::UploadBackend;
 
 /// Builds a parameter from a [`WeightSource`], checking its shape against the config.
 ///
@@ -26,7 +27,7 @@ use crate::ops::mlp::{MlpBackend, swiglu_mlp};
 /// Qwen3-8B's q projection) from exact-size buffers too, kept for reuse at that size's peak count
 /// for the rest of the run; measured, the peak still fell (docs/performance.md, Memory). Other
 /// backends ignore the mode.
-fn load_param<B: Backend, const D: usize>(
+fn load_param<B: UploadBackend, const D: usize>(
     cfg: &ModelConfig,
     source: &mut dyn WeightSource,
     key: WeightKey,
@@ -37,7 +38,7 @@ fn load_param<B: Backend, const D: usize>(
         .with_context(|| format!("{key:?} is not a base-model tensor"))?;
     let data = source.load(key, &shape)?;
     let tensor =
-        B::memory_persistent_allocations(device, data, |data| Tensor::from_data(data, device));
+        B::memory_persistent_allocations(device, data, |data| B::upload(data, device));
     Ok(keyed_param(key, tensor))
 }
 
@@ -73,7 +74,7 @@ pub struct Linear<B: Backend> {
     pub bias: Option<Param<Tensor<B, 1>>>,
 }
 
-impl<B: Backend> Linear<B> {
+impl<B: UploadBackend> Linear<B> {
     fn load(
         cfg: &ModelConfig,
         source: &mut dyn WeightSource,
@@ -94,7 +95,9 @@ impl<B: Backend> Linear<B> {
         };
         Ok(Self { weight, bias })
     }
+}
 
+impl<B: Backend> Linear<B> {
     /// Slots for the weight and (if any) bias of `projection` in `layer`.
     pub fn slots<'a>(
         &'a mut self,
@@ -145,7 +148,7 @@ pub struct RmsNorm<B: Backend> {
     pub eps: f64,
 }
 
-impl<B: Backend> RmsNorm<B> {
+impl<B: UploadBackend> RmsNorm<B> {
     pub fn load(
         cfg: &ModelConfig,
         source: &mut dyn WeightSource,
@@ -373,7 +376,7 @@ pub struct DecoderLayer<B: Backend> {
     pub mlp: Mlp<B>,
 }
 
-impl<B: Backend> DecoderLayer<B> {
+impl<B: UploadBackend> DecoderLayer<B> {
     fn load(
         cfg: &ModelConfig,
         source: &mut dyn WeightSource,
@@ -458,20 +461,7 @@ pub struct Decoder<B: Backend> {
     pub config: ModelConfig,
 }
 
-impl<B: Backend> Decoder<B> {
-    /// RoPE tables for positions `start .. start + len` of this model.
-    pub fn rope(&self, start: usize, len: usize, device: &B::Device) -> RopeTables<B> {
-        RopeTables::for_model(&self.config, start, len, device)
-    }
-
-    /// Whether training keeps only each MLP's input and recomputes its gate and up projections
-    /// in the backward (see [`crate::ops::mlp`]); off after loading.
-    pub fn recompute_mlp(&mut self, on: bool) {
-        for layer in &mut self.layers {
-            layer.mlp.recompute = on;
-        }
-    }
-
+impl<B: UploadBackend> Decoder<B> {
     /// Builds the decoder from a weight source, checking every tensor's shape against `cfg`.
     pub fn load(
         cfg: &ModelConfig,
@@ -499,6 +489,22 @@ impl<B: Backend> Decoder<B> {
             config: cfg.clone(),
         })
     }
+}
+
+impl<B: Backend> Decoder<B> {
+    /// RoPE tables for positions `start .. start + len` of this model.
+    pub fn rope(&self, start: usize, len: usize, device: &B::Device) -> RopeTables<B> {
+        RopeTables::for_model(&self.config, start, len, device)
+    }
+
+    /// Whether training keeps only each MLP's input and recomputes its gate and up projections
+    /// in the backward (see [`crate::ops::mlp`]); off after loading.
+    pub fn recompute_mlp(&mut self, on: bool) {
+        for layer in &mut self.layers {
+            layer.mlp.recompute = on;
+        }
+    }
+
 
     /// Every parameter with its key, in the order of [`ModelConfig::base_weight_keys`] layers.
     pub fn params_mut(&mut self) -> Vec<(WeightKey, ParamSlot<'_, B>)> {

@@ -9,5 +9,7 @@ pub mod cuda;
 pub mod elementwise;
 pub mod linear;
 pub mod mlp;
+pub mod upload;
 
 pub use attention::{AttentionBackend, TrainBackend};
+pub use upload::UploadBackend;

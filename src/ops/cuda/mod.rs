@@ -19,6 +19,7 @@
 pub mod attention;
 pub mod elementwise;
 pub mod linear;
+pub mod upload;
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -222,7 +223,53 @@ pub struct DeviceContext {
     algos: HashMap<AlgoKey, sys::cublasLtMatmulAlgo_t>,
     kernels: Option<Result<Kernels, String>>,
     scratch: Vec<(u64, usize)>,
+    /// Pinned host buffers for [`DeviceContext::upload`], allocated at its first call.
+    staging: Vec<Staging>,
 }
+
+/// One pinned host buffer of [`STAGING_BYTES`] and the event recorded after the last copy that
+/// reads it.
+struct Staging {
+    host: *mut u8,
+    copied: cudarc::driver::sys::CUevent,
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // SAFETY: both were created by `Staging::new`; waiting first keeps a queued copy from
+        // reading freed memory.
+        unsafe {
+            let _ = cudarc::driver::result::event::synchronize(self.copied);
+            let _ = cudarc::driver::result::event::destroy(self.copied);
+            let _ = cudarc::driver::result::free_host(self.host.cast());
+        }
+    }
+}
+
+impl Staging {
+    fn new() -> Result<Self, String> {
+        use cudarc::driver::{result, sys::CUevent_flags};
+        // SAFETY: a fresh allocation; only written by `upload` before being read by copies.
+        let host = unsafe { result::malloc_host(STAGING_BYTES, 0) }
+            .map_err(|e| format!("pinned staging of {STAGING_BYTES} bytes: {e:?}"))?;
+        let copied = result::event::create(CUevent_flags::CU_EVENT_DISABLE_TIMING)
+            .map_err(|e| format!("CUDA event: {e:?}"));
+        match copied {
+            Ok(copied) => Ok(Self {
+                host: host.cast(),
+                copied,
+            }),
+            Err(e) => {
+                let _ = unsafe { result::free_host(host) };
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Bytes per staging buffer: large enough that each copy runs at full link speed, small enough
+/// that the two buffers cost little pinned memory.
+const STAGING_BYTES: usize = 64 << 20;
 
 // The raw handle and pointers are used only under the mutex that owns them.
 unsafe impl Send for DeviceContext {}
@@ -271,7 +318,40 @@ impl DeviceContext {
             algos: HashMap::new(),
             kernels: None,
             scratch: Vec::new(),
+            staging: Vec::new(),
         })
+    }
+
+    /// Copies `bytes` to device address `dst` on the current stream, chunk by chunk through the
+    /// two pinned staging buffers: while the DMA engine reads one, the host fills the other
+    /// (split over the CPU's threads). Returns when the last chunk is queued; `bytes` may then be
+    /// dropped, and the copies are ordered before any later work on the stream.
+    fn upload(&mut self, dst: u64, bytes: &[u8]) -> Result<(), String> {
+        use cudarc::driver::result;
+        while self.staging.len() < 2 {
+            self.staging.push(Staging::new()?);
+        }
+        let stream = self.stream.cu_stream();
+        for (index, chunk) in bytes.chunks(STAGING_BYTES).enumerate() {
+            let staging = &self.staging[index % 2];
+            // SAFETY: the event follows the previous copy out of this buffer (or was never
+            // recorded, which returns at once); after it the buffer is ours to overwrite.
+            unsafe { result::event::synchronize(staging.copied) }
+                .map_err(|e| format!("waiting for a staging copy: {e:?}"))?;
+            // SAFETY: `host` holds STAGING_BYTES >= chunk.len() bytes that no copy reads now.
+            let host = unsafe { std::slice::from_raw_parts_mut(staging.host, chunk.len()) };
+            parallel_copy(host, chunk);
+            let offset = (index * STAGING_BYTES) as u64;
+            // SAFETY: `dst + offset .. + chunk.len()` lies in the caller's buffer of
+            // `bytes.len()` bytes; `host` stays allocated and untouched until the event below.
+            unsafe {
+                result::memcpy_htod_async(dst + offset, &*host, stream)
+                    .map_err(|e| format!("host-to-device copy: {e:?}"))?;
+                result::event::record(staging.copied, stream)
+                    .map_err(|e| format!("CUDA event: {e:?}"))?;
+            }
+        }
+        Ok(())
     }
 
     /// Makes `stream` (cubecl's current stream, from the patched `GpuResource`) the one we
@@ -706,6 +786,23 @@ fn with_shared(function: CudaFunction, bytes: u32) -> Result<CudaFunction, Strin
         )
         .map_err(|e| format!("shared memory of {bytes} bytes: {e:?}"))?;
     Ok(function)
+}
+
+/// `to.copy_from_slice(from)` split over the CPU's threads (one thread copies ~5-10 GB/s, below
+/// the PCIe link's speed).
+fn parallel_copy(to: &mut [u8], from: &[u8]) {
+    const PART: usize = 4 << 20;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_thread = from.len().div_ceil(threads).max(PART);
+    if per_thread >= from.len() {
+        to.copy_from_slice(from);
+        return;
+    }
+    std::thread::scope(|scope| {
+        for (to, from) in to.chunks_mut(per_thread).zip(from.chunks(per_thread)) {
+            scope.spawn(move || to.copy_from_slice(from));
+        }
+    });
 }
 
 /// Owners that free cuBLASLt descriptors.
