@@ -93,6 +93,10 @@ struct StepReport {
     recompute_layers: bool,
     /// The MLPs' gate and up projections recomputed in the backward (`train.recompute_mlp`).
     recompute_mlp: bool,
+    /// Seconds to generate the random base weights on the host (all threads) and place them on
+    /// the device, and the weight bytes per second that makes.
+    weights_s: f64,
+    weights_gb_per_s: f64,
     first_step_s: f64,
     step_s: f64,
     tokens_per_s: f64,
@@ -319,7 +323,7 @@ fn step_bench<B: TrainBackend>(
         ..DmsConfig::default()
     };
     let recompute_mlp = !args.keep_mlp_activations && !args.recompute_layers;
-    let mut model = step_model::<B>(&cfg, &dms, recompute_mlp, format, device)?;
+    let (mut model, weights_s) = step_model::<B>(&cfg, &dms, recompute_mlp, format, device)?;
     let mut optimizer = AdamWConfig::new()
         .with_beta_1(0.9)
         .with_beta_2(0.95)
@@ -416,6 +420,10 @@ fn step_bench<B: TrainBackend>(
         checkpointing: args.checkpointing.clone(),
         recompute_layers: args.recompute_layers,
         recompute_mlp,
+        weights_s,
+        weights_gb_per_s: cfg.parameter_count() as f64 * format.bytes() as f64
+            / weights_s
+            / 1e9,
         first_step_s: first,
         step_s,
         tokens_per_s: args.seq as f64 / step_s,
@@ -427,24 +435,23 @@ fn step_bench<B: TrainBackend>(
     })
 }
 
-/// The adapter-only DMS model `bench step` trains, on random weights.
+/// The adapter-only DMS model `bench step` trains, on random weights, and the seconds it took to
+/// generate them and place them on the device.
 fn step_model<B: TrainBackend>(
     cfg: &ModelConfig,
     dms: &DmsConfig,
     recompute_mlp: bool,
     format: FloatFormat,
     device: &B::Device,
-) -> Result<DmsModel<B>> {
+) -> Result<(DmsModel<B>, f64)> {
     let started = Instant::now();
     let model = random_model::<B>(cfg, format, dms, device)?;
     let mut model = apply_trainable(model, Trainable::Adapter);
     model.base.recompute_mlp(recompute_mlp);
     B::sync(device)?;
-    tracing::info!(
-        "DMS model ready after {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
-    Ok(model)
+    let seconds = started.elapsed().as_secs_f64();
+    tracing::info!("DMS model ready after {seconds:.1} s");
+    Ok((model, seconds))
 }
 
 /// The upper median (the value at index `len / 2` once sorted).
