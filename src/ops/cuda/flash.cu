@@ -398,7 +398,6 @@ __device__ void flash_forward(const unsigned short* q, const unsigned short* k,
 
 FLASH_FORWARD(flash_forward_d64, 64, 1)
 FLASH_FORWARD(flash_forward_d128, 128, 1)
-FLASH_FORWARD(flash_forward_wide_d64, 64, 2)
 FLASH_FORWARD(flash_forward_wide_d128, 128, 2)
 
 // c1 = a1 tile1ᵀ and c2 = a2 tile2ᵀ for N rows of two [N][D + 8] shared tiles (zeroed first):

@@ -669,8 +669,8 @@ struct Kernels {
     /// bf16 only, head_dim 64 and 128.
     flash_forward_d64: CudaFunction,
     flash_forward_d128: CudaFunction,
-    /// 128 query rows per block (`flash_forward<D, 2>`), Q in shared memory.
-    flash_forward_wide_d64: CudaFunction,
+    /// 128 query rows per block (`flash_forward<D, 2>`), Q in shared memory; head_dim 128 only
+    /// for now (the 64 variant is unchecked on a GPU).
     flash_forward_wide_d128: CudaFunction,
     flash_backward_kv_d64: CudaFunction,
     flash_backward_kv_d128: CudaFunction,
@@ -740,10 +740,6 @@ impl Kernels {
             flash_forward_d128: with_shared(
                 function("flash_forward_d128")?,
                 flash_tile_shared_bytes(128),
-            )?,
-            flash_forward_wide_d64: with_shared(
-                function("flash_forward_wide_d64")?,
-                flash_wide_shared_bytes(64),
             )?,
             flash_forward_wide_d128: with_shared(
                 function("flash_forward_wide_d128")?,
