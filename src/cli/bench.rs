@@ -421,9 +421,7 @@ fn step_bench<B: TrainBackend>(
         recompute_layers: args.recompute_layers,
         recompute_mlp,
         weights_s,
-        weights_gb_per_s: cfg.parameter_count() as f64 * format.bytes() as f64
-            / weights_s
-            / 1e9,
+        weights_gb_per_s: cfg.parameter_count() as f64 * format.bytes() as f64 / weights_s / 1e9,
         first_step_s: first,
         step_s,
         tokens_per_s: args.seq as f64 / step_s,

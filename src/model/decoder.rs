@@ -37,8 +37,7 @@ fn load_param<B: UploadBackend, const D: usize>(
         .weight_shape(key)
         .with_context(|| format!("{key:?} is not a base-model tensor"))?;
     let data = source.load(key, &shape)?;
-    let tensor =
-        B::memory_persistent_allocations(device, data, |data| B::upload(data, device));
+    let tensor = B::memory_persistent_allocations(device, data, |data| B::upload(data, device));
     Ok(keyed_param(key, tensor))
 }
 
@@ -504,7 +503,6 @@ impl<B: Backend> Decoder<B> {
             layer.mlp.recompute = on;
         }
     }
-
 
     /// Every parameter with its key, in the order of [`ModelConfig::base_weight_keys`] layers.
     pub fn params_mut(&mut self) -> Vec<(WeightKey, ParamSlot<'_, B>)> {

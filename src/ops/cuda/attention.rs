@@ -7,8 +7,8 @@ use burn::tensor::{DType, FloatDType, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 
-use super::{flash_tile_shared_bytes as tile_shared, flash_wide_shared_bytes as wide_shared};
 use super::{BLOCK, Cube, DeviceContext, Gemm, KernelArg, Matrix, on_cubecl_stream};
+use super::{flash_tile_shared_bytes as tile_shared, flash_wide_shared_bytes as wide_shared};
 use crate::backend::Cuda;
 use crate::ops::attention::{AttentionForward, AttentionGrads, AttentionInputs, AttentionOptions};
 use cudarc::driver::CudaFunction;
@@ -239,7 +239,11 @@ pub fn attention_forward(
             let (kernel, rows, shared) = match (dim, wide) {
                 (64, false) => (&kernels.flash_forward_d64, FLASH_ROWS, tile_shared(64)),
                 (_, false) => (&kernels.flash_forward_d128, FLASH_ROWS, tile_shared(128)),
-                (_, true) => (&kernels.flash_forward_wide_d128, 2 * FLASH_ROWS, wide_shared(128)),
+                (_, true) => (
+                    &kernels.flash_forward_wide_d128,
+                    2 * FLASH_ROWS,
+                    wide_shared(128),
+                ),
             };
             let kernel = kernel.clone();
             let mut args = vec![
