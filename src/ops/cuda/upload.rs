@@ -2,7 +2,7 @@
 //! chunk into one buffer while the DMA engine reads the other (`DeviceContext::upload`), so the
 //! transfer runs at the link's speed instead of burn-cuda's pageable 2D copy.
 
-use burn::tensor::{Shape, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use burn_cubecl::cubecl::cuda::CudaDevice;
 use burn_cubecl::cubecl::{Runtime, cuda::CudaRuntime};
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
@@ -22,7 +22,7 @@ pub fn upload<const D: usize>(
     let tensor = empty_device_contiguous_dtype(
         CudaRuntime::client(device),
         device.clone(),
-        Shape::from(data.shape.clone()),
+        data.shape.clone(),
         data.dtype,
     );
     let bytes = data.as_bytes();
