@@ -14,6 +14,7 @@ pub mod dms;
 pub mod eval;
 pub mod model;
 pub mod ops;
+pub mod parallel;
 pub mod recipe;
 pub mod run;
 pub mod train;

@@ -16,6 +16,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use super::names::{hf_name, is_ignorable_buffer, parse_hf_name};
 use crate::model::{FloatFormat, WeightKey, WeightSource};
+use crate::parallel::{map_parts, zip_parts};
 
 struct MappedFile {
     path: PathBuf,
@@ -251,7 +252,7 @@ fn convert(bytes: &[u8], dtype: Dtype, shape: &[usize], target: FloatFormat) -> 
         }
     };
     // Split over the CPU's threads: one thread scans ~2 GB/s, an 8B checkpoint is 16 GB.
-    let non_finite = in_parallel(bytes, width, |part| match dtype {
+    let non_finite = map_parts(bytes, width, SMALLEST_PART, |part| match dtype {
         Dtype::F32 => part
             .chunks_exact(4)
             .any(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
@@ -273,17 +274,9 @@ fn convert(bytes: &[u8], dtype: Dtype, shape: &[usize], target: FloatFormat) -> 
         (FloatFormat::Bf16, Dtype::BF16) => {
             // Filled in place on the CPU's threads: one output buffer, no per-part copies.
             let mut values = vec![bf16::ZERO; count];
-            let per_thread = part_bytes(bytes.len(), width);
-            std::thread::scope(|scope| {
-                for (out, part) in values
-                    .chunks_mut(per_thread / width)
-                    .zip(bytes.chunks(per_thread))
-                {
-                    scope.spawn(move || {
-                        for (v, c) in out.iter_mut().zip(part.chunks_exact(2)) {
-                            *v = bf16::from_le_bytes([c[0], c[1]]);
-                        }
-                    });
+            zip_parts(&mut values, bytes, width, SMALLEST_PART, |out, part| {
+                for (v, c) in out.iter_mut().zip(part.chunks_exact(2)) {
+                    *v = bf16::from_le_bytes([c[0], c[1]]);
                 }
             });
             TensorData::new(values, shape)
@@ -302,33 +295,8 @@ fn convert(bytes: &[u8], dtype: Dtype, shape: &[usize], target: FloatFormat) -> 
     })
 }
 
-/// Bytes per thread when `len` bytes of `width`-byte values are split over the CPU's threads:
-/// a whole number of values, at least 8 MiB (smaller parts cost more to spawn than to convert).
-fn part_bytes(len: usize, width: usize) -> usize {
-    const SMALLEST_PART: usize = 8 << 20;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (len.div_ceil(threads).max(SMALLEST_PART)).div_ceil(width) * width
-}
-
-/// `f` over consecutive parts of `bytes` (each a whole number of `width`-byte values) on the CPU's
-/// threads, results in order.
-fn in_parallel<T: Send>(bytes: &[u8], width: usize, f: impl Fn(&[u8]) -> T + Sync) -> Vec<T> {
-    let per_thread = part_bytes(bytes.len(), width);
-    if per_thread >= bytes.len() {
-        return vec![f(bytes)];
-    }
-    std::thread::scope(|scope| {
-        let f = &f;
-        let parts: Vec<_> = bytes
-            .chunks(per_thread)
-            .map(|part| scope.spawn(move || f(part)))
-            .collect();
-        parts
-            .into_iter()
-            .map(|part| part.join().expect("a conversion thread panicked"))
-            .collect()
-    })
-}
+/// Smallest part of a tensor converted on its own thread.
+const SMALLEST_PART: usize = 8 << 20;
 
 /// The set of names `keys` map to.
 pub fn names_of(keys: impl IntoIterator<Item = WeightKey>) -> BTreeSet<String> {
@@ -353,7 +321,10 @@ mod tests {
             .map(|i| bf16::from_f32(((i % 2003) as f32 - 1000.0) / 7.0))
             .collect();
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        assert!(part_bytes(bytes.len(), 2) < bytes.len() || num_threads() == 1);
+        assert!(
+            crate::parallel::part_bytes(bytes.len(), 2, SMALLEST_PART) < bytes.len()
+                || num_threads() == 1
+        );
         let data = convert(&bytes, Dtype::BF16, &[count], FloatFormat::Bf16).unwrap();
         assert_eq!(data.as_slice::<bf16>().unwrap(), values.as_slice());
         let as_f32 = convert(&bytes, Dtype::BF16, &[count], FloatFormat::F32).unwrap();

@@ -340,7 +340,10 @@ impl DeviceContext {
                 .map_err(|e| format!("waiting for a staging copy: {e:?}"))?;
             // SAFETY: `host` holds STAGING_BYTES >= chunk.len() bytes that no copy reads now.
             let host = unsafe { std::slice::from_raw_parts_mut(staging.host, chunk.len()) };
-            parallel_copy(host, chunk);
+            // Split over the CPU's threads: one thread copies ~5-10 GB/s, below PCIe's speed.
+            crate::parallel::zip_parts(host, chunk, 1, 4 << 20, |to, from| {
+                to.copy_from_slice(from)
+            });
             let offset = (index * STAGING_BYTES) as u64;
             // SAFETY: `dst + offset .. + chunk.len()` lies in the caller's buffer of
             // `bytes.len()` bytes; `host` stays allocated and untouched until the event below.
@@ -782,23 +785,6 @@ fn with_shared(function: CudaFunction, bytes: u32) -> Result<CudaFunction, Strin
         )
         .map_err(|e| format!("shared memory of {bytes} bytes: {e:?}"))?;
     Ok(function)
-}
-
-/// `to.copy_from_slice(from)` split over the CPU's threads (one thread copies ~5-10 GB/s, below
-/// the PCIe link's speed).
-fn parallel_copy(to: &mut [u8], from: &[u8]) {
-    const PART: usize = 4 << 20;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let per_thread = from.len().div_ceil(threads).max(PART);
-    if per_thread >= from.len() {
-        to.copy_from_slice(from);
-        return;
-    }
-    std::thread::scope(|scope| {
-        for (to, from) in to.chunks_mut(per_thread).zip(from.chunks(per_thread)) {
-            scope.spawn(move || to.copy_from_slice(from));
-        }
-    });
 }
 
 /// Owners that free cuBLASLt descriptors.

@@ -1,0 +1,53 @@
+//! Byte-sized work split over the CPU's threads in consecutive parts (weight conversion on load,
+//! filling the GPU's staging buffers): one thread moves ~2-10 GB/s, below what disks and PCIe do.
+
+/// Bytes per part when `len` bytes of `width`-byte values go to the CPU's threads: a whole number
+/// of values, at least `smallest` bytes (smaller parts cost more to spawn than to process).
+pub fn part_bytes(len: usize, width: usize, smallest: usize) -> usize {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    len.div_ceil(threads).max(smallest).div_ceil(width) * width
+}
+
+/// `f(out part, bytes part)` for consecutive parts: `out` holds one element per `width` bytes.
+pub fn zip_parts<T: Send>(
+    out: &mut [T],
+    bytes: &[u8],
+    width: usize,
+    smallest: usize,
+    f: impl Fn(&mut [T], &[u8]) + Sync,
+) {
+    let per_part = part_bytes(bytes.len(), width, smallest);
+    if per_part >= bytes.len() {
+        return f(out, bytes);
+    }
+    std::thread::scope(|scope| {
+        let f = &f;
+        for (out, part) in out.chunks_mut(per_part / width).zip(bytes.chunks(per_part)) {
+            scope.spawn(move || f(out, part));
+        }
+    });
+}
+
+/// `f` of each consecutive part of `bytes` (whole `width`-byte values), results in order.
+pub fn map_parts<R: Send>(
+    bytes: &[u8],
+    width: usize,
+    smallest: usize,
+    f: impl Fn(&[u8]) -> R + Sync,
+) -> Vec<R> {
+    let per_part = part_bytes(bytes.len(), width, smallest);
+    if per_part >= bytes.len() {
+        return vec![f(bytes)];
+    }
+    std::thread::scope(|scope| {
+        let f = &f;
+        let parts: Vec<_> = bytes
+            .chunks(per_part)
+            .map(|part| scope.spawn(move || f(part)))
+            .collect();
+        parts
+            .into_iter()
+            .map(|part| part.join().expect("a worker thread panicked"))
+            .collect()
+    })
+}
