@@ -21,7 +21,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The order the binary concatenates them in (src/ops/cuda/mod.rs, Kernels::compile).
-SOURCES = ["common.cu", "softmax.cu", "elementwise.cu", "flash.cu"]
+SOURCES = ["common.cu", "softmax.cu", "elementwise.cu", "flash.cu", "flash_hopper.cu"]
 
 
 def find(env, patterns):
@@ -35,10 +35,9 @@ def find(env, patterns):
     return None
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--arch", default="sm_90")
-    args = parser.parse_args()
+def compile_ptx(arch, defines=()):
+    """PTX of all kernels for `arch` (sm_XY or sm_90a), as the binary compiles them; exits with
+    NVRTC's log on an error."""
     lib_path = find("NVRTC_LIB", ["nvidia/cu*/lib/libnvrtc.so*", "nvidia/cuda_nvrtc/lib/libnvrtc.so*"])
     if not lib_path:
         sys.exit("libnvrtc not found: set NVRTC_LIB (e.g. pip install nvidia-cuda-nvrtc)")
@@ -47,9 +46,10 @@ def main():
     program = ctypes.c_void_p()
     if nvrtc.nvrtcCreateProgram(ctypes.byref(program), source.encode(), b"kernels.cu", 0, None, None):
         sys.exit("nvrtcCreateProgram failed")
-    arch = args.arch.replace("sm_", "compute_")
-    options = (ctypes.c_char_p * 1)(f"--gpu-architecture={arch}".encode())
-    status = nvrtc.nvrtcCompileProgram(program, 1, options)
+    compute = arch.replace("sm_", "compute_")
+    flags = [f"--gpu-architecture={compute}"] + [f"-D{d}" for d in defines]
+    options = (ctypes.c_char_p * len(flags))(*[f.encode() for f in flags])
+    status = nvrtc.nvrtcCompileProgram(program, len(flags), options)
     size = ctypes.c_size_t()
     nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
     log = ctypes.create_string_buffer(size.value)
@@ -61,13 +61,21 @@ def main():
     nvrtc.nvrtcGetPTXSize(program, ctypes.byref(size))
     ptx = ctypes.create_string_buffer(size.value)
     nvrtc.nvrtcGetPTX(program, ptx)
-    print(f"NVRTC ({lib_path}): {size.value} bytes of PTX for {arch}")
+    print(f"NVRTC ({lib_path}): {size.value} bytes of PTX for {compute}")
+    return ptx.value
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--arch", default="sm_90a")
+    args = parser.parse_args()
+    ptx = compile_ptx(args.arch)
 
     ptxas = os.environ.get("PTXAS") or shutil.which("ptxas") or find("PTXAS", ["triton/backends/nvidia/bin/ptxas"])
     if not ptxas:
         print("ptxas not found (set PTXAS): registers and spills not reported")
         return
-    text = ptx.value.decode()
+    text = ptx.decode()
     version = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout
     # An older ptxas rejects a newer PTX ISA version line; the kernels use nothing newer than 8.0.
     if "release 12." in version:

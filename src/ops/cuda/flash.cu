@@ -18,7 +18,22 @@
 #define LN2 0.6931471805599453f
 
 __device__ __forceinline__ unsigned int pack_bf16(float lo, float hi) {
+#if __CUDA_ARCH__ >= 800
+    // One instruction for both (round to nearest even, as f32_to_bf16).
+    unsigned int packed;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(packed) : "f"(hi), "f"(lo));
+    return packed;
+#else
     return (unsigned int)f32_to_bf16(lo) | ((unsigned int)f32_to_bf16(hi) << 16);
+#endif
+}
+
+// 2^x on the special-function unit (what exp2f becomes under --use_fast_math; the scores are far
+// from the denormal range where the two differ).
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
 }
 
 // The A fragment (16 x 16, k = columns 16 kk ..) formed by two adjacent C tiles (2 kk, 2 kk + 1)
@@ -202,6 +217,98 @@ __device__ __forceinline__ void load_a_shared(unsigned int* a, const unsigned sh
                  : "r"(smem_address(p)));
 }
 
+// One warp's online-softmax step over a tile of KEYS keys for its 16 query rows (the first at
+// position first_pos): s holds the tile's raw scores Q Kᵀ in mma.m16n8k16's C layout and leaves as
+// the probabilities P (unnormalised, relative to the new running maximum m, in log2 units); l is
+// each row's running sum and o its output, rescaled to the new maximum. Keys past the query's
+// position or k_len are masked; the DMS key bias (bias_tile times bias_scale in log2 units)
+// applies where the query is more than `window` positions after the key.
+template <int KEYS, int D>
+__device__ __forceinline__ void online_softmax_tile(float (*s)[4], float* m, float* l,
+                                                    float (*o)[4], int kb, int first_pos,
+                                                    int k_len, bool has_bias, int window,
+                                                    const float* bias_tile, float bias_scale,
+                                                    float scale2) {
+    const int lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    float mx[2] = {NEG_INF, NEG_INF};
+    // Tiles wholly below the diagonal, inside k_len and wholly on one side of the window need no
+    // per-score tests (all but the diagonal and window-edge tiles).
+    const int last_pos = first_pos + 15;
+    const bool plain = kb + KEYS - 1 <= first_pos && kb + KEYS <= k_len;
+    const bool all_biased = has_bias && first_pos - (kb + KEYS - 1) > window;
+    const bool none_biased = !has_bias || last_pos - kb <= window;
+    if (plain && (all_biased || none_biased)) {
+#pragma unroll
+        for (int nt = 0; nt < KEYS / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float x = s[nt][e] * scale2;
+                if (all_biased) x = fmaf(bias_tile[nt * 8 + 2 * t + (e & 1)], bias_scale, x);
+                s[nt][e] = x;
+                mx[e >> 1] = fmaxf(mx[e >> 1], x);
+            }
+    } else {
+#pragma unroll
+        for (int nt = 0; nt < KEYS / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int r = e >> 1;
+                const int qpos = first_pos + g + 8 * r;
+                const int key = kb + nt * 8 + 2 * t + (e & 1);
+                float x = s[nt][e] * scale2;
+                if (key > qpos || key >= k_len) x = NEG_INF;
+                else if (has_bias && qpos - key > window) x = fmaf(bias_tile[key - kb], bias_scale, x);
+                s[nt][e] = x;
+                mx[r] = fmaxf(mx[r], x);
+            }
+    }
+    float alpha[2], sum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const float next = fmaxf(m[r], quad_max(mx[r]));
+        alpha[r] = m[r] == NEG_INF ? 0.0f : fast_exp2(m[r] - next);
+        m[r] = next;
+    }
+#pragma unroll
+    for (int nt = 0; nt < KEYS / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int r = e >> 1;
+            const float p = m[r] == NEG_INF ? 0.0f : fast_exp2(s[nt][e] - m[r]);
+            s[nt][e] = p;
+            sum[r] += p;
+        }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + sum[r];
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+        o[dt][0] *= alpha[0];
+        o[dt][1] *= alpha[0];
+        o[dt][2] *= alpha[1];
+        o[dt][3] *= alpha[1];
+    }
+}
+
+// One warp's 16 output rows (from row0) normalised by their sums, and their log-sum-exps.
+template <int D>
+__device__ __forceinline__ void store_output_rows(float (*o)[4], const float* m, const float* l,
+                                                  int row0, int q_len, unsigned short* out,
+                                                  float* lse, index_t q_head, int g, int t) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const float total = quad_sum(l[r]);
+        const int row = row0 + g + 8 * r;
+        if (row >= q_len) continue;
+        const float inv = 1.0f / total;
+        unsigned short* orow = out + (q_head + row) * D;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt)
+            *(unsigned int*)(orow + dt * 8 + 2 * t) = pack_bf16(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
+        if (t == 0) lse[q_head + row] = m[r] * LN2 + logf(total);
+    }
+}
+
 // Query rows per block of the forward with MT 16-row tiles per warp.
 #define FLASH_BLOCK_ROWS(MT) (FLASH_ROWS * (MT))
 
@@ -291,66 +398,10 @@ __device__ void flash_forward(const unsigned short* q, const unsigned short* k,
         }
 
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-            const int tile_row0 = row0 + mt * 16;
-            float mx[2] = {NEG_INF, NEG_INF};
-            // Tiles wholly below the diagonal, inside k_len and wholly on one side of the window
-            // need no per-score tests (all but the diagonal and window-edge tiles).
-            const int first_pos = offset + tile_row0, last_pos = first_pos + 15;
-            const bool plain = kb + FLASH_KEYS - 1 <= first_pos && kb + FLASH_KEYS <= k_len;
-            const bool all_biased = bias_head && first_pos - (kb + FLASH_KEYS - 1) > window;
-            const bool none_biased = !bias_head || last_pos - kb <= window;
-            if (plain && (all_biased || none_biased)) {
-#pragma unroll
-                for (int nt = 0; nt < FLASH_KEYS / 8; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        float x = s[mt][nt][e] * scale2;
-                        if (all_biased) x += bias_tile[nt * 8 + 2 * t + (e & 1)];
-                        s[mt][nt][e] = x;
-                        mx[e >> 1] = fmaxf(mx[e >> 1], x);
-                    }
-            } else {
-#pragma unroll
-                for (int nt = 0; nt < FLASH_KEYS / 8; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int r = e >> 1;
-                        const int qpos = offset + tile_row0 + g + 8 * r;
-                        const int key = kb + nt * 8 + 2 * t + (e & 1);
-                        float x = s[mt][nt][e] * scale2;
-                        if (key > qpos || key >= k_len) x = NEG_INF;
-                        else if (bias_head && qpos - key > window) x += bias_tile[key - kb];
-                        s[mt][nt][e] = x;
-                        mx[r] = fmaxf(mx[r], x);
-                    }
-            }
-            float alpha[2], sum[2] = {0.0f, 0.0f};
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const float next = fmaxf(m[mt][r], quad_max(mx[r]));
-                alpha[r] = m[mt][r] == NEG_INF ? 0.0f : exp2f(m[mt][r] - next);
-                m[mt][r] = next;
-            }
-#pragma unroll
-            for (int nt = 0; nt < FLASH_KEYS / 8; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int r = e >> 1;
-                    const float p = m[mt][r] == NEG_INF ? 0.0f : exp2f(s[mt][nt][e] - m[mt][r]);
-                    s[mt][nt][e] = p;
-                    sum[r] += p;
-                }
-#pragma unroll
-            for (int r = 0; r < 2; ++r) l[mt][r] = l[mt][r] * alpha[r] + sum[r];
-#pragma unroll
-            for (int dt = 0; dt < D / 8; ++dt) {
-                o[mt][dt][0] *= alpha[0];
-                o[mt][dt][1] *= alpha[0];
-                o[mt][dt][2] *= alpha[1];
-                o[mt][dt][3] *= alpha[1];
-            }
-        }
+        for (int mt = 0; mt < MT; ++mt)
+            online_softmax_tile<FLASH_KEYS, D>(s[mt], m[mt], l[mt], o[mt], kb,
+                                               offset + row0 + mt * 16, k_len, bias_head != 0,
+                                               window, bias_tile, 1.0f, scale2);
         // O += P V: each V fragment pair feeds every row tile of the warp.
 #pragma unroll
         for (int kk = 0; kk < FLASH_KEYS / 16; ++kk) {
@@ -372,19 +423,7 @@ __device__ void flash_forward(const unsigned short* q, const unsigned short* k,
 
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const float total = quad_sum(l[mt][r]);
-            const int row = row0 + mt * 16 + g + 8 * r;
-            if (row >= q_len) continue;
-            const float inv = 1.0f / total;
-            unsigned short* orow = out + (q_head + row) * D;
-#pragma unroll
-            for (int dt = 0; dt < D / 8; ++dt)
-                *(unsigned int*)(orow + dt * 8 + 2 * t) =
-                    pack_bf16(o[mt][dt][2 * r] * inv, o[mt][dt][2 * r + 1] * inv);
-            if (t == 0) lse[q_head + row] = m[mt][r] * LN2 + logf(total);
-        }
+        store_output_rows<D>(o[mt], m[mt], l[mt], row0 + mt * 16, q_len, out, lse, q_head, g, t);
 }
 
 #define FLASH_FORWARD(NAME, D, MT)                                                               \
@@ -534,7 +573,7 @@ __device__ void flash_backward_kv(const unsigned short* q, const unsigned short*
                     float x = st[nt][e] * scale2;
                     const bool outside = bias_head && qpos - key > window;
                     if (outside) x += key_bias[r];
-                    p = exp2f(x - lse_tile[qi]);
+                    p = fast_exp2(x - lse_tile[qi]);
                     ds = p * (dpt[nt][e] - delta_tile[qi]);
                     if (outside) db[r] += ds;
                 }
@@ -622,7 +661,7 @@ __device__ void flash_backward_q(const unsigned short* q, const unsigned short* 
                 if (row < q_len && key < k_len && key <= qpos) {
                     float x = s[nt][e] * scale2;
                     if (bias_head && qpos - key > window) x += bias_tile[key - kb];
-                    ds = exp2f(x - row_lse[r]) * (dp[nt][e] - row_delta[r]);
+                    ds = fast_exp2(x - row_lse[r]) * (dp[nt][e] - row_delta[r]);
                 }
                 s[nt][e] = ds;
             }
