@@ -35,8 +35,9 @@ SHARED = {
 
 
 def hopper_shared(stages):
-    """flash_forward_hopper_d128: two warpgroups' Q, then `stages` K/V tile pairs and bias tiles."""
-    return 2 * 64 * 128 * 2 + stages * (2 * 128 * 128 * 2 + 128 * 4)
+    """flash_forward_hopper_d128: 1 KB of alignment slack, two warpgroups' Q, then `stages` K/V
+    tile pairs and bias tiles."""
+    return 1024 + 2 * 64 * 128 * 2 + stages * (2 * 128 * 128 * 2 + 128 * 4)
 
 
 class Driver:
@@ -150,28 +151,45 @@ def backward(driver, args, row, q, k, v, bias, s, flops):
     dk = torch.zeros(1, kvh, s, d, device="cuda")
     dv = torch.zeros_like(dk)
     dbias = torch.zeros(1, kvh, s, device="cuda")
-    kv_kernel = driver.function("flash_backward_kv_d128", 0)
-    q_kernel = driver.function("flash_backward_q_d128", TILE_SHARED)
     sizes = [h, kvh, s, s, 0, args.window, 1.0 / math.sqrt(d)]
+    result = {}
+    for name in args.backward_kernels.split(","):
+        # (kv kernel, keys per block, q kernel, rows per block, threads, kv shared, q shared)
+        if name == "hopper":
+            spec = ("flash_backward_kv_hopper_d128", 128, "flash_backward_q_hopper_d128", 128, 256,
+                    1024 + 2 * 128 * 128 * 2 + 3 * (2 * 64 * 128 * 2 + 2 * 64 * 4),
+                    1024 + 4 * 64 * 128 * 2 + 3 * (2 * 64 * 128 * 2 + 64 * 4))
+        else:
+            spec = ("flash_backward_kv_d128", 64, "flash_backward_q_d128", 64, 128, 0, TILE_SHARED)
+        kv_name, kv_keys, q_name, q_rows, threads, kv_shared, q_shared = spec
+        kv_kernel = driver.function(kv_name, kv_shared)
+        q_kernel = driver.function(q_name, q_shared)
 
-    def call():
-        dk.zero_(), dv.zero_(), dbias.zero_()
-        driver.launch(kv_kernel, ((s + 63) // 64, h, 1), 128, 0,
-                      [q, k, v, dout, lse, delta, bias, dk, dv, dbias if bias is not None else None] + sizes)
-        driver.launch(q_kernel, ((s + 63) // 64, h, 1), 128, TILE_SHARED, [q, k, v, dout, lse, delta, bias, dq] + sizes)
+        def call():
+            dk.zero_(), dv.zero_(), dbias.zero_()
+            driver.launch(kv_kernel, ((s + kv_keys - 1) // kv_keys, h, 1), threads, kv_shared,
+                          [q, k, v, dout, lse, delta, bias, dk, dv, dbias if bias is not None else None] + sizes)
+            driver.launch(q_kernel, ((s + q_rows - 1) // q_rows, h, 1), threads, q_shared,
+                          [q, k, v, dout, lse, delta, bias, dq] + sizes)
 
-    call()
-    torch.cuda.synchronize()
-    ms = time_ms(call, args.iters)
+        dq.fill_(float("nan"))
+        call()
+        torch.cuda.synchronize()
+        ms = time_ms(call, args.iters)
+        bflops = 2.5 * flops
+        entry = {"backward_ms": ms, "tflops": bflops / ms / 1e9}
+        msg = f"  backward {name:<7} {ms:7.3f} ms {bflops / ms / 1e9:6.0f} TFLOP/s"
+        if s <= 4096 and not args.no_check:
+            if "ref" not in result:
+                result["ref"] = reference_grads(q, k, v, bias, args.window, dout)
+            ref = result["ref"]
+            errs = [rel(dq, ref[0]), rel(dk, ref[1]), rel(dv, ref[2])] + ([rel(dbias, ref[3])] if bias is not None else [])
+            entry["rel_err_q_k_v_bias"] = errs
+            msg += "  rel err q/k/v/bias " + " ".join(f"{e:.2e}" for e in errs)
+        print(msg)
+        result[name] = entry
+    result.pop("ref", None)
     bflops = 2.5 * flops
-    result = {"backward_ms": ms, "tflops": bflops / ms / 1e9}
-    msg = f"  backward (narrow kv + q kernels) {ms:7.3f} ms {bflops / ms / 1e9:6.0f} TFLOP/s"
-    if s <= 4096 and not args.no_check:
-        ref = reference_grads(q, k, v, bias, args.window, dout)
-        errs = [rel(dq, ref[0]), rel(dk, ref[1]), rel(dv, ref[2])] + ([rel(dbias, ref[3])] if bias is not None else [])
-        result["rel_err_q_k_v_bias"] = errs
-        msg += "  rel err q/k/v/bias " + " ".join(f"{e:.2e}" for e in errs)
-    print(msg)
     qg = q.detach().clone().requires_grad_()
     kg = k.repeat_interleave(h // kvh, 1).detach().requires_grad_()
     vg = v.repeat_interleave(h // kvh, 1).detach().requires_grad_()
@@ -195,6 +213,7 @@ def main():
     parser.add_argument("--no-bias", action="store_true", help="no DMS key bias (the teacher's attention)")
     parser.add_argument("--no-check", action="store_true", help="timing only, no reference")
     parser.add_argument("--backward", action="store_true", help="also the backward kernels (checked up to 4096)")
+    parser.add_argument("--backward-kernels", default="hopper,narrow")
     parser.add_argument("--json")
     args = parser.parse_args()
     major, minor = torch.cuda.get_device_capability()

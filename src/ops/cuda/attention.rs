@@ -8,7 +8,10 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 
 use super::{BLOCK, Cube, DeviceContext, Gemm, KernelArg, Matrix, on_cubecl_stream};
-use super::{flash_tile_shared_bytes as tile_shared, flash_wide_shared_bytes as wide_shared};
+use super::{
+    HOPPER_BACKWARD_KV_SHARED, HOPPER_BACKWARD_Q_SHARED, HOPPER_FORWARD_SHARED,
+    flash_tile_shared_bytes as tile_shared, flash_wide_shared_bytes as wide_shared,
+};
 use crate::backend::Cuda;
 use crate::ops::attention::{AttentionForward, AttentionGrads, AttentionInputs, AttentionOptions};
 use cudarc::driver::CudaFunction;
@@ -179,11 +182,30 @@ const FLASH_ROWS: usize = 64;
 const FLASH_KEYS: usize = 64;
 const FLASH_THREADS: u32 = 128;
 
-/// Whether the forward runs the wide flash kernel (128 query rows per block, 32 per warp) rather
-/// than the 64-row one; `DMS_RETROFIT_FLASH_ROWS=64` selects the latter (for comparisons).
-fn wide_forward() -> bool {
-    static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *WIDE.get_or_init(|| std::env::var("DMS_RETROFIT_FLASH_ROWS").map_or(true, |v| v != "64"))
+/// Threads per block of `flash_hopper.cu`'s kernels (two warpgroups), and the query rows of a
+/// forward / dQ block and keys of a dK/dV block (64 per warpgroup).
+const HOPPER_THREADS: u32 = 256;
+const HOPPER_BLOCK: usize = 128;
+
+/// Which flash kernels run, from `DMS_RETROFIT_FLASH_KERNEL` (for comparisons): `hopper` (the
+/// default; wgmma, compute capability 9.0 and head_dim 128, else the next), `wide` (`mma.sync`,
+/// forward with 128 query rows per block; the default elsewhere) or `narrow` (64-row forward).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FlashKernel {
+    Hopper,
+    Wide,
+    Narrow,
+}
+
+fn flash_kernel() -> FlashKernel {
+    static CHOICE: std::sync::OnceLock<FlashKernel> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(
+        || match std::env::var("DMS_RETROFIT_FLASH_KERNEL").as_deref() {
+            Ok("narrow") => FlashKernel::Narrow,
+            Ok("wide") => FlashKernel::Wide,
+            _ => FlashKernel::Hopper,
+        },
+    )
 }
 
 /// Whether the flash kernel (`flash.cu`) runs the forward: bf16, head_dim 64 or 128, sizes within
@@ -233,15 +255,32 @@ pub fn attention_forward(
     if flash_applies(&geo) {
         on_cubecl_stream(&tensors, |context, ptrs| {
             let kernels = context.kernels()?;
+            let choice = flash_kernel();
             // head_dim 64 (SmolLM2) keeps the 64-row kernel: its wide variant compiles without
             // spills but has not been checked on a GPU yet.
-            let wide = wide_forward() && dim == 128;
-            let (kernel, rows, shared) = match (dim, wide) {
-                (64, false) => (&kernels.flash_forward_d64, FLASH_ROWS, tile_shared(64)),
-                (_, false) => (&kernels.flash_forward_d128, FLASH_ROWS, tile_shared(128)),
-                (_, true) => (
+            let (kernel, rows, threads, shared) = match (&kernels.hopper, dim, choice) {
+                (Some(hopper), 128, FlashKernel::Hopper) => (
+                    &hopper.forward,
+                    HOPPER_BLOCK,
+                    HOPPER_THREADS,
+                    HOPPER_FORWARD_SHARED,
+                ),
+                (_, 64, _) => (
+                    &kernels.flash_forward_d64,
+                    FLASH_ROWS,
+                    FLASH_THREADS,
+                    tile_shared(64),
+                ),
+                (_, _, FlashKernel::Narrow) => (
+                    &kernels.flash_forward_d128,
+                    FLASH_ROWS,
+                    FLASH_THREADS,
+                    tile_shared(128),
+                ),
+                _ => (
                     &kernels.flash_forward_wide_d128,
                     2 * FLASH_ROWS,
+                    FLASH_THREADS,
                     wide_shared(128),
                 ),
             };
@@ -255,13 +294,7 @@ pub fn attention_forward(
                 KernelArg::Pointer(ptrs[4]),
             ];
             args.extend(geo.flash_args(options));
-            context.launch_with_shared(
-                &kernel,
-                geo.flash_query_grid(rows),
-                FLASH_THREADS,
-                shared,
-                &args,
-            )
+            context.launch_with_shared(&kernel, geo.flash_query_grid(rows), threads, shared, &args)
         })?;
         return Some((tensor(out), tensor(lse)));
     }
@@ -409,16 +442,35 @@ fn flash_backward(
         context.zero(p[8], kv_bytes)?;
         context.zero(p[9], batch * kv_heads * k_len * 4)?;
         let kernels = context.kernels()?;
-        let (kv_kernel, q_kernel) = match dim {
-            64 => (
+        // (dK/dV kernel, keys per block, dQ kernel, query rows per block, threads, shared bytes
+        // of each)
+        let launch = match (&kernels.hopper, dim, flash_kernel()) {
+            (Some(hopper), 128, FlashKernel::Hopper) => (
+                hopper.backward_kv.clone(),
+                HOPPER_BLOCK,
+                hopper.backward_q.clone(),
+                HOPPER_BLOCK,
+                HOPPER_THREADS,
+                (HOPPER_BACKWARD_KV_SHARED, HOPPER_BACKWARD_Q_SHARED),
+            ),
+            (_, 64, _) => (
                 kernels.flash_backward_kv_d64.clone(),
+                FLASH_KEYS,
                 kernels.flash_backward_q_d64.clone(),
+                FLASH_ROWS,
+                FLASH_THREADS,
+                (0, tile_shared(64)),
             ),
             _ => (
                 kernels.flash_backward_kv_d128.clone(),
+                FLASH_KEYS,
                 kernels.flash_backward_q_d128.clone(),
+                FLASH_ROWS,
+                FLASH_THREADS,
+                (0, tile_shared(128)),
             ),
         };
+        let (kv_kernel, kv_keys, q_kernel, q_rows, threads, (kv_shared, q_shared)) = launch;
         let bias_ptr = KernelArg::Pointer(p.get(10).copied().unwrap_or(0));
         let inputs = || {
             [
@@ -439,14 +491,11 @@ fn flash_backward(
             KernelArg::Pointer(if with_bias_grad { p[9] } else { 0 }),
         ]);
         kv_args.extend(sizes.clone());
-        context.launch(
+        context.launch_with_shared(
             &kv_kernel,
-            (
-                k_len.div_ceil(FLASH_KEYS) as u32,
-                heads as u32,
-                batch as u32,
-            ),
-            FLASH_THREADS,
+            (k_len.div_ceil(kv_keys) as u32, heads as u32, batch as u32),
+            threads,
+            kv_shared,
             &kv_args,
         )?;
         let mut q_args = Vec::from(inputs());
@@ -454,9 +503,9 @@ fn flash_backward(
         q_args.extend(sizes);
         context.launch_with_shared(
             &q_kernel,
-            geo.flash_query_grid(FLASH_ROWS),
-            FLASH_THREADS,
-            tile_shared(dim),
+            geo.flash_query_grid(q_rows),
+            threads,
+            q_shared,
             &q_args,
         )
     })

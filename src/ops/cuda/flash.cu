@@ -464,6 +464,157 @@ __device__ __forceinline__ void two_products(float (*c1)[4], const unsigned int 
         }
 }
 
+// The backward's elementwise step for one warp's 16 keys (from key0) against N queries (from q0)
+// of a tile, in mma.m16n8k16's C layout (keys as rows): st holds Sᵀ = K Qᵀ and leaves as Pᵀ, dpt
+// holds dPᵀ = V dOᵀ and leaves as dSᵀ = Pᵀ (dPᵀ - delta). lse_tile (times lse_scale in log2 units)
+// and delta_tile are the queries'; key_bias (log2 units) the thread's two keys', whose gradient
+// (the dS where the bias applies) accumulates in db.
+template <int N>
+__device__ __forceinline__ void key_gradient_scores(float (*st)[4], float (*dpt)[4], int key0,
+                                                    int q0, int offset, int q_len, int k_len,
+                                                    bool has_bias, int window,
+                                                    const float* key_bias, const float* lse_tile,
+                                                    const float* delta_tile, float lse_scale,
+                                                    float scale2, float* db) {
+    const int lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    // Tiles whose queries all see all 16 keys, inside q_len and k_len, and wholly on one side of
+    // the window need no per-score tests (all but the diagonal and window-edge tiles).
+    const int first_pos = offset + q0;
+    const bool plain = key0 + 15 <= first_pos && q0 + N <= q_len && key0 + 16 <= k_len;
+    const bool all_outside = has_bias && first_pos - (key0 + 15) > window;
+    const bool none_outside = !has_bias || first_pos + N - 1 - key0 <= window;
+    if (plain && (all_outside || none_outside)) {
+#pragma unroll
+        for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int r = e >> 1;
+                const int qi = nt * 8 + 2 * t + (e & 1);
+                float x = st[nt][e] * scale2;
+                if (all_outside) x += key_bias[r];
+                const float p = fast_exp2(x - lse_tile[qi] * lse_scale);
+                const float ds = p * (dpt[nt][e] - delta_tile[qi]);
+                if (all_outside) db[r] += ds;
+                st[nt][e] = p;
+                dpt[nt][e] = ds;
+            }
+        return;
+    }
+#pragma unroll
+    for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int r = e >> 1;
+            const int key = key0 + g + 8 * r;
+            const int qi = nt * 8 + 2 * t + (e & 1);
+            const int qpos = offset + q0 + qi;
+            float p = 0.0f, ds = 0.0f;
+            if (q0 + qi < q_len && key < k_len && key <= qpos) {
+                float x = st[nt][e] * scale2;
+                const bool outside = has_bias && qpos - key > window;
+                if (outside) x += key_bias[r];
+                p = fast_exp2(x - lse_tile[qi] * lse_scale);
+                ds = p * (dpt[nt][e] - delta_tile[qi]);
+                if (outside) db[r] += ds;
+            }
+            st[nt][e] = p;
+            dpt[nt][e] = ds;
+        }
+}
+
+// The dQ side's elementwise step for one warp's 16 query rows (from row0) against KEYS keys (from
+// kb), in mma.m16n8k16's C layout: s holds S = Q Kᵀ and leaves as dS = P (dP - delta), dp holds
+// dP = dO Vᵀ. row_lse (log2 units) and row_delta are the thread's two rows'; bias_tile times
+// bias_scale the keys' bias in log2 units.
+template <int KEYS>
+__device__ __forceinline__ void query_gradient_scores(float (*s)[4], const float (*dp)[4],
+                                                      int row0, int kb, int offset, int q_len,
+                                                      int k_len, bool has_bias, int window,
+                                                      const float* bias_tile, float bias_scale,
+                                                      const float* row_lse,
+                                                      const float* row_delta, float scale2) {
+    const int lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    // As in key_gradient_scores: tiles off the diagonal, the edges and the window edge go
+    // without per-score tests.
+    const int first_pos = offset + row0;
+    const bool plain = kb + KEYS - 1 <= first_pos && row0 + 16 <= q_len && kb + KEYS <= k_len;
+    const bool all_biased = has_bias && first_pos - (kb + KEYS - 1) > window;
+    const bool none_biased = !has_bias || first_pos + 15 - kb <= window;
+    if (plain && (all_biased || none_biased)) {
+#pragma unroll
+        for (int nt = 0; nt < KEYS / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int r = e >> 1;
+                float x = s[nt][e] * scale2;
+                if (all_biased) x = fmaf(bias_tile[nt * 8 + 2 * t + (e & 1)], bias_scale, x);
+                s[nt][e] = fast_exp2(x - row_lse[r]) * (dp[nt][e] - row_delta[r]);
+            }
+        return;
+    }
+#pragma unroll
+    for (int nt = 0; nt < KEYS / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int r = e >> 1;
+            const int row = row0 + g + 8 * r, qpos = offset + row;
+            const int key = kb + nt * 8 + 2 * t + (e & 1);
+            float ds = 0.0f;
+            if (row < q_len && key < k_len && key <= qpos) {
+                float x = s[nt][e] * scale2;
+                if (has_bias && qpos - key > window) x = fmaf(bias_tile[key - kb], bias_scale, x);
+                ds = fast_exp2(x - row_lse[r]) * (dp[nt][e] - row_delta[r]);
+            }
+            s[nt][e] = ds;
+        }
+}
+
+// One warp's 16 keys' dK (times scale), dV and bias gradient added in f32 into the KV head's
+// accumulators (the group's query heads add into the same rows).
+template <int D>
+__device__ __forceinline__ void store_key_gradients(const float (*dk_acc)[4],
+                                                    const float (*dv_acc)[4], const float* db,
+                                                    int key0, int k_len, float* dk, float* dv,
+                                                    float* dbias, index_t kv_head, float scale,
+                                                    int g, int t) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const float bias_total = quad_sum(db[r]);
+        const int key = key0 + g + 8 * r;
+        if (key >= k_len) continue;
+        float* dk_row = dk + (kv_head + key) * D;
+        float* dv_row = dv + (kv_head + key) * D;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                atomicAdd(dk_row + dt * 8 + 2 * t + e, dk_acc[dt][2 * r + e] * scale);
+                atomicAdd(dv_row + dt * 8 + 2 * t + e, dv_acc[dt][2 * r + e]);
+            }
+        if (dbias && t == 0 && bias_total != 0.0f) atomicAdd(dbias + kv_head + key, bias_total);
+    }
+}
+
+// One warp's 16 rows of dQ (times scale) as bf16.
+template <int D>
+__device__ __forceinline__ void store_query_gradient_rows(const float (*dq_acc)[4], int row0,
+                                                          int q_len, unsigned short* dq,
+                                                          index_t q_head, float scale, int g,
+                                                          int t) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = row0 + g + 8 * r;
+        if (row >= q_len) continue;
+        unsigned short* dq_row = dq + (q_head + row) * D;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt)
+            *(unsigned int*)(dq_row + dt * 8 + 2 * t) =
+                pack_bf16(dq_acc[dt][2 * r] * scale, dq_acc[dt][2 * r + 1] * scale);
+    }
+}
+
 #define BWD_QROWS 32
 
 // Runs body(q0, q_tile, do_tile, lse_tile, delta_tile) for the query tiles first_q, first_q +
@@ -559,27 +710,8 @@ __device__ void flash_backward_kv(const unsigned short* q, const unsigned short*
         // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ: this warp's 16 keys x 32 queries.
         float st[BWD_QROWS / 8][4], dpt[BWD_QROWS / 8][4];
         two_products<D, BWD_QROWS>(st, kf, q_tile, dpt, vf, do_tile);
-        // Pᵀ and dSᵀ in place; the bias gradient of this thread's two keys.
-#pragma unroll
-        for (int nt = 0; nt < BWD_QROWS / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int r = e >> 1;
-                const int key = key0 + g + 8 * r;
-                const int qi = nt * 8 + 2 * t + (e & 1);
-                const int qpos = offset + q0 + qi;
-                float p = 0.0f, ds = 0.0f;
-                if (q0 + qi < q_len && key < k_len && key <= qpos) {
-                    float x = st[nt][e] * scale2;
-                    const bool outside = bias_head && qpos - key > window;
-                    if (outside) x += key_bias[r];
-                    p = fast_exp2(x - lse_tile[qi]);
-                    ds = p * (dpt[nt][e] - delta_tile[qi]);
-                    if (outside) db[r] += ds;
-                }
-                st[nt][e] = p;
-                dpt[nt][e] = ds;
-            }
+        key_gradient_scores<BWD_QROWS>(st, dpt, key0, q0, offset, q_len, k_len, bias_head != 0,
+                                       window, key_bias, lse_tile, delta_tile, 1.0f, scale2, db);
         // dV += Pᵀ dO, dK += dSᵀ Q (scaled at the end).
 #pragma unroll
         for (int kk = 0; kk < BWD_QROWS / 16; ++kk) {
@@ -592,22 +724,7 @@ __device__ void flash_backward_kv(const unsigned short* q, const unsigned short*
         }
     });
 
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const float bias_total = quad_sum(db[r]);
-        const int key = key0 + g + 8 * r;
-        if (key >= k_len) continue;
-        float* dk_row = dk + (kv_head + key) * D;
-        float* dv_row = dv + (kv_head + key) * D;
-#pragma unroll
-        for (int dt = 0; dt < D / 8; ++dt)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                atomicAdd(dk_row + dt * 8 + 2 * t + e, dk_acc[dt][2 * r + e] * scale);
-                atomicAdd(dv_row + dt * 8 + 2 * t + e, dv_acc[dt][2 * r + e]);
-            }
-        if (dbias && t == 0 && bias_total != 0.0f) atomicAdd(dbias + kv_head + key, bias_total);
-    }
+    store_key_gradients<D>(dk_acc, dv_acc, db, key0, k_len, dk, dv, dbias, kv_head, scale, g, t);
 }
 
 template <int D>
@@ -650,21 +767,8 @@ __device__ void flash_backward_q(const unsigned short* q, const unsigned short* 
                             const float* bias_tile) {
         float s[FLASH_KEYS / 8][4], dp[FLASH_KEYS / 8][4];
         two_products<D, FLASH_KEYS>(s, qf, ks, dp, df, vs);
-#pragma unroll
-        for (int nt = 0; nt < FLASH_KEYS / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int r = e >> 1;
-                const int row = row0 + g + 8 * r, qpos = offset + row;
-                const int key = kb + nt * 8 + 2 * t + (e & 1);
-                float ds = 0.0f;
-                if (row < q_len && key < k_len && key <= qpos) {
-                    float x = s[nt][e] * scale2;
-                    if (bias_head && qpos - key > window) x += bias_tile[key - kb];
-                    ds = fast_exp2(x - row_lse[r]) * (dp[nt][e] - row_delta[r]);
-                }
-                s[nt][e] = ds;
-            }
+        query_gradient_scores<FLASH_KEYS>(s, dp, row0, kb, offset, q_len, k_len, bias_head != 0,
+                                          window, bias_tile, 1.0f, row_lse, row_delta, scale2);
 #pragma unroll
         for (int kk = 0; kk < FLASH_KEYS / 16; ++kk) {
             unsigned int sa[4];
@@ -673,16 +777,7 @@ __device__ void flash_backward_q(const unsigned short* q, const unsigned short* 
         }
     });
 
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int row = row0 + g + 8 * r;
-        if (row >= q_len) continue;
-        unsigned short* dq_row = dq + (q_head + row) * D;
-#pragma unroll
-        for (int dt = 0; dt < D / 8; ++dt)
-            *(unsigned int*)(dq_row + dt * 8 + 2 * t) =
-                pack_bf16(dq_acc[dt][2 * r] * scale, dq_acc[dt][2 * r + 1] * scale);
-    }
+    store_query_gradient_rows<D>(dq_acc, row0, q_len, dq, q_head, scale, g, t);
 }
 
 #define FLASH_BACKWARD(D)                                                                         \

@@ -679,6 +679,15 @@ struct Kernels {
     flash_backward_kv_d128: CudaFunction,
     flash_backward_q_d64: CudaFunction,
     flash_backward_q_d128: CudaFunction,
+    /// The wgmma kernels of `flash_hopper.cu` (head_dim 128), on compute capability 9.0 only.
+    hopper: Option<HopperKernels>,
+}
+
+/// `flash_hopper.cu`'s forward and backward kernels.
+struct HopperKernels {
+    forward: CudaFunction,
+    backward_kv: CudaFunction,
+    backward_q: CudaFunction,
 }
 
 impl Kernels {
@@ -692,6 +701,8 @@ impl Kernels {
             (8, 0) => "compute_80",
             (8, 6) => "compute_86",
             (8, 9) => "compute_89",
+            // The arch-specific target: the wgmma kernels of flash_hopper.cu (H100 / H200).
+            (9, 0) => "compute_90a",
             (9, _) => "compute_90",
             (10, _) => "compute_100",
             (12, _) => "compute_120",
@@ -707,6 +718,7 @@ impl Kernels {
             include_str!("softmax.cu"),
             include_str!("elementwise.cu"),
             include_str!("flash.cu"),
+            include_str!("flash_hopper.cu"),
         ]
         .join("\n");
         let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, options)
@@ -758,6 +770,23 @@ impl Kernels {
                 function("flash_backward_q_d128")?,
                 flash_tile_shared_bytes(128),
             )?,
+            hopper: match arch {
+                "compute_90a" => Some(HopperKernels {
+                    forward: with_shared(
+                        function("flash_forward_hopper_d128")?,
+                        HOPPER_FORWARD_SHARED,
+                    )?,
+                    backward_kv: with_shared(
+                        function("flash_backward_kv_hopper_d128")?,
+                        HOPPER_BACKWARD_KV_SHARED,
+                    )?,
+                    backward_q: with_shared(
+                        function("flash_backward_q_hopper_d128")?,
+                        HOPPER_BACKWARD_Q_SHARED,
+                    )?,
+                }),
+                _ => None,
+            },
         })
     }
 }
@@ -774,6 +803,18 @@ pub(crate) fn flash_tile_shared_bytes(head_dim: usize) -> u32 {
 pub(crate) fn flash_wide_shared_bytes(head_dim: usize) -> u32 {
     flash_tile_shared_bytes(head_dim) + (128 * (head_dim + 8) * 2) as u32
 }
+
+/// Dynamic shared memory of `flash_hopper.cu`'s kernels (3 stages, bf16, head_dim 128), each
+/// with 1 KB of slack for aligning the swizzled tiles to 1024 bytes. Forward: two warpgroups' Q
+/// tiles (64 x 128), per stage a K and a V tile (128 x 128) and 128 bias values.
+pub(crate) const HOPPER_FORWARD_SHARED: u32 =
+    1024 + 2 * 64 * 128 * 2 + 3 * (2 * 128 * 128 * 2 + 128 * 4);
+/// dK/dV: K and V tiles (128 x 128), per stage Q and dO tiles (64 x 128), 64 lse and delta values.
+pub(crate) const HOPPER_BACKWARD_KV_SHARED: u32 =
+    1024 + 2 * 128 * 128 * 2 + 3 * (2 * 64 * 128 * 2 + 2 * 64 * 4);
+/// dQ: two warpgroups' Q and dO tiles (64 x 128), per stage K and V tiles (64 x 128), 64 biases.
+pub(crate) const HOPPER_BACKWARD_Q_SHARED: u32 =
+    1024 + 4 * 64 * 128 * 2 + 3 * (2 * 64 * 128 * 2 + 64 * 4);
 
 /// Lets `function` use `bytes` of dynamic shared memory (above 48 KB needs the opt-in).
 fn with_shared(function: CudaFunction, bytes: u32) -> Result<CudaFunction, String> {
