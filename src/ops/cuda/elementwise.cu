@@ -248,3 +248,80 @@ extern "C" __global__ void kl_student_grad_rows_f32(const float* student, const 
                                                     int vocab) {
     kl_student_grad_rows(student, teacher, grad, d_student, vocab);
 }
+
+// ---- DMS decisions of one layer, [rows, seq] (a row per batch entry and KV head), in f32: with
+// z = (logits + noise) / tau,
+//   key bias      bias[k] = log(1 - sigmoid(z[k + 1])) = -softplus(z[k + 1]), the last key 0
+//                 (the one-token shift: token k + 1 decides about key k);
+//   decisions     1[z > 0], straight through: the gradient is sigmoid's.
+// Gradients with respect to logits (noise is a constant):
+//   key bias      d_logits[j] = -sigmoid(z[j]) grad[j - 1] / tau, 0 for j = 0;
+//   decisions     d_logits[j] = sigmoid(z[j]) (1 - sigmoid(z[j])) grad[j] / tau.
+
+template <typename T>
+__device__ __forceinline__ float dms_z(const T* logits, const T* noise, index_t i, float tau) {
+    return (load(logits, i) + load(noise, i)) / tau;
+}
+
+__device__ __forceinline__ float softplus(float z) {
+    return fmaxf(z, 0.0f) + log1pf(expf(-fabsf(z)));
+}
+
+template <typename T>
+__device__ void dms_key_bias(const T* logits, const T* noise, T* bias, index_t n, int seq,
+                             float tau) {
+    GRID_STRIDE(i, n) {
+        const bool last = i % seq == seq - 1;
+        store(bias, i, last ? 0.0f : -softplus(dms_z(logits, noise, i + 1, tau)));
+    }
+}
+
+template <typename T>
+__device__ void dms_key_bias_grad(const T* logits, const T* noise, const T* grad, T* d_logits,
+                                  index_t n, int seq, float tau) {
+    GRID_STRIDE(i, n) {
+        float d = 0.0f;
+        if (i % seq != 0) {
+            const float p = 1.0f / (1.0f + expf(-dms_z(logits, noise, i, tau)));
+            d = -p * load(grad, i - 1) / tau;
+        }
+        store(d_logits, i, d);
+    }
+}
+
+template <typename T>
+__device__ void dms_decisions(const T* logits, const T* noise, T* out, index_t n, float tau) {
+    GRID_STRIDE(i, n) { store(out, i, dms_z(logits, noise, i, tau) > 0.0f ? 1.0f : 0.0f); }
+}
+
+template <typename T>
+__device__ void dms_decisions_grad(const T* logits, const T* noise, const T* grad, T* d_logits,
+                                   index_t n, float tau) {
+    GRID_STRIDE(i, n) {
+        const float p = 1.0f / (1.0f + expf(-dms_z(logits, noise, i, tau)));
+        store(d_logits, i, p * (1.0f - p) * load(grad, i) / tau);
+    }
+}
+
+#define DMS_KERNELS(SUFFIX, T)                                                                      \
+    extern "C" __global__ void dms_key_bias_##SUFFIX(const T* logits, const T* noise, T* bias,    \
+                                                     index_t n, int seq, float tau) {              \
+        dms_key_bias(logits, noise, bias, n, seq, tau);                                            \
+    }                                                                                              \
+    extern "C" __global__ void dms_key_bias_grad_##SUFFIX(const T* logits, const T* noise,        \
+                                                          const T* grad, T* d_logits, index_t n,   \
+                                                          int seq, float tau) {                    \
+        dms_key_bias_grad(logits, noise, grad, d_logits, n, seq, tau);                             \
+    }                                                                                              \
+    extern "C" __global__ void dms_decisions_##SUFFIX(const T* logits, const T* noise, T* out,    \
+                                                      index_t n, float tau) {                      \
+        dms_decisions(logits, noise, out, n, tau);                                                 \
+    }                                                                                              \
+    extern "C" __global__ void dms_decisions_grad_##SUFFIX(const T* logits, const T* noise,       \
+                                                           const T* grad, T* d_logits, index_t n,  \
+                                                           float tau) {                            \
+        dms_decisions_grad(logits, noise, grad, d_logits, n, tau);                                 \
+    }
+
+DMS_KERNELS(bf16, unsigned short)
+DMS_KERNELS(f32, float)
