@@ -421,7 +421,7 @@ pub fn run_elementwise(args: ElementwiseArgs) -> Result<()> {
     spec.ensure_available()?;
     let rows = on_backend!(spec, FloatFormat::Bf16, measure_elementwise(&args))?;
     println!(
-        "RMSNorm / SwiGLU / RoPE / KL / DMS decisions, {} sizes, {} tokens, on {}:",
+        "RMSNorm / SwiGLU / RoPE / KL, {} sizes, {} tokens, on {}:",
         args.shape, args.tokens, args.device
     );
     println!(
@@ -459,7 +459,6 @@ fn measure_elementwise<B: ElementwiseBackend>(
     swiglu_rows(&mut rows, &cfg)?;
     rope_rows(&mut rows, &cfg)?;
     kl_rows(&mut rows, &cfg)?;
-    dms_rows(&mut rows, &cfg)?;
     Ok(rows.rows)
 }
 
@@ -547,59 +546,6 @@ fn norm_rows<B: ElementwiseBackend>(rows: &mut Rows<B>, cfg: &ModelConfig) -> Re
 }
 
 /// SwiGLU and its gradients over the intermediate size.
-/// The DMS decision ops of one layer (key bias, straight-through decisions) and their gradients,
-/// at the default temperature.
-fn dms_rows<B: ElementwiseBackend>(rows: &mut Rows<B>, cfg: &ModelConfig) -> Result<()> {
-    use elementwise::burn_ops;
-    let tau = crate::dms::DmsConfig::default().tau;
-    let shape = vec![1, cfg.num_kv_heads, rows.args.tokens];
-    let (logits, noise, dy) = (
-        rows.random(shape.clone()),
-        rows.random(shape.clone()),
-        rows.random(shape.clone()),
-    );
-    let (l, n) = (&logits, &noise);
-    rows.measure(
-        "dms key bias",
-        shape.clone(),
-        &|| vec![B::dms_key_bias(l.clone(), n.clone(), tau)],
-        &|| vec![burn_ops::dms_key_bias(l.clone(), n.clone(), tau)],
-    )?;
-    rows.measure(
-        "dms key bias grad",
-        shape.clone(),
-        &|| vec![B::dms_key_bias_grad(l.clone(), n.clone(), tau, dy.clone())],
-        &|| {
-            vec![burn_ops::dms_key_bias_grad(
-                l.clone(),
-                n.clone(),
-                tau,
-                dy.clone(),
-            )]
-        },
-    )?;
-    rows.measure(
-        "dms decisions",
-        shape.clone(),
-        &|| vec![B::dms_decisions(l.clone(), n.clone(), tau)],
-        &|| vec![burn_ops::dms_decisions(l.clone(), n.clone(), tau)],
-    )?;
-    rows.measure(
-        "dms decisions grad",
-        shape,
-        &|| vec![B::dms_decisions_grad(l.clone(), n.clone(), tau, dy.clone())],
-        &|| {
-            vec![burn_ops::dms_decisions_grad(
-                l.clone(),
-                n.clone(),
-                tau,
-                dy.clone(),
-            )]
-        },
-    )?;
-    Ok(())
-}
-
 fn swiglu_rows<B: ElementwiseBackend>(rows: &mut Rows<B>, cfg: &ModelConfig) -> Result<()> {
     let t = rows.args.tokens;
     let shape = vec![1, t, cfg.intermediate_size];

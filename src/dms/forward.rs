@@ -12,9 +12,9 @@ use super::decision::{
     DmsAdapter, apply_granularity, q_neuron_keep_mask, q_neuron_raw, relax, scale_logits,
 };
 use super::mask::{inference_key_bias, inference_key_decisions, training_key_bias};
-use super::{DmsConfig, Granularity, Variant};
+use super::{DmsConfig, Variant};
 use crate::model::decoder::{
-    Attention, AttentionHook, AttentionMask, Masked, Qkv, grouped_attention, in_dtype,
+    Attention, AttentionHook, AttentionMask, Masked, Qkv, grouped_attention,
 };
 use crate::model::{Decoder, ParamSlot, RopeTables, WeightKey, WeightSource};
 use crate::ops::attention::AttentionBackend;
@@ -44,6 +44,8 @@ pub struct DmsModel<B: Backend> {
 pub struct LayerDecisions<B: Backend> {
     /// Noise-free `alpha_scale * raw - offset`, after the granularity broadcast.
     pub logits: Tensor<B, 3>,
+    /// Soft eviction probabilities (train mode only).
+    pub probs: Option<Tensor<B, 3>>,
     /// Straight-through decisions (train mode) or hard 0/1 decisions (inference), unshifted.
     pub decisions: Tensor<B, 3>,
     /// This layer's keys (after RoPE) and values, `[batch, kv_heads, seq, head_dim]`, for
@@ -226,26 +228,14 @@ impl<B: AttentionBackend> AttentionHook<B> for DmsAttention<'_, B> {
                     .clone()
                     .narrow(0, index, 1)
                     .reshape([batch, heads, seq]);
-                let (bias, decisions) = match dms.granularity {
-                    // One fused node each (~20 tensor ops per layer otherwise, host-bound on a
-                    // GPU); the same values and gradients as the relaxation below.
-                    Granularity::Head => {
-                        let noise = in_dtype(noise, logits.dtype());
-                        (
-                            B::dms_key_bias(logits.clone(), noise.clone(), dms.tau),
-                            B::dms_decisions(logits.clone(), noise, dms.tau),
-                        )
-                    }
-                    Granularity::Layer => {
-                        let relaxed = relax(logits.clone(), noise, dms);
-                        (training_key_bias(relaxed.z), relaxed.decisions)
-                    }
-                };
+                let relaxed = relax(logits.clone(), noise, dms);
+                let bias = training_key_bias(relaxed.z);
                 (
                     bias,
                     LayerDecisions {
                         logits: apply_granularity(logits, dms.granularity),
-                        decisions,
+                        probs: Some(relaxed.probs),
+                        decisions: relaxed.decisions,
                         keys: qkv.k.clone(),
                         values: qkv.v.clone(),
                     },
@@ -263,6 +253,7 @@ impl<B: AttentionBackend> AttentionHook<B> for DmsAttention<'_, B> {
                     bias,
                     LayerDecisions {
                         logits,
+                        probs: None,
                         decisions: hard,
                         keys: qkv.k.clone(),
                         values: qkv.v.clone(),

@@ -1,6 +1,5 @@
-//! RMSNorm, SwiGLU, RoPE, the per-token distillation KL and the DMS decision ops (key bias,
-//! straight-through decisions) as backend operations, so a backend can run each as one fused
-//! kernel:
+//! RMSNorm, SwiGLU, RoPE and the per-token distillation KL as backend operations, so a backend can
+//! run each as one fused kernel:
 //! - burn without kernel fusion runs them as 5-10 separate elementwise passes each (f32 casts,
 //!   powers, means, reciprocals, products). On CUDA they are one NVRTC kernel each
 //!   (`super::cuda::elementwise`), forward and backward;
@@ -97,42 +96,6 @@ pub trait ElementwiseBackend: Backend {
         grad: Tensor<Self, 2>,
     ) -> Tensor<Self, 3> {
         burn_ops::token_kl_student_grad(student, teacher, grad)
-    }
-
-    /// DMS training key bias of one layer: with `z = (logits + noise) / tau`, key `k` gets
-    /// `log(1 - sigmoid(z[k + 1]))` (the one-token shift; the last key's shifted `z` is 0), the
-    /// value the attention adds where the key's window has passed.
-    ///
-    /// # Shapes
-    /// - `logits`, `noise` (same dtype): `[batch, kv_heads, seq]` → same
-    fn dms_key_bias(logits: Tensor<Self, 3>, noise: Tensor<Self, 3>, tau: f64) -> Tensor<Self, 3> {
-        burn_ops::dms_key_bias(logits, noise, tau)
-    }
-
-    /// The gradient of [`Self::dms_key_bias`] with respect to `logits`.
-    fn dms_key_bias_grad(
-        logits: Tensor<Self, 3>,
-        noise: Tensor<Self, 3>,
-        tau: f64,
-        grad: Tensor<Self, 3>,
-    ) -> Tensor<Self, 3> {
-        burn_ops::dms_key_bias_grad(logits, noise, tau, grad)
-    }
-
-    /// DMS straight-through decisions: the value `1[z > 0]`, `z = (logits + noise) / tau`; the
-    /// gradient that of `sigmoid(z)` (see [`Self::dms_decisions_grad`]).
-    fn dms_decisions(logits: Tensor<Self, 3>, noise: Tensor<Self, 3>, tau: f64) -> Tensor<Self, 3> {
-        burn_ops::dms_decisions(logits, noise, tau)
-    }
-
-    /// `sigmoid'(z) / tau · grad`, the gradient of [`Self::dms_decisions`] w.r.t. `logits`.
-    fn dms_decisions_grad(
-        logits: Tensor<Self, 3>,
-        noise: Tensor<Self, 3>,
-        tau: f64,
-        grad: Tensor<Self, 3>,
-    ) -> Tensor<Self, 3> {
-        burn_ops::dms_decisions_grad(logits, noise, tau, grad)
     }
 }
 
@@ -281,59 +244,6 @@ pub mod burn_ops {
         let grad = grad.cast(FloatDType::F32).unsqueeze_dim::<3>(2);
         ((p_t - p_s) * grad).cast(dtype)
     }
-
-    /// `z = (logits + noise) / tau` in the logits' dtype, as [`crate::dms::decision::relax`].
-    fn dms_z<B: Backend>(logits: Tensor<B, 3>, noise: Tensor<B, 3>, tau: f64) -> Tensor<B, 3> {
-        let dtype = logits.dtype();
-        (logits + in_dtype(noise, dtype)) / tau
-    }
-
-    pub fn dms_key_bias<B: Backend>(
-        logits: Tensor<B, 3>,
-        noise: Tensor<B, 3>,
-        tau: f64,
-    ) -> Tensor<B, 3> {
-        crate::dms::mask::training_key_bias(dms_z(logits, noise, tau))
-    }
-
-    /// `d logits[j] = -sigmoid(z[j]) grad[j - 1] / tau` (0 for the first token, whose `z` no
-    /// key's bias reads).
-    pub fn dms_key_bias_grad<B: Backend>(
-        logits: Tensor<B, 3>,
-        noise: Tensor<B, 3>,
-        tau: f64,
-        grad: Tensor<B, 3>,
-    ) -> Tensor<B, 3> {
-        let [batch, heads, seq] = grad.dims();
-        let first = grad.clone().narrow(2, 0, 1).zeros_like();
-        let from_next = match seq {
-            1 => first,
-            _ => Tensor::cat(vec![first, grad.narrow(2, 0, seq - 1)], 2),
-        };
-        let _ = (batch, heads);
-        let p = activation::sigmoid(dms_z(logits, noise, tau));
-        (p * from_next).neg() / tau
-    }
-
-    pub fn dms_decisions<B: Backend>(
-        logits: Tensor<B, 3>,
-        noise: Tensor<B, 3>,
-        tau: f64,
-    ) -> Tensor<B, 3> {
-        let z = dms_z(logits, noise, tau);
-        let dtype = z.dtype();
-        z.greater_elem(0.0).float().cast(dtype)
-    }
-
-    pub fn dms_decisions_grad<B: Backend>(
-        logits: Tensor<B, 3>,
-        noise: Tensor<B, 3>,
-        tau: f64,
-        grad: Tensor<B, 3>,
-    ) -> Tensor<B, 3> {
-        let p = activation::sigmoid(dms_z(logits, noise, tau));
-        p.clone() * (p.neg() + 1.0) * grad / tau
-    }
 }
 
 /// RMSNorm of `x` with `weight` cast to `x`'s dtype (see [`ElementwiseBackend::rms_norm`]).
@@ -437,46 +347,6 @@ impl ElementwiseBackend for crate::backend::Cuda {
         )
         .unwrap_or_else(|| burn_ops::token_kl_student_grad(student, teacher, grad))
     }
-
-    fn dms_key_bias(logits: Tensor<Self, 3>, noise: Tensor<Self, 3>, tau: f64) -> Tensor<Self, 3> {
-        super::cuda::elementwise::dms_key_bias(logits.clone(), noise.clone(), tau)
-            .unwrap_or_else(|| burn_ops::dms_key_bias(logits, noise, tau))
-    }
-
-    fn dms_key_bias_grad(
-        logits: Tensor<Self, 3>,
-        noise: Tensor<Self, 3>,
-        tau: f64,
-        grad: Tensor<Self, 3>,
-    ) -> Tensor<Self, 3> {
-        super::cuda::elementwise::dms_key_bias_grad(
-            logits.clone(),
-            noise.clone(),
-            tau,
-            grad.clone(),
-        )
-        .unwrap_or_else(|| burn_ops::dms_key_bias_grad(logits, noise, tau, grad))
-    }
-
-    fn dms_decisions(logits: Tensor<Self, 3>, noise: Tensor<Self, 3>, tau: f64) -> Tensor<Self, 3> {
-        super::cuda::elementwise::dms_decisions(logits.clone(), noise.clone(), tau)
-            .unwrap_or_else(|| burn_ops::dms_decisions(logits, noise, tau))
-    }
-
-    fn dms_decisions_grad(
-        logits: Tensor<Self, 3>,
-        noise: Tensor<Self, 3>,
-        tau: f64,
-        grad: Tensor<Self, 3>,
-    ) -> Tensor<Self, 3> {
-        super::cuda::elementwise::dms_decisions_grad(
-            logits.clone(),
-            noise.clone(),
-            tau,
-            grad.clone(),
-        )
-        .unwrap_or_else(|| burn_ops::dms_decisions_grad(logits, noise, tau, grad))
-    }
 }
 
 /// Under autodiff each operation is one node whose backward calls the inner backend's gradient
@@ -579,35 +449,6 @@ impl<B: ElementwiseBackend, C: CheckpointStrategy> ElementwiseBackend for Autodi
                 let d_student =
                     student_wanted.then(|| B::token_kl_student_grad(student, teacher, grad));
                 (d_student, d_teacher)
-            },
-        )
-    }
-
-    // The noise is a constant: only the logits get a gradient.
-    fn dms_key_bias(logits: Tensor<Self, 3>, noise: Tensor<Self, 3>, tau: f64) -> Tensor<Self, 3> {
-        pair_node(
-            logits,
-            noise,
-            move |logits, noise| B::dms_key_bias(logits, noise, tau),
-            move |logits, noise, grad, [wanted, _]| {
-                (
-                    wanted.then(|| B::dms_key_bias_grad(logits, noise, tau, grad)),
-                    None,
-                )
-            },
-        )
-    }
-
-    fn dms_decisions(logits: Tensor<Self, 3>, noise: Tensor<Self, 3>, tau: f64) -> Tensor<Self, 3> {
-        pair_node(
-            logits,
-            noise,
-            move |logits, noise| B::dms_decisions(logits, noise, tau),
-            move |logits, noise, grad, [wanted, _]| {
-                (
-                    wanted.then(|| B::dms_decisions_grad(logits, noise, tau, grad)),
-                    None,
-                )
             },
         )
     }
@@ -778,32 +619,6 @@ mod tests {
                 tracked,
                 |[x, w]| rms_norm(x, w.reshape([24]), eps),
                 |[x, w]| burn_ops::rms_norm(x, w.reshape([24]), eps),
-            );
-        }
-    }
-
-    #[test]
-    fn dms_decision_nodes_match_the_relaxation() {
-        use crate::dms::{DmsConfig, decision::relax, mask::training_key_bias};
-        for tau in [0.1, 1.0] {
-            let cfg = DmsConfig {
-                tau,
-                ..DmsConfig::default()
-            };
-            let inputs = [random([2, 3, 9]), random([2, 3, 9])];
-            check_node(
-                &format!("dms key bias, tau {tau}"),
-                inputs.clone(),
-                [true, false],
-                |[logits, noise]| Ad::dms_key_bias(logits, noise, tau),
-                |[logits, noise]| training_key_bias(relax(logits, noise, &cfg).z),
-            );
-            check_node(
-                &format!("dms decisions, tau {tau}"),
-                inputs,
-                [true, false],
-                |[logits, noise]| Ad::dms_decisions(logits, noise, tau),
-                |[logits, noise]| relax(logits, noise, &cfg).decisions,
             );
         }
     }

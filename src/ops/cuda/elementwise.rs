@@ -1,5 +1,5 @@
-//! RMSNorm, SwiGLU, RoPE, the per-token distillation KL and the DMS decision ops as one NVRTC
-//! kernel each (`elementwise.cu`), forward and backward.
+//! RMSNorm, SwiGLU, RoPE and the per-token distillation KL as one NVRTC kernel each
+//! (`elementwise.cu`), forward and backward.
 //! Each function returns `None` (nothing run) where the kernels do not apply (a dtype other than
 //! bf16/f32, NVRTC unavailable); the caller then uses burn's tensor ops.
 
@@ -265,65 +265,4 @@ pub fn token_kl_student_grad(
         &[KernelArg::Int(vocab as i32)],
     )?;
     Some(tensor(d_student))
-}
-
-/// A DMS decision op of `elementwise.cu` over `[rows, seq]` tensors (logits, noise, and the
-/// output's gradient for the backward ops): `with_seq` for the key-bias ops, which shift by one
-/// token within each row.
-fn dms_op<const N: usize>(
-    kernel: fn(&Kernels) -> &Typed,
-    inputs: [Tensor<Cuda, 3>; N],
-    tau: f64,
-    with_seq: bool,
-) -> Option<Tensor<Cuda, 3>> {
-    let seq = i32::try_from(inputs[0].dims()[2]).ok()?;
-    let (inputs, n) = same_shape(inputs.map(|t| t.into_primitive().tensor()))?;
-    let out = empty_like(&inputs[0]);
-    let mut tensors: Vec<&Cube> = inputs.iter().collect();
-    tensors.push(&out);
-    let mut sizes = vec![KernelArg::Long(n as i64)];
-    if with_seq {
-        sizes.push(KernelArg::Int(seq));
-    }
-    sizes.push(KernelArg::Float(tau as f32));
-    run(kernel, &tensors, grid_for(n), &sizes)?;
-    Some(tensor(out))
-}
-
-/// `log(1 - sigmoid(z[k + 1]))` per key, `z = (logits + noise) / tau` (see `elementwise.cu`).
-pub fn dms_key_bias(
-    logits: Tensor<Cuda, 3>,
-    noise: Tensor<Cuda, 3>,
-    tau: f64,
-) -> Option<Tensor<Cuda, 3>> {
-    dms_op(|k| &k.dms_key_bias, [logits, noise], tau, true)
-}
-
-/// The gradient of [`dms_key_bias`] with respect to `logits`.
-pub fn dms_key_bias_grad(
-    logits: Tensor<Cuda, 3>,
-    noise: Tensor<Cuda, 3>,
-    tau: f64,
-    grad: Tensor<Cuda, 3>,
-) -> Option<Tensor<Cuda, 3>> {
-    dms_op(|k| &k.dms_key_bias_grad, [logits, noise, grad], tau, true)
-}
-
-/// `1[z > 0]`, `z = (logits + noise) / tau`.
-pub fn dms_decisions(
-    logits: Tensor<Cuda, 3>,
-    noise: Tensor<Cuda, 3>,
-    tau: f64,
-) -> Option<Tensor<Cuda, 3>> {
-    dms_op(|k| &k.dms_decisions, [logits, noise], tau, false)
-}
-
-/// The straight-through gradient of [`dms_decisions`]: sigmoid's, with respect to `logits`.
-pub fn dms_decisions_grad(
-    logits: Tensor<Cuda, 3>,
-    noise: Tensor<Cuda, 3>,
-    tau: f64,
-    grad: Tensor<Cuda, 3>,
-) -> Option<Tensor<Cuda, 3>> {
-    dms_op(|k| &k.dms_decisions_grad, [logits, noise, grad], tau, false)
 }

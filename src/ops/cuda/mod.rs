@@ -669,10 +669,6 @@ struct Kernels {
     rope: Typed,
     kl_rows: Typed,
     kl_student_grad_rows: Typed,
-    dms_key_bias: Typed,
-    dms_key_bias_grad: Typed,
-    dms_decisions: Typed,
-    dms_decisions_grad: Typed,
     /// bf16 only, head_dim 64 and 128.
     flash_forward_d64: CudaFunction,
     flash_forward_d128: CudaFunction,
@@ -752,10 +748,6 @@ impl Kernels {
             rope: typed("rope")?,
             kl_rows: typed("kl_rows")?,
             kl_student_grad_rows: typed("kl_student_grad_rows")?,
-            dms_key_bias: typed("dms_key_bias")?,
-            dms_key_bias_grad: typed("dms_key_bias_grad")?,
-            dms_decisions: typed("dms_decisions")?,
-            dms_decisions_grad: typed("dms_decisions_grad")?,
             flash_forward_d64: with_shared(
                 function("flash_forward_d64")?,
                 flash_tile_shared_bytes(64),
