@@ -5,10 +5,13 @@ same definition (causal, DMS key bias past the window), and times them beside Py
 SDPA (FlashAttention / cuDNN) on the same shapes, in TFLOP/s. For kernel work on a GPU machine:
 
     python3 scripts/attention-kernels.py [--seq 4096,8192] [--heads 32 --kv-heads 8 --dim 128]
-        [--window 256] [--kernels hopper,wide,narrow] [--json out.json]
+        [--window 256] [--kernels hopper,wide,narrow] [--backward [--backward-kernels hopper,narrow]]
+        [--queries N] [--no-bias] [--no-check] [--define MACRO[=V]] [--json out.json]
 
-FLOPs counted as 4 S^2 D H / 2 (causal) for the forward and 2.5x that for the backward, as
-scripts/bench-sdpa.py and `bench attention` count them.
+`--queries N` takes only the last N positions as queries (q_len N, offset seq - N: a chunk after
+a cached prefix, as the eviction baselines run); SDPA is then not timed. FLOPs counted as
+4 S^2 D H / 2 (causal) for the forward and 2.5x that for the backward, as scripts/bench-sdpa.py
+and `bench attention` count them (visible query-key pairs with --queries).
 """
 import argparse
 import ctypes
@@ -76,12 +79,17 @@ class Driver:
         self.check(self.cuda.cuLaunchKernel(f, *grid, threads, 1, 1, shared, stream, params, None), "launch")
 
 
+def distances(q, k):
+    """Query position minus key position; the queries are the last q rows of the sequence."""
+    n, s = q.shape[2], k.shape[2]
+    return (s - n + torch.arange(n, device=q.device))[:, None] - torch.arange(s, device=q.device)[None, :]
+
+
 def reference(q, k, v, bias, window):
     """float32 attention with the DMS key bias, one query head at a time: output and lse."""
     b, h, s, d = q.shape
     group = h // k.shape[1]
-    pos = torch.arange(s, device=q.device)
-    dist = pos[:, None] - pos[None, :]
+    dist = distances(q, k)
     out = torch.empty_like(q)
     lse = torch.empty(b, h, s, device=q.device)
     for hi in range(h):
@@ -100,10 +108,9 @@ def reference_grads(q, k, v, bias, window, dout):
     b, h, s, d = q.shape
     kvh = k.shape[1]
     group = h // kvh
-    pos = torch.arange(s, device=q.device)
-    dist = pos[:, None] - pos[None, :]
+    dist = distances(q, k)
     dq, dk, dv = torch.empty_like(q, dtype=torch.float32), torch.empty_like(k, dtype=torch.float32), torch.empty_like(v, dtype=torch.float32)
-    dbias = torch.zeros(b, kvh, s, device=q.device)
+    dbias = torch.zeros(b, kvh, k.shape[2], device=q.device)
     for kv in range(kvh):
         qs = q[0, kv * group:(kv + 1) * group].float().requires_grad_()
         ks, vs = k[0, kv].float().requires_grad_(), v[0, kv].float().requires_grad_()
@@ -139,19 +146,20 @@ def time_ms(fn, iters):
 
 def backward(driver, args, row, q, k, v, bias, s, flops):
     h, kvh, d = args.heads, args.kv_heads, args.dim
+    n = q.shape[2]
     out = torch.empty_like(q)
-    lse = torch.empty(1, h, s, device="cuda")
+    lse = torch.empty(1, h, n, device="cuda")
     name, rows_per_block, threads, shared = SHARED["wide"]
     fwd = driver.function(name, shared)
-    driver.launch(fwd, ((s + 127) // 128, h, 1), threads, shared,
-                  [q, k, v, bias, out, lse, h, kvh, s, s, 0, args.window, 1.0 / math.sqrt(d)])
+    driver.launch(fwd, ((n + 127) // 128, h, 1), threads, shared,
+                  [q, k, v, bias, out, lse, h, kvh, n, s, s - n, args.window, 1.0 / math.sqrt(d)])
     dout = torch.randn_like(q)
     delta = (dout.float() * out.float()).sum(-1)
     dq = torch.empty_like(q)
     dk = torch.zeros(1, kvh, s, d, device="cuda")
     dv = torch.zeros_like(dk)
     dbias = torch.zeros(1, kvh, s, device="cuda")
-    sizes = [h, kvh, s, s, 0, args.window, 1.0 / math.sqrt(d)]
+    sizes = [h, kvh, n, s, s - n, args.window, 1.0 / math.sqrt(d)]
     result = {}
     for name in args.backward_kernels.split(","):
         # (kv kernel, keys per block, q kernel, rows per block, threads, kv shared, q shared)
@@ -169,7 +177,7 @@ def backward(driver, args, row, q, k, v, bias, s, flops):
             dk.zero_(), dv.zero_(), dbias.zero_()
             driver.launch(kv_kernel, ((s + kv_keys - 1) // kv_keys, h, 1), threads, kv_shared,
                           [q, k, v, dout, lse, delta, bias, dk, dv, dbias if bias is not None else None] + sizes)
-            driver.launch(q_kernel, ((s + q_rows - 1) // q_rows, h, 1), threads, q_shared,
+            driver.launch(q_kernel, ((n + q_rows - 1) // q_rows, h, 1), threads, q_shared,
                           [q, k, v, dout, lse, delta, bias, dq] + sizes)
 
         dq.fill_(float("nan"))
@@ -190,13 +198,14 @@ def backward(driver, args, row, q, k, v, bias, s, flops):
         result[name] = entry
     result.pop("ref", None)
     bflops = 2.5 * flops
-    qg = q.detach().clone().requires_grad_()
-    kg = k.repeat_interleave(h // kvh, 1).detach().requires_grad_()
-    vg = v.repeat_interleave(h // kvh, 1).detach().requires_grad_()
-    sdpa_out = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
-    sdpa_ms = time_ms(lambda: torch.autograd.grad(sdpa_out, (qg, kg, vg), dout, retain_graph=True), args.iters)
-    print(f"  SDPA causal backward {sdpa_ms:7.3f} ms {bflops / sdpa_ms / 1e9:6.0f} TFLOP/s")
-    result["sdpa_backward_ms"] = sdpa_ms
+    if n == s:
+        qg = q.detach().clone().requires_grad_()
+        kg = k.repeat_interleave(h // kvh, 1).detach().requires_grad_()
+        vg = v.repeat_interleave(h // kvh, 1).detach().requires_grad_()
+        sdpa_out = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
+        sdpa_ms = time_ms(lambda: torch.autograd.grad(sdpa_out, (qg, kg, vg), dout, retain_graph=True), args.iters)
+        print(f"  SDPA causal backward {sdpa_ms:7.3f} ms {bflops / sdpa_ms / 1e9:6.0f} TFLOP/s")
+        result["sdpa_backward_ms"] = sdpa_ms
     row["backward"] = result
 
 
@@ -214,6 +223,8 @@ def main():
     parser.add_argument("--no-check", action="store_true", help="timing only, no reference")
     parser.add_argument("--backward", action="store_true", help="also the backward kernels (checked up to 4096)")
     parser.add_argument("--backward-kernels", default="hopper,narrow")
+    parser.add_argument("--queries", type=int, help="only the last N positions as queries (a chunk after a "
+                        "cached prefix: q_len N, offset seq - N); default all")
     parser.add_argument("--json")
     args = parser.parse_args()
     major, minor = torch.cuda.get_device_capability()
@@ -225,24 +236,30 @@ def main():
     rows = []
     for s in [int(x) for x in args.seq.split(",")]:
         h, kvh, d = args.heads, args.kv_heads, args.dim
-        q = torch.randn(1, h, s, d, device="cuda", dtype=torch.bfloat16)
+        n = min(args.queries or s, s)
+        q = torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(1, kvh, s, d, device="cuda", dtype=torch.bfloat16)
         v = torch.randn(1, kvh, s, d, device="cuda", dtype=torch.bfloat16)
         bias = None if args.no_bias else -4.0 * torch.rand(1, kvh, s, device="cuda")
         ref_out, ref_lse = (None, None) if args.no_check else reference(q, k, v, bias, args.window)
-        flops = 4 * s * s * d * h / 2
-        kq, vq = k.repeat_interleave(h // kvh, 1), v.repeat_interleave(h // kvh, 1)
-        sdpa = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, kq, vq, is_causal=True), args.iters)
-        row = {"seq": s, "sdpa_forward_ms": sdpa, "sdpa_forward_tflops": flops / sdpa / 1e9}
-        print(f"seq {s}: SDPA causal forward {sdpa:.3f} ms ({flops / sdpa / 1e9:.0f} TFLOP/s)")
+        # Visible (query, key) pairs: s^2 / 2 for a whole causal sequence, as SDPA is counted.
+        flops = 4 * d * h * (s * s / 2 if n == s else n * (s - n) + n * (n + 1) / 2)
+        row = {"seq": s, "queries": n}
+        if n == s:
+            kq, vq = k.repeat_interleave(h // kvh, 1), v.repeat_interleave(h // kvh, 1)
+            sdpa = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, kq, vq, is_causal=True), args.iters)
+            row.update({"sdpa_forward_ms": sdpa, "sdpa_forward_tflops": flops / sdpa / 1e9})
+            print(f"seq {s}: SDPA causal forward {sdpa:.3f} ms ({flops / sdpa / 1e9:.0f} TFLOP/s)")
+        else:
+            print(f"seq {s}, the last {n} positions as queries (offset {s - n}):")
         for name in args.kernels.split(","):
             kernel, rows_per_block, threads, shared = SHARED[name]
             f = driver.function(kernel, shared)
             out = torch.empty_like(q)
-            lse = torch.empty(1, h, s, device="cuda")
-            grid = ((s + rows_per_block - 1) // rows_per_block, h, 1)
+            lse = torch.empty(1, h, n, device="cuda")
+            grid = ((n + rows_per_block - 1) // rows_per_block, h, 1)
             call = lambda: driver.launch(f, grid, threads, shared,
-                                         [q, k, v, bias, out, lse, h, kvh, s, s, 0, args.window, 1.0 / math.sqrt(d)])
+                                         [q, k, v, bias, out, lse, h, kvh, n, s, s - n, args.window, 1.0 / math.sqrt(d)])
             out.fill_(float("nan"))
             call()
             torch.cuda.synchronize()
