@@ -615,6 +615,19 @@ __device__ __forceinline__ void store_query_gradient_rows(const float (*dq_acc)[
     }
 }
 
+// The log-sum-exp (in log2 units) and delta of this thread's two rows (row0 + g, + 8) of a query
+// head, zero past q_len: the dQ kernels' per-row inputs.
+__device__ __forceinline__ void load_row_statistics(float* row_lse, float* row_delta,
+                                                    const float* lse, const float* delta,
+                                                    index_t q_head, int row0, int q_len, int g) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = row0 + g + 8 * r;
+        row_lse[r] = row < q_len ? lse[q_head + row] * LOG2E : 0.0f;
+        row_delta[r] = row < q_len ? delta[q_head + row] : 0.0f;
+    }
+}
+
 #define BWD_QROWS 32
 
 // Runs body(q0, q_tile, do_tile, lse_tile, delta_tile) for the query tiles first_q, first_q +
@@ -750,12 +763,7 @@ __device__ void flash_backward_q(const unsigned short* q, const unsigned short* 
     load_a_rows<D>(qf, q + q_head * D, row0, q_len);
     load_a_rows<D>(df, dout + q_head * D, row0, q_len);
     float row_lse[2], row_delta[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int row = row0 + g + 8 * r;
-        row_lse[r] = row < q_len ? lse[q_head + row] * LOG2E : 0.0f;
-        row_delta[r] = row < q_len ? delta[q_head + row] : 0.0f;
-    }
+    load_row_statistics(row_lse, row_delta, lse, delta, q_head, row0, q_len, g);
     float dq_acc[D / 8][4];
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) dq_acc[dt][0] = dq_acc[dt][1] = dq_acc[dt][2] = dq_acc[dt][3] = 0.0f;

@@ -410,12 +410,7 @@ extern "C" __global__ void __launch_bounds__(HOPPER_THREADS) flash_backward_q_ho
     unsigned short* do_tile = q_tile + Q_TILE;
 
     float row_lse[2], row_delta[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int row = row0 + g + 8 * r;
-        row_lse[r] = row < q_len ? lse[q_head + row] * LOG2E : 0.0f;
-        row_delta[r] = row < q_len ? delta[q_head + row] : 0.0f;
-    }
+    load_row_statistics(row_lse, row_delta, lse, delta, q_head, row0, q_len, g);
     float dq_acc[D / 8][4];
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) dq_acc[dt][0] = dq_acc[dt][1] = dq_acc[dt][2] = dq_acc[dt][3] = 0.0f;
