@@ -217,6 +217,13 @@ __device__ __forceinline__ void load_a_shared(unsigned int* a, const unsigned sh
                  : "r"(smem_address(p)));
 }
 
+// N accumulator tiles (mma.m16n8k16's C layout, 4 floats each) set to zero.
+template <int N>
+__device__ __forceinline__ void zero_tiles(float (*acc)[4]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+}
+
 // One warp's online-softmax step over a tile of KEYS keys for its 16 query rows (the first at
 // position first_pos): s holds the tile's raw scores Q Kᵀ in mma.m16n8k16's C layout and leaves as
 // the probabilities P (unnormalised, relative to the new running maximum m, in log2 units); l is
@@ -628,6 +635,17 @@ __device__ __forceinline__ void load_row_statistics(float* row_lse, float* row_d
     }
 }
 
+// The DMS bias (in log2 units) of this thread's two keys (key0 + g, + 8), zero past k_len or
+// without a bias: the dK/dV kernels' per-key input.
+__device__ __forceinline__ void load_key_bias(float* key_bias, const float* bias_head, int key0,
+                                              int k_len, int g) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int key = key0 + g + 8 * r;
+        key_bias[r] = (bias_head && key < k_len) ? bias_head[key] * LOG2E : 0.0f;
+    }
+}
+
 #define BWD_QROWS 32
 
 // Runs body(q0, q_tile, do_tile, lse_tile, delta_tile) for the query tiles first_q, first_q +
@@ -702,16 +720,10 @@ __device__ void flash_backward_kv(const unsigned short* q, const unsigned short*
     load_a_rows<D>(kf, k + kv_head * D, key0, k_len);
     load_a_rows<D>(vf, v + kv_head * D, key0, k_len);
     float key_bias[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int key = key0 + g + 8 * r;
-        key_bias[r] = (bias_head && key < k_len) ? bias_head[key] * LOG2E : 0.0f;
-    }
+    load_key_bias(key_bias, bias_head, key0, k_len, g);
     float dk_acc[D / 8][4], dv_acc[D / 8][4];
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dk_acc[dt][e] = dv_acc[dt][e] = 0.0f;
+    zero_tiles<D / 8>(dk_acc);
+    zero_tiles<D / 8>(dv_acc);
     float db[2] = {0.0f, 0.0f};
 
     // Queries before position kb see none of these keys.
@@ -765,8 +777,7 @@ __device__ void flash_backward_q(const unsigned short* q, const unsigned short* 
     float row_lse[2], row_delta[2];
     load_row_statistics(row_lse, row_delta, lse, delta, q_head, row0, q_len, g);
     float dq_acc[D / 8][4];
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) dq_acc[dt][0] = dq_acc[dt][1] = dq_acc[dt][2] = dq_acc[dt][3] = 0.0f;
+    zero_tiles<D / 8>(dq_acc);
 
     const int last_row = imin(q_len, (block + 1) * FLASH_ROWS) - 1;
     const int key_end = imin(k_len, offset + last_row + 1);

@@ -227,8 +227,7 @@ extern "C" __global__ void __launch_bounds__(HOPPER_THREADS) flash_forward_hoppe
     unsigned short* q_tile = q_tiles + wg * Q_TILE;
 
     float o[D / 8][4];
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
+    zero_tiles<D / 8>(o);
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
 
     const int last_row = imin(q_len, (block + 1) * HOPPER_ROWS) - 1;
@@ -314,16 +313,10 @@ extern "C" __global__ void __launch_bounds__(HOPPER_THREADS) flash_backward_kv_h
     const float* bias_head = bias ? bias + kv_head : 0;
 
     float key_bias[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int key = key0 + g + 8 * r;
-        key_bias[r] = (bias_head && key < k_len) ? bias_head[key] * LOG2E : 0.0f;
-    }
+    load_key_bias(key_bias, bias_head, key0, k_len, g);
     float dk_acc[D / 8][4], dv_acc[D / 8][4];
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dk_acc[dt][e] = dv_acc[dt][e] = 0.0f;
+    zero_tiles<D / 8>(dk_acc);
+    zero_tiles<D / 8>(dv_acc);
     float db[2] = {0.0f, 0.0f};
 
     load_swizzled_tile_async(k_tile, k + kv_head * D, kb, KEYS, k_len, threadIdx.x, HOPPER_THREADS);
@@ -412,8 +405,7 @@ extern "C" __global__ void __launch_bounds__(HOPPER_THREADS) flash_backward_q_ho
     float row_lse[2], row_delta[2];
     load_row_statistics(row_lse, row_delta, lse, delta, q_head, row0, q_len, g);
     float dq_acc[D / 8][4];
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) dq_acc[dt][0] = dq_acc[dt][1] = dq_acc[dt][2] = dq_acc[dt][3] = 0.0f;
+    zero_tiles<D / 8>(dq_acc);
 
     const int last_row = imin(q_len, (block + 1) * HOPPER_ROWS) - 1;
     const int key_end = imin(k_len, offset + last_row + 1);
