@@ -232,8 +232,10 @@ extern "C" __global__ void __launch_bounds__(HOPPER_THREADS) flash_forward_hoppe
 
     const int last_row = imin(q_len, (block + 1) * HOPPER_ROWS) - 1;
     const int key_end = imin(k_len, offset + last_row + 1);
-    // This warpgroup's last visible key: tiles past it are all masked for its rows.
-    const int wg_key_end = imin(k_len, offset + imin(q_len - 1, wg_row0 + WG_ROWS - 1) + 1);
+    // This warpgroup's last visible key: tiles past it are all masked for its rows (none for a
+    // warpgroup wholly past q_len, as in a one-token decode block).
+    const int wg_key_end =
+        wg_row0 >= q_len ? 0 : imin(k_len, offset + imin(q_len - 1, wg_row0 + WG_ROWS - 1) + 1);
     load_swizzled_tile_async(q_tile, q + q_head * D, wg_row0, WG_ROWS, q_len, threadIdx.x % 128, 128);
     staged_tiles<HOPPER_STAGES>(
         0, key_end, HOPPER_KEYS,
@@ -335,8 +337,9 @@ extern "C" __global__ void __launch_bounds__(HOPPER_THREADS) flash_backward_kv_h
                               threadIdx.x >= 128 ? threadIdx.x - 128 : QROWS);
         },
         [&](int q0, int buffer) {
-            // Every query of the tile is before this warpgroup's first key.
-            if (offset + q0 + QROWS - 1 < wg_key0) return;
+            // Every query of the tile is before this warpgroup's first key, or its keys are all
+            // past k_len.
+            if (offset + q0 + QROWS - 1 < wg_key0 || wg_key0 >= k_len) return;
             const unsigned short* q_tile = q_tiles + 2 * buffer * Q_TILE;
             const unsigned short* do_tile = q_tile + Q_TILE;
             float st[QROWS / 8][4], dpt[QROWS / 8][4];
@@ -409,7 +412,8 @@ extern "C" __global__ void __launch_bounds__(HOPPER_THREADS) flash_backward_q_ho
 
     const int last_row = imin(q_len, (block + 1) * HOPPER_ROWS) - 1;
     const int key_end = imin(k_len, offset + last_row + 1);
-    const int wg_key_end = imin(k_len, offset + imin(q_len - 1, wg_row0 + WG_ROWS - 1) + 1);
+    const int wg_key_end =
+        wg_row0 >= q_len ? 0 : imin(k_len, offset + imin(q_len - 1, wg_row0 + WG_ROWS - 1) + 1);
     load_swizzled_tile_async(q_tile, q + q_head * D, wg_row0, WG_ROWS, q_len, threadIdx.x % 128, 128);
     load_swizzled_tile_async(do_tile, dout + q_head * D, wg_row0, WG_ROWS, q_len, threadIdx.x % 128,
                              128);
