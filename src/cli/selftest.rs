@@ -6,9 +6,10 @@
 //! scores, odd row counts and vocabularies. Exits non-zero when any check is outside its tolerance
 //! or a kernel declined (burn's ops ran in its place).
 //!
-//! A process has one default float dtype and reads `DMS_RETROFIT_FLASH` once, so each variant
-//! (bf16 with the flash attention, bf16 with the GEMM attention, f32) runs as a child process of
-//! the same binary and reports its checks as JSON lines; the parent prints the table.
+//! A process has one default float dtype and reads `DMS_RETROFIT_FLASH` and
+//! `DMS_RETROFIT_FLASH_KERNEL` once, so each variant (bf16 with the flash attention, bf16 with the
+//! `mma.sync` flash kernels, bf16 with the GEMM attention, f32) runs as a child process of the
+//! same binary and reports its checks as JSON lines; the parent prints the table.
 
 // The checks run on the GPU only; a CPU build compiles them for their unit tests.
 #![cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -59,8 +60,12 @@ pub struct SelftestArgs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Variant {
-    /// bf16, attention through the flash kernels (head_dim 64/128).
+    /// bf16, attention through the flash kernels (head_dim 64/128): on H100 / H200 the wgmma
+    /// kernels at head_dim 128, elsewhere the `mma.sync` ones.
     Bf16,
+    /// bf16, attention through the `mma.sync` flash kernels everywhere
+    /// (`DMS_RETROFIT_FLASH_KERNEL=wide`), so a Hopper GPU checks both kernel families.
+    Bf16Mma,
     /// bf16, attention through cuBLASLt GEMMs and the fused softmax (`DMS_RETROFIT_FLASH=0`).
     Bf16Gemm,
     /// f32 (attention through the GEMM path: the flash kernels are bf16 only).
@@ -68,11 +73,17 @@ pub enum Variant {
 }
 
 impl Variant {
-    const ALL: [Variant; 3] = [Variant::Bf16, Variant::Bf16Gemm, Variant::F32];
+    const ALL: [Variant; 4] = [
+        Variant::Bf16,
+        Variant::Bf16Mma,
+        Variant::Bf16Gemm,
+        Variant::F32,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Variant::Bf16 => "bf16",
+            Variant::Bf16Mma => "bf16-mma",
             Variant::Bf16Gemm => "bf16-gemm",
             Variant::F32 => "f32",
         }
@@ -80,7 +91,7 @@ impl Variant {
 
     fn format(self) -> FloatFormat {
         match self {
-            Variant::Bf16 | Variant::Bf16Gemm => FloatFormat::Bf16,
+            Variant::Bf16 | Variant::Bf16Mma | Variant::Bf16Gemm => FloatFormat::Bf16,
             Variant::F32 => FloatFormat::F32,
         }
     }
@@ -92,9 +103,9 @@ impl Variant {
         }
     }
 
-    /// Only the attention differs between the two bf16 variants.
+    /// Only the attention differs between the bf16 variants.
     fn checks_only_attention(self) -> bool {
-        self == Variant::Bf16Gemm
+        matches!(self, Variant::Bf16Gemm | Variant::Bf16Mma)
     }
 }
 
@@ -263,6 +274,14 @@ fn run_child(args: &SelftestArgs, variant: Variant) -> Result<(Vec<Check>, Optio
                 "0"
             } else {
                 "1"
+            },
+        )
+        .env(
+            "DMS_RETROFIT_FLASH_KERNEL",
+            if variant == Variant::Bf16Mma {
+                "wide"
+            } else {
+                "hopper"
             },
         )
         // Waiting after each hand-off makes a fault surface in the kernel that caused it.
