@@ -224,6 +224,22 @@ __device__ __forceinline__ void zero_tiles(float (*acc)[4]) {
     for (int i = 0; i < N; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
 }
 
+// How a tile of queries at positions p0 .. p0 + nq - 1 and keys k0 .. k0 + nk - 1 meets the
+// masks: `plain` when every key is visible to every query (all keys at or before the first
+// query, inside k_len) and the bias applies to all of them (`all_biased`) or to none, so the
+// tile needs no per-score tests (all but the diagonal and window-edge tiles).
+struct TileMask {
+    bool plain, all_biased;
+};
+
+__device__ __forceinline__ TileMask tile_mask(int p0, int nq, int k0, int nk, int k_len,
+                                              bool has_bias, int window) {
+    const bool visible = k0 + nk - 1 <= p0 && k0 + nk <= k_len;
+    const bool all_biased = has_bias && p0 - (k0 + nk - 1) > window;
+    const bool none_biased = !has_bias || p0 + nq - 1 - k0 <= window;
+    return {visible && (all_biased || none_biased), all_biased};
+}
+
 // One warp's online-softmax step over a tile of KEYS keys for its 16 query rows (the first at
 // position first_pos): s holds the tile's raw scores Q Kᵀ in mma.m16n8k16's C layout and leaves as
 // the probabilities P (unnormalised, relative to the new running maximum m, in log2 units); l is
@@ -239,19 +255,14 @@ __device__ __forceinline__ void online_softmax_tile(float (*s)[4], float* m, flo
     const int lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
     float mx[2] = {NEG_INF, NEG_INF};
-    // Tiles wholly below the diagonal, inside k_len and wholly on one side of the window need no
-    // per-score tests (all but the diagonal and window-edge tiles).
-    const int last_pos = first_pos + 15;
-    const bool plain = kb + KEYS - 1 <= first_pos && kb + KEYS <= k_len;
-    const bool all_biased = has_bias && first_pos - (kb + KEYS - 1) > window;
-    const bool none_biased = !has_bias || last_pos - kb <= window;
-    if (plain && (all_biased || none_biased)) {
+    const TileMask mask = tile_mask(first_pos, 16, kb, KEYS, k_len, has_bias, window);
+    if (mask.plain) {
 #pragma unroll
         for (int nt = 0; nt < KEYS / 8; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 float x = s[nt][e] * scale2;
-                if (all_biased) x = fmaf(bias_tile[nt * 8 + 2 * t + (e & 1)], bias_scale, x);
+                if (mask.all_biased) x = fmaf(bias_tile[nt * 8 + 2 * t + (e & 1)], bias_scale, x);
                 s[nt][e] = x;
                 mx[e >> 1] = fmaxf(mx[e >> 1], x);
             }
@@ -485,13 +496,10 @@ __device__ __forceinline__ void key_gradient_scores(float (*st)[4], float (*dpt)
                                                     float scale2, float* db) {
     const int lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
-    // Tiles whose queries all see all 16 keys, inside q_len and k_len, and wholly on one side of
-    // the window need no per-score tests (all but the diagonal and window-edge tiles).
-    const int first_pos = offset + q0;
-    const bool plain = key0 + 15 <= first_pos && q0 + N <= q_len && key0 + 16 <= k_len;
-    const bool all_outside = has_bias && first_pos - (key0 + 15) > window;
-    const bool none_outside = !has_bias || first_pos + N - 1 - key0 <= window;
-    if (plain && (all_outside || none_outside)) {
+    // Tiles of 16 keys x N queries inside q_len that tile_mask passes need no per-score tests.
+    const TileMask mask = tile_mask(offset + q0, N, key0, 16, k_len, has_bias, window);
+    const bool all_outside = mask.all_biased;
+    if (mask.plain && q0 + N <= q_len) {
 #pragma unroll
         for (int nt = 0; nt < N / 8; ++nt)
 #pragma unroll
@@ -543,13 +551,10 @@ __device__ __forceinline__ void query_gradient_scores(float (*s)[4], const float
                                                       const float* row_delta, float scale2) {
     const int lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
-    // As in key_gradient_scores: tiles off the diagonal, the edges and the window edge go
-    // without per-score tests.
-    const int first_pos = offset + row0;
-    const bool plain = kb + KEYS - 1 <= first_pos && row0 + 16 <= q_len && kb + KEYS <= k_len;
-    const bool all_biased = has_bias && first_pos - (kb + KEYS - 1) > window;
-    const bool none_biased = !has_bias || first_pos + 15 - kb <= window;
-    if (plain && (all_biased || none_biased)) {
+    // Tiles of 16 rows inside q_len x KEYS keys that tile_mask passes need no per-score tests.
+    const TileMask mask = tile_mask(offset + row0, 16, kb, KEYS, k_len, has_bias, window);
+    const bool all_biased = mask.all_biased;
+    if (mask.plain && row0 + 16 <= q_len) {
 #pragma unroll
         for (int nt = 0; nt < KEYS / 8; ++nt)
 #pragma unroll
