@@ -1,6 +1,7 @@
-// Hopper (sm_90a) flash attention forward on warpgroup MMA (wgmma): the same definition and
-// arguments as flash_forward in flash.cu (causal, DMS key bias past `window`, output and
-// log-sum-exp), FlashAttention-3's shape without its producer warps. A block is two warpgroups
+// Hopper (sm_90a) flash attention on warpgroup MMA (wgmma), forward and backward: the same
+// definitions and arguments as flash.cu's kernels (causal, DMS key bias past `window`; output and
+// log-sum-exp; dK / dV / bias gradient and dQ), FlashAttention-3's shape without its producer
+// warps. The forward: A block is two warpgroups
 // of 64 query rows each (128 rows); keys come in tiles of 128 through shared memory, copied with
 // cp.async while the previous tile is computed on. S = Q Kᵀ is one m64n128k16 wgmma per 16 of
 // head_dim with both operands read from shared memory by the tensor cores (not once per warp
@@ -198,8 +199,41 @@ __device__ __forceinline__ unsigned char* aligned_shared(unsigned char* raw) {
 
 extern __shared__ __align__(1024) unsigned char hopper_raw[];
 
-// Forward: see the top of the file. Dynamic shared memory (flash_hopper_forward_shared_bytes on
-// the host): 1 KB slack, two warpgroups' Q tiles, HOPPER_STAGES K/V tile pairs, their bias tiles.
+// A block of the forward or the dQ kernel: 128 query rows of one query head, 64 per warpgroup,
+// 16 per warp, the heaviest (last, under the causal mask) blocks first.
+struct QueryBlock {
+    int wg_row0, row0;  // this warpgroup's and this warp's first row
+    index_t q_head, kv_head;
+    int key_end;     // keys any row of the block sees
+    int wg_key_end;  // keys this warpgroup's rows see (none for one wholly past q_len)
+
+    __device__ QueryBlock(int heads, int kv_heads, int q_len, int k_len, int offset) {
+        const int wg = threadIdx.x / 128, warp = (threadIdx.x % 128) / 32;
+        const int block = gridDim.x - 1 - blockIdx.x;
+        const int h = blockIdx.y, b = blockIdx.z;
+        wg_row0 = block * HOPPER_ROWS + wg * 64;
+        row0 = wg_row0 + warp * 16;
+        q_head = ((index_t)b * heads + h) * q_len;
+        kv_head = ((index_t)b * kv_heads + h / (heads / kv_heads)) * k_len;
+        key_end = imin(k_len, offset + imin(q_len, (block + 1) * HOPPER_ROWS));
+        wg_key_end = wg_row0 >= q_len ? 0 : imin(k_len, offset + imin(q_len, wg_row0 + 64));
+    }
+};
+
+// Starts the copies of keys kb .. kb + KEYS of a KV head into a K and a V tile (swizzled) and
+// KEYS bias values (zeros without a bias), by all the block's threads.
+template <int KEYS>
+__device__ __forceinline__ void issue_kv_tile(unsigned short* k_tile, unsigned short* v_tile,
+                                              float* bias_tile, const unsigned short* k_head,
+                                              const unsigned short* v_head, const float* bias_head,
+                                              int kb, int k_len) {
+    load_swizzled_tile_async(k_tile, k_head, kb, KEYS, k_len, threadIdx.x, HOPPER_THREADS);
+    load_swizzled_tile_async(v_tile, v_head, kb, KEYS, k_len, threadIdx.x, HOPPER_THREADS);
+    load_floats_async(bias_tile, bias_head, kb, KEYS, k_len, threadIdx.x);
+}
+
+// Forward: see the top of the file. Dynamic shared memory (HOPPER_FORWARD_SHARED on the host):
+// 1 KB slack, two warpgroups' Q tiles, HOPPER_STAGES K/V tile pairs, their bias tiles.
 extern "C" __global__ void __launch_bounds__(HOPPER_THREADS) flash_forward_hopper_d128(
     const unsigned short* q, const unsigned short* k, const unsigned short* v, const float* bias,
     unsigned short* out, float* lse, int heads, int kv_heads, int q_len, int k_len, int offset,
@@ -212,43 +246,27 @@ extern "C" __global__ void __launch_bounds__(HOPPER_THREADS) flash_forward_hoppe
     float* bias_tiles = (float*)(kv_tiles + 2 * HOPPER_STAGES * KV_TILE);
     const float scale2 = scale * LOG2E;
 
-    const int wg = threadIdx.x / 128, warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
-    const int g = lane / 4, t = lane % 4;
-    const int block = gridDim.x - 1 - blockIdx.x;  // the heaviest row blocks first
-    const int h = blockIdx.y, b = blockIdx.z;
-    const int kvh = h / (heads / kv_heads);
-    const int wg_row0 = block * HOPPER_ROWS + wg * WG_ROWS;
-    const int row0 = wg_row0 + warp * 16;
-    const index_t q_head = ((index_t)b * heads + h) * q_len;
-    const index_t kv_head = ((index_t)b * kv_heads + kvh) * k_len;
-    const float* bias_head = bias ? bias + kv_head : 0;
-    const unsigned short* k_head = k + kv_head * D;
-    const unsigned short* v_head = v + kv_head * D;
-    unsigned short* q_tile = q_tiles + wg * Q_TILE;
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const QueryBlock blk(heads, kv_heads, q_len, k_len, offset);
+    const float* bias_head = bias ? bias + blk.kv_head : 0;
+    unsigned short* q_tile = q_tiles + (threadIdx.x / 128) * Q_TILE;
 
     float o[D / 8][4];
     zero_tiles<D / 8>(o);
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
 
-    const int last_row = imin(q_len, (block + 1) * HOPPER_ROWS) - 1;
-    const int key_end = imin(k_len, offset + last_row + 1);
-    // This warpgroup's last visible key: tiles past it are all masked for its rows (none for a
-    // warpgroup wholly past q_len, as in a one-token decode block).
-    const int wg_key_end =
-        wg_row0 >= q_len ? 0 : imin(k_len, offset + imin(q_len - 1, wg_row0 + WG_ROWS - 1) + 1);
-    load_swizzled_tile_async(q_tile, q + q_head * D, wg_row0, WG_ROWS, q_len, threadIdx.x % 128, 128);
+    load_swizzled_tile_async(q_tile, q + blk.q_head * D, blk.wg_row0, WG_ROWS, q_len,
+                             threadIdx.x % 128, 128);
     staged_tiles<HOPPER_STAGES>(
-        0, key_end, HOPPER_KEYS,
+        0, blk.key_end, HOPPER_KEYS,
         [&](int kb, int buffer) {
             unsigned short* tile = kv_tiles + 2 * buffer * KV_TILE;
-            load_swizzled_tile_async(tile, k_head, kb, HOPPER_KEYS, k_len, threadIdx.x, HOPPER_THREADS);
-            load_swizzled_tile_async(tile + KV_TILE, v_head, kb, HOPPER_KEYS, k_len, threadIdx.x,
-                                     HOPPER_THREADS);
-            load_floats_async(bias_tiles + buffer * HOPPER_KEYS, bias_head, kb, HOPPER_KEYS, k_len,
-                              threadIdx.x);
+            issue_kv_tile<HOPPER_KEYS>(tile, tile + KV_TILE, bias_tiles + buffer * HOPPER_KEYS,
+                                       k + blk.kv_head * D, v + blk.kv_head * D, bias_head, kb,
+                                       k_len);
         },
         [&](int kb, int buffer) {
-            if (kb >= wg_key_end) return;
+            if (kb >= blk.wg_key_end) return;
             const unsigned short* k_tile = kv_tiles + 2 * buffer * KV_TILE;
             const unsigned short* v_tile = k_tile + KV_TILE;
             float s[HOPPER_KEYS / 8][4];
@@ -259,7 +277,8 @@ extern "C" __global__ void __launch_bounds__(HOPPER_THREADS) flash_forward_hoppe
                               kk > 0);
             wgmma_commit();
             wgmma_wait<0>();
-            online_softmax_tile<HOPPER_KEYS, D>(s, m, l, o, kb, offset + row0, k_len, bias_head != 0,
+            online_softmax_tile<HOPPER_KEYS, D>(s, m, l, o, kb, offset + blk.row0, k_len,
+                                                bias_head != 0,
                                                 window, bias_tiles + buffer * HOPPER_KEYS, LOG2E,
                                                 scale2);
             // O += P V, 16 keys per wgmma.
@@ -273,7 +292,7 @@ extern "C" __global__ void __launch_bounds__(HOPPER_THREADS) flash_forward_hoppe
             wgmma_commit();
             wgmma_wait<0>();
         });
-    store_output_rows<D>(o, m, l, row0, q_len, out, lse, q_head, g, t);
+    store_output_rows<D>(o, m, l, blk.row0, q_len, out, lse, blk.q_head, g, t);
 #endif
 }
 
@@ -287,7 +306,7 @@ extern "C" __global__ void __launch_bounds__(HOPPER_THREADS) flash_forward_hoppe
 // warpgroup: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (m64n64, both operands in shared memory), Pᵀ and dSᵀ in
 // registers, then dV += Pᵀ dO and dK += dSᵀ Q (m64n128, Pᵀ / dSᵀ from registers, dO / Q read
 // MN-major). Dynamic shared memory: 1 KB slack, K and V tiles, per stage Q and dO tiles, lse and
-// delta (flash_hopper_backward_kv_shared_bytes on the host).
+// delta (HOPPER_BACKWARD_KV_SHARED on the host).
 extern "C" __global__ void __launch_bounds__(HOPPER_THREADS) flash_backward_kv_hopper_d128(
     const unsigned short* q, const unsigned short* k, const unsigned short* v,
     const unsigned short* dout, const float* lse, const float* delta, const float* bias, float* dk,
@@ -375,8 +394,8 @@ extern "C" __global__ void __launch_bounds__(HOPPER_THREADS) flash_backward_kv_h
 // dQ: a block is 128 query rows of one head, 64 per warpgroup; key tiles of 64 (K, V, bias) stream
 // through HOPPER_STAGES buffers. Per tile and warpgroup: S = Q Kᵀ and dP = dO Vᵀ (m64n64), dS in
 // registers, dQ += dS K (m64n128, K read MN-major). Dynamic shared memory: 1 KB slack, two
-// warpgroups' Q and dO tiles, per stage K and V tiles and bias
-// (flash_hopper_backward_q_shared_bytes on the host).
+// warpgroups' Q and dO tiles, per stage K and V tiles and bias (HOPPER_BACKWARD_Q_SHARED on the
+// host).
 extern "C" __global__ void __launch_bounds__(HOPPER_THREADS) flash_backward_q_hopper_d128(
     const unsigned short* q, const unsigned short* k, const unsigned short* v,
     const unsigned short* dout, const float* lse, const float* delta, const float* bias,
@@ -390,44 +409,30 @@ extern "C" __global__ void __launch_bounds__(HOPPER_THREADS) flash_backward_q_ho
     float* bias_tiles = (float*)(kv_tiles + 2 * HOPPER_STAGES * KV_TILE);
     const float scale2 = scale * LOG2E;
 
-    const int wg = threadIdx.x / 128, warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
-    const int g = lane / 4, t = lane % 4;
-    const int block = gridDim.x - 1 - blockIdx.x;
-    const int h = blockIdx.y, b = blockIdx.z;
-    const int kvh = h / (heads / kv_heads);
-    const int wg_row0 = block * HOPPER_ROWS + wg * WG_ROWS;
-    const int row0 = wg_row0 + warp * 16;
-    const index_t q_head = ((index_t)b * heads + h) * q_len;
-    const index_t kv_head = ((index_t)b * kv_heads + kvh) * k_len;
-    const float* bias_head = bias ? bias + kv_head : 0;
-    const unsigned short* k_head = k + kv_head * D;
-    const unsigned short* v_head = v + kv_head * D;
-    unsigned short* q_tile = q_tiles + 2 * wg * Q_TILE;
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const QueryBlock blk(heads, kv_heads, q_len, k_len, offset);
+    const float* bias_head = bias ? bias + blk.kv_head : 0;
+    unsigned short* q_tile = q_tiles + 2 * (threadIdx.x / 128) * Q_TILE;
     unsigned short* do_tile = q_tile + Q_TILE;
 
     float row_lse[2], row_delta[2];
-    load_row_statistics(row_lse, row_delta, lse, delta, q_head, row0, q_len, g);
+    load_row_statistics(row_lse, row_delta, lse, delta, blk.q_head, blk.row0, q_len, g);
     float dq_acc[D / 8][4];
     zero_tiles<D / 8>(dq_acc);
 
-    const int last_row = imin(q_len, (block + 1) * HOPPER_ROWS) - 1;
-    const int key_end = imin(k_len, offset + last_row + 1);
-    const int wg_key_end =
-        wg_row0 >= q_len ? 0 : imin(k_len, offset + imin(q_len - 1, wg_row0 + WG_ROWS - 1) + 1);
-    load_swizzled_tile_async(q_tile, q + q_head * D, wg_row0, WG_ROWS, q_len, threadIdx.x % 128, 128);
-    load_swizzled_tile_async(do_tile, dout + q_head * D, wg_row0, WG_ROWS, q_len, threadIdx.x % 128,
-                             128);
+    load_swizzled_tile_async(q_tile, q + blk.q_head * D, blk.wg_row0, WG_ROWS, q_len,
+                             threadIdx.x % 128, 128);
+    load_swizzled_tile_async(do_tile, dout + blk.q_head * D, blk.wg_row0, WG_ROWS, q_len,
+                             threadIdx.x % 128, 128);
     staged_tiles<HOPPER_STAGES>(
-        0, key_end, KEYS,
+        0, blk.key_end, KEYS,
         [&](int kb, int buffer) {
             unsigned short* tile = kv_tiles + 2 * buffer * KV_TILE;
-            load_swizzled_tile_async(tile, k_head, kb, KEYS, k_len, threadIdx.x, HOPPER_THREADS);
-            load_swizzled_tile_async(tile + KV_TILE, v_head, kb, KEYS, k_len, threadIdx.x,
-                                     HOPPER_THREADS);
-            load_floats_async(bias_tiles + buffer * KEYS, bias_head, kb, KEYS, k_len, threadIdx.x);
+            issue_kv_tile<KEYS>(tile, tile + KV_TILE, bias_tiles + buffer * KEYS, k + blk.kv_head * D,
+                                v + blk.kv_head * D, bias_head, kb, k_len);
         },
         [&](int kb, int buffer) {
-            if (kb >= wg_key_end) return;
+            if (kb >= blk.wg_key_end) return;
             const unsigned short* k_tile = kv_tiles + 2 * buffer * KV_TILE;
             const unsigned short* v_tile = k_tile + KV_TILE;
             float s[KEYS / 8][4], dp[KEYS / 8][4];
@@ -439,7 +444,7 @@ extern "C" __global__ void __launch_bounds__(HOPPER_THREADS) flash_backward_q_ho
             }
             wgmma_commit();
             wgmma_wait<0>();
-            query_gradient_scores<KEYS>(s, dp, row0, kb, offset, q_len, k_len, bias_head != 0, window,
+            query_gradient_scores<KEYS>(s, dp, blk.row0, kb, offset, q_len, k_len, bias_head != 0, window,
                                         bias_tiles + buffer * KEYS, LOG2E, row_lse, row_delta, scale2);
             // dQ += dS K, 16 keys per wgmma (scaled at the end).
             wgmma_fence();
@@ -452,6 +457,6 @@ extern "C" __global__ void __launch_bounds__(HOPPER_THREADS) flash_backward_q_ho
             wgmma_commit();
             wgmma_wait<0>();
         });
-    store_query_gradient_rows<D>(dq_acc, row0, q_len, dq, q_head, scale, g, t);
+    store_query_gradient_rows<D>(dq_acc, blk.row0, q_len, dq, blk.q_head, scale, g, t);
 #endif
 }
