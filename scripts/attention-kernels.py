@@ -38,9 +38,19 @@ SHARED = {
 
 
 def hopper_shared(stages):
-    """flash_forward_hopper_d128: 1 KB of alignment slack, two warpgroups' Q, then `stages` K/V
-    tile pairs and bias tiles."""
-    return 1024 + 2 * 64 * 128 * 2 + stages * (2 * 128 * 128 * 2 + 128 * 4)
+    """Dynamic shared memory of flash_hopper.cu's forward, dK/dV and dQ kernels with `stages`
+    buffers (src/ops/cuda/mod.rs's HOPPER_*_SHARED at 3): 1 KB of alignment slack, then the
+    forward's two Q tiles and per stage a K/V tile pair and bias; dK/dV's K and V tiles and per
+    stage Q / dO tiles, lse and delta; dQ's two Q / dO tile pairs and per stage K / V and bias."""
+    return (1024 + 2 * 64 * 128 * 2 + stages * (2 * 128 * 128 * 2 + 128 * 4),
+            1024 + 2 * 128 * 128 * 2 + stages * (2 * 64 * 128 * 2 + 2 * 64 * 4),
+            1024 + 4 * 64 * 128 * 2 + stages * (2 * 64 * 128 * 2 + 64 * 4))
+
+
+def hopper_stages(args):
+    """HOPPER_STAGES from --define, else the kernels' default (3)."""
+    stages = [int(d.split("=")[1]) for d in args.define if d.startswith("HOPPER_STAGES=")]
+    return stages[-1] if stages else 3
 
 
 class Driver:
@@ -164,9 +174,9 @@ def backward(driver, args, row, q, k, v, bias, s, flops):
     for name in args.backward_kernels.split(","):
         # (kv kernel, keys per block, q kernel, rows per block, threads, kv shared, q shared)
         if name == "hopper":
+            _, kv_shared, q_shared = hopper_shared(hopper_stages(args))
             spec = ("flash_backward_kv_hopper_d128", 128, "flash_backward_q_hopper_d128", 128, 256,
-                    1024 + 2 * 128 * 128 * 2 + 3 * (2 * 64 * 128 * 2 + 2 * 64 * 4),
-                    1024 + 4 * 64 * 128 * 2 + 3 * (2 * 64 * 128 * 2 + 64 * 4))
+                    kv_shared, q_shared)
         else:
             spec = ("flash_backward_kv_d128", 64, "flash_backward_q_d128", 64, 128, 0, TILE_SHARED)
         kv_name, kv_keys, q_name, q_rows, threads, kv_shared, q_shared = spec
@@ -230,8 +240,7 @@ def main():
     major, minor = torch.cuda.get_device_capability()
     ptx = check_kernels.compile_ptx(f"sm_{major}{minor}{'a' if major == 9 else ''}", args.define)
     driver = Driver(ptx)
-    stages = [int(d.split("=")[1]) for d in args.define if d.startswith("HOPPER_STAGES=")]
-    SHARED["hopper"] = ("flash_forward_hopper_d128", 128, 256, hopper_shared(stages[-1] if stages else 3))
+    SHARED["hopper"] = ("flash_forward_hopper_d128", 128, 256, hopper_shared(hopper_stages(args))[0])
     torch.manual_seed(0)
     rows = []
     for s in [int(x) for x in args.seq.split(",")]:
