@@ -4,8 +4,12 @@
 /// Bytes per part when `len` bytes of `width`-byte values go to the CPU's threads: a whole number
 /// of values, at least `smallest` bytes (smaller parts cost more to spawn than to process).
 pub fn part_bytes(len: usize, width: usize, smallest: usize) -> usize {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    len.div_ceil(threads).max(smallest).div_ceil(width) * width
+    len.div_ceil(threads()).max(smallest).div_ceil(width) * width
+}
+
+/// The threads the CPU offers (1 where that is unknown).
+pub fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// `f(out part, bytes part)` for consecutive parts: `out` holds one element per `width` bytes.

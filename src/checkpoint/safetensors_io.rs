@@ -323,7 +323,7 @@ mod tests {
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         assert!(
             crate::parallel::part_bytes(bytes.len(), 2, SMALLEST_PART) < bytes.len()
-                || num_threads() == 1
+                || crate::parallel::threads() == 1
         );
         let data = convert(&bytes, Dtype::BF16, &[count], FloatFormat::Bf16).unwrap();
         assert_eq!(data.as_slice::<bf16>().unwrap(), values.as_slice());
@@ -336,9 +336,5 @@ mod tests {
         bad[last..].copy_from_slice(&bf16::NAN.to_le_bytes());
         let err = convert(&bad, Dtype::BF16, &[count], FloatFormat::Bf16).unwrap_err();
         assert!(err.to_string().contains("NaN"), "{err}");
-    }
-
-    fn num_threads() -> usize {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
     }
 }
