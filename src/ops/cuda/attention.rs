@@ -203,7 +203,13 @@ fn flash_kernel() -> FlashKernel {
         || match std::env::var("DMS_RETROFIT_FLASH_KERNEL").as_deref() {
             Ok("narrow") => FlashKernel::Narrow,
             Ok("wide") => FlashKernel::Wide,
-            _ => FlashKernel::Hopper,
+            Ok("hopper") | Err(_) => FlashKernel::Hopper,
+            Ok(other) => {
+                tracing::warn!(
+                    "DMS_RETROFIT_FLASH_KERNEL={other:?} is not hopper, wide or narrow; using the default (hopper where the GPU has it)"
+                );
+                FlashKernel::Hopper
+            }
         },
     )
 }
