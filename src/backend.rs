@@ -30,6 +30,19 @@ pub fn device_pool_bytes<D: 'static>(device: &D) -> Option<(u64, u64)> {
     None
 }
 
+/// An error when CUDA work of ours that was enqueued on cubecl's device thread failed: results
+/// computed since are wrong (the failure is also logged when it happens). Call after waiting for
+/// the device (`B::sync`), before results are reported or saved. Always `Ok` on the CPU.
+pub fn check_device_work() -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Some(why) = crate::ops::cuda::enqueued_work_failure() {
+        bail!(
+            "our CUDA work failed on the GPU ({why}); results since are not valid. Rerun with DMS_RETROFIT_GEMM=burn to use burn's kernels instead"
+        );
+    }
+    Ok(())
+}
+
 /// Where compiled kernels and autotune results are kept between runs: `DMS_RETROFIT_CACHE`, else
 /// `$XDG_CACHE_HOME/dms-retrofit`, else `~/.cache/dms-retrofit`; one folder per GPU model (an H100's
 /// tuning is not reused on an H200).

@@ -156,6 +156,11 @@ pub struct TrainSection {
     /// layer at a time in the backward (activation checkpointing): same gradients, one more
     /// student forward, a fraction of the memory.
     pub recompute_layers: bool,
+    /// With `recompute_layers`: the last N layers keep their autodiff graph (all their
+    /// activations) instead of being re-run in the backward: one more layer's activations of
+    /// memory and one less layer forward of time each. 0 recomputes every layer; the number of
+    /// layers keeps every graph (the memory of `recompute_layers = false`).
+    pub graph_layers: usize,
     /// Keep only each MLP's input between the forward and the backward and recompute its gate
     /// and up projections there (two more GEMMs per layer, ~40% of a layer's kept activations
     /// less). Has no effect with `recompute_layers`, which keeps less already.
@@ -181,6 +186,7 @@ impl Default for TrainSection {
             seed: 0,
             kl_chunk: 1024,
             recompute_layers: false,
+            graph_layers: 0,
             recompute_mlp: true,
         }
     }
@@ -297,6 +303,10 @@ impl Recipe {
                 &format!("{key} = {value} must be a finite number"),
             )?;
         }
+        check(
+            t.graph_layers == 0 || t.recompute_layers,
+            "train.graph_layers applies only with train.recompute_layers = true (without it every layer keeps its graph already)",
+        )?;
         check(d.tau > 0.0, "dms.tau must be > 0")?;
         check(d.alpha_scale > 0.0, "dms.alpha_scale must be > 0")?;
         check(d.cr_start >= 1.0, "dms.cr_start must be >= 1")?;

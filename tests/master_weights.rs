@@ -76,6 +76,7 @@ fn adapters_train_in_f32_beside_f64_activations() {
         kl_chunk: 5,
         loss_scale: 1.0,
         recompute_layers: false,
+        graph_layers: 0,
     };
     let before = model.adapters[0].proj.weight.val().into_data();
     for step in 0..2 {

@@ -80,6 +80,10 @@ pub struct StepArgs {
     /// Per-layer recomputation (`train.recompute_layers`): keep only each layer's input.
     #[arg(long)]
     pub recompute_layers: bool,
+    /// With --recompute-layers: the last N layers keep their graph instead of being recomputed
+    /// (`train.graph_layers`).
+    #[arg(long, default_value_t = 0, requires = "recompute_layers")]
+    pub graph_layers: usize,
 }
 
 #[derive(Serialize)]
@@ -91,6 +95,7 @@ struct StepReport {
     parameters: u64,
     checkpointing: String,
     recompute_layers: bool,
+    graph_layers: usize,
     /// The MLPs' gate and up projections recomputed in the backward (`train.recompute_mlp`).
     recompute_mlp: bool,
     /// Seconds to generate the random base weights on the host (all threads) and place them on
@@ -346,6 +351,7 @@ fn step_bench<B: TrainBackend>(
         kl_chunk: args.kl_chunk,
         loss_scale: 1.0,
         recompute_layers: args.recompute_layers,
+        graph_layers: args.graph_layers,
     };
     let mut times = Vec::new();
     #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
@@ -386,6 +392,7 @@ fn step_bench<B: TrainBackend>(
         model = optimizer.step(3e-5, model, grads);
         lap("5 clip + AdamW");
         B::sync(device)?;
+        crate::backend::check_device_work()?;
         let seconds = start.elapsed().as_secs_f64();
         tracing::info!("step {step}: {seconds:.3} s, loss {:.4}", stats.loss);
         if !profiling {
@@ -396,6 +403,7 @@ fn step_bench<B: TrainBackend>(
                 let n = args.steps as f64;
                 total.calls += h.calls as f64 / n;
                 total.host_s += h.host_s / n;
+                total.device_thread_s += h.device_thread_s / n;
             }
         }
     }
@@ -419,6 +427,7 @@ fn step_bench<B: TrainBackend>(
         parameters: cfg.parameter_count(),
         checkpointing: args.checkpointing.clone(),
         recompute_layers: args.recompute_layers,
+        graph_layers: args.graph_layers,
         recompute_mlp,
         weights_s,
         weights_gb_per_s: cfg.parameter_count() as f64 * format.bytes() as f64 / weights_s / 1e9,
@@ -461,7 +470,10 @@ fn median(mut values: Vec<f64>) -> f64 {
 #[derive(Serialize, Default)]
 struct HandoffsPerStep {
     calls: f64,
+    /// Host (calling) thread time in hand-offs.
     host_s: f64,
+    /// Time our enqueued work took on cubecl's device thread.
+    device_thread_s: f64,
 }
 
 /// Resets the CUDA hand-off statistics and returns what was gathered since the last call.

@@ -202,6 +202,7 @@ fn eval_bench<B: AttentionBackend>(
             score_hidden(&model, &batch, hidden, Some(&teacher), &eos);
             B::sync(device)?;
             let with_dms = start.elapsed().as_secs_f64();
+            crate::backend::check_device_work()?;
             tracing::info!(seq, repeat, dense, with_dms, "eval forward seconds");
             if repeat > 0 {
                 dense_s.push(dense);

@@ -376,6 +376,7 @@ fn timed<B: burn::tensor::backend::Backend, T>(
 ) -> Result<(f64, T)> {
     let out = f();
     B::sync(device)?;
+    crate::backend::check_device_work()?;
     let mut times = Vec::new();
     for _ in 0..repeats.max(1) {
         let start = Instant::now();

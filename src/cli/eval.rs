@@ -78,6 +78,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     }
     let (spec, format) = args.compute.resolve()?;
     let report = on_backend!(spec, format, evaluate(&args, format))?;
+    crate::backend::check_device_work()?;
     if let Some(dir) = &args.out {
         std::fs::create_dir_all(dir)?;
         let path = dir.join("report.json");

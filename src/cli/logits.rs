@@ -59,11 +59,13 @@ fn forward<B: AttentionBackend>(
             model.logits(model.forward(input, &Mode::Inference).hidden)
         }
     };
-    Ok(logits
+    let values = logits
         .into_data()
         .convert::<f32>()
         .into_vec::<f32>()
-        .expect("converted to f32"))
+        .expect("converted to f32");
+    crate::backend::check_device_work()?;
+    Ok(values)
 }
 
 #[derive(Serialize)]

@@ -177,6 +177,7 @@ pub fn generate_batch<B: AttentionBackend>(
         logits = decoding.step_slots(&feed, &mut cache);
     }
     B::sync(&device)?;
+    crate::backend::check_device_work()?;
     Ok(GenerationStats {
         prefill_seconds,
         decode_seconds: decode_start.elapsed().as_secs_f64(),

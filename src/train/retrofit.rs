@@ -190,6 +190,8 @@ fn rank_loop<B: TrainBackend>(
         let started = Instant::now();
         let lr = recipe.train.lr_at(step);
         let (mut grads, mut metrics) = retrofit.gradients(&mut model, step, run, &bar, ranks)?;
+        // The metrics were read back, so the step's forward has run on the device.
+        crate::backend::check_device_work()?;
         if let Some(owners) = &owners {
             owners.keep_own_gradients(&mut model, &mut grads);
         }
@@ -219,6 +221,9 @@ fn rank_loop<B: TrainBackend>(
             retrofit.save_cr_snapshots(run, &mut model, step, &last, &bar)?;
         }
         if checkpoint_now {
+            // Nothing computed by failed GPU work may be saved.
+            B::sync(device)?;
+            crate::backend::check_device_work()?;
             let saving = Saving {
                 run,
                 step,
@@ -498,6 +503,7 @@ impl<'a, B: TrainBackend> Retrofit<'a, B> {
                 kl_chunk: t.kl_chunk,
                 loss_scale: 1.0 / t.grad_accum as f64,
                 recompute_layers: t.recompute_layers,
+                graph_layers: t.graph_layers,
             };
             let (grads, stats) = distillation_micro_step(
                 model,

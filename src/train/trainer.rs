@@ -303,6 +303,8 @@ pub struct StepSetup<'a> {
     /// Per-layer recomputation: keep only each layer's input between the forward and the
     /// backward (see [`recomputing_student_pass`]).
     pub recompute_layers: bool,
+    /// With `recompute_layers`, the last layers that keep their graph instead (`train.graph_layers`).
+    pub graph_layers: usize,
 }
 
 /// Scalars of one micro-step.
@@ -452,7 +454,9 @@ impl<B: TrainBackend> StepLoss<B> {
 /// the loss is differentiated with respect to the final hidden states and the decisions; then each
 /// layer is re-run with a graph, last to first, and back-propagated on its own with the gradient
 /// arriving from above. Same gradients as the one-graph step, one more student forward, and the
-/// activation memory of one layer instead of all of them.
+/// activation memory of one layer instead of all of them. The last `graph_layers` layers instead
+/// run with a graph in the first pass and are back-propagated with the loss (a trade between the
+/// two: less recomputation, more memory).
 fn recomputing_student_pass<B: TrainBackend>(
     model: &DmsModel<B>,
     batch: &Batch<B>,
@@ -466,44 +470,61 @@ fn recomputing_student_pass<B: TrainBackend>(
     let [_, seq] = batch.shape;
     let rope = crate::model::RopeTables::<B>::for_model(cfg, 0, seq, &device);
 
-    // 1. Forward without a graph, keeping each layer's input and decisions.
+    // 1. Forward without a graph through the recomputed layers, keeping each one's input and
+    //    decisions; the last `graph_layers` run with a graph from there.
+    let recomputed = cfg.num_layers - setup.graph_layers.min(cfg.num_layers);
     let frozen = model.valid();
     let inner_noise = noise.clone().inner();
     let inner_mode = Mode::Train {
         noise: &inner_noise,
     };
     let inner_rope = crate::model::RopeTables::for_model(cfg, 0, seq, &inner_noise.device());
-    let mut inputs = Vec::with_capacity(cfg.num_layers);
+    let mut inputs = Vec::with_capacity(recomputed);
     let mut hidden = frozen.base.embed(batch.input.clone().inner());
-    let mut decisions = Vec::with_capacity(cfg.num_layers);
-    for index in 0..cfg.num_layers {
+    let mut recomputed_decisions = Vec::with_capacity(recomputed);
+    for index in 0..recomputed {
         inputs.push(hidden.clone());
         let (next, layer) = frozen.forward_layer(index, hidden, &inner_rope, &inner_mode);
         hidden = next;
-        decisions.extend(layer.map(|l| l.decisions));
+        recomputed_decisions.extend(layer.map(|l| l.decisions));
+    }
+    // The first graph layer's input (or the final hidden states when every layer is
+    // recomputed): the loss is differentiated with respect to it.
+    let boundary = Tensor::<B, 3>::from_inner(hidden).require_grad();
+    let mode = Mode::Train { noise };
+    let mut last = boundary.clone();
+    let mut graph_decisions = Vec::new();
+    for index in recomputed..cfg.num_layers {
+        let (next, layer) = model.forward_layer(index, last, &rope, &mode);
+        last = next;
+        graph_decisions.extend(layer.map(|l| l.decisions));
     }
     phase_done(StepPhase::Student);
 
-    // 2. The loss, differentiated with respect to the final hidden states and the decisions.
-    let last = Tensor::<B, 3>::from_inner(hidden).require_grad();
-    let decisions: Vec<Tensor<B, 3>> = decisions
+    // 2. The loss, differentiated with respect to the boundary, the recomputed layers' decisions
+    //    and the graph layers' parameters.
+    let recomputed_decisions: Vec<Tensor<B, 3>> = recomputed_decisions
         .into_iter()
         .map(|d| Tensor::from_inner(d).require_grad())
         .collect();
-    let mut loss = StepLoss::new(model, batch, last.clone(), teacher, &decisions, setup);
+    let decisions: Vec<Tensor<B, 3>> = recomputed_decisions
+        .iter()
+        .cloned()
+        .chain(graph_decisions)
+        .collect();
+    let mut loss = StepLoss::new(model, batch, last, teacher, &decisions, setup);
     phase_done(StepPhase::Loss);
     let grads = loss.backward();
-    let mut upstream = last.grad(&grads).map(Tensor::<B, 3>::from_inner);
-    let decision_grads: Vec<_> = decisions
+    let mut upstream = boundary.grad(&grads).map(Tensor::<B, 3>::from_inner);
+    let decision_grads: Vec<_> = recomputed_decisions
         .iter()
         .map(|d| d.grad(&grads).map(Tensor::<B, 3>::from_inner))
         .collect();
     let mut accumulator = GradientsAccumulator::<DmsModel<B>>::new();
     accumulator.accumulate(model, loss.params_grads(model, grads));
 
-    // 3. Each layer again, with a graph, last to first.
-    let mode = Mode::Train { noise };
-    for index in (0..cfg.num_layers).rev() {
+    // 3. Each recomputed layer again, with a graph, last to first.
+    for index in (0..recomputed).rev() {
         let input =
             Tensor::<B, 3>::from_inner(inputs.pop().expect("one input per layer")).require_grad();
         let (out, layer) = model.forward_layer(index, input.clone(), &rope, &mode);
@@ -782,6 +803,7 @@ mod tests {
             kl_chunk: 6,
             loss_scale: 1.0,
             recompute_layers: false,
+            graph_layers: 0,
         };
         let noise = NoiseKey {
             seed: 0,
@@ -879,7 +901,7 @@ mod tests {
             );
             let mut mlp_model = model.clone();
             mlp_model.base.recompute_mlp(true);
-            let step_of = |model: &DmsModel<B>, recompute_layers: bool| {
+            let step_of = |model: &DmsModel<B>, recompute_layers: bool, graph_layers: usize| {
                 let setup = StepSetup {
                     cfg,
                     target: 0.6,
@@ -889,6 +911,7 @@ mod tests {
                     kl_chunk: 4,
                     loss_scale: 0.5,
                     recompute_layers,
+                    graph_layers,
                 };
                 let noise = NoiseKey {
                     seed: 7,
@@ -898,7 +921,7 @@ mod tests {
                 };
                 distillation_micro_step(model, None, &batch, noise, &setup, &mut |_| {})
             };
-            let step = |recompute_layers: bool| step_of(&model, recompute_layers);
+            let step = |recompute_layers: bool| step_of(&model, recompute_layers, 0);
             let (want, want_stats) = step(false);
             let frac = want_stats.frac_closed;
             assert!(
@@ -909,10 +932,17 @@ mod tests {
             assert!((want_stats.loss - got_stats.loss).abs() < 1e-6);
             assert_eq!(want_stats.frac_closed, got_stats.frac_closed);
             // Recomputing the MLPs' projections in the backward (the model::mlp node).
-            let (got_mlp, mlp_stats) = step_of(&mlp_model, false);
+            let (got_mlp, mlp_stats) = step_of(&mlp_model, false, 0);
             assert!((want_stats.loss - mlp_stats.loss).abs() < 1e-6);
+            // Recomputing all but the last layer, and none (every layer in the first graph).
+            let (got_one, one_stats) = step_of(&model, true, 1);
+            let (got_all, all_stats) = step_of(&model, true, cfg.num_layers);
+            for stats in [one_stats, all_stats] {
+                assert!((want_stats.loss - stats.loss).abs() < 1e-6);
+                assert_eq!(want_stats.frac_closed, stats.frac_closed);
+            }
             let mut compared = 0;
-            for got in [&got, &got_mlp] {
+            for got in [&got, &got_mlp, &got_one, &got_all] {
                 for (key, slot) in model.params_mut() {
                     let Some(id) = trained_id(&slot) else {
                         continue;

@@ -21,6 +21,7 @@ use cudarc::driver::CudaFunction;
 const MAX_CHUNK_ROWS: usize = 1024;
 
 /// Sizes both directions share.
+#[derive(Clone, Copy)]
 struct Geometry {
     batch: usize,
     heads: usize,
@@ -258,8 +259,9 @@ pub fn attention_forward(
     let lse = geo.empty(&q, vec![batch, kv_heads, group, q_len], DType::F32);
     let mut tensors = vec![&q, &k, &v, &out, &lse];
     tensors.extend(&bias);
+    let options = *options;
     if flash_applies(&geo) {
-        on_cubecl_stream(&tensors, |context, ptrs| {
+        on_cubecl_stream(&tensors, true, move |context, ptrs| {
             let kernels = context.kernels()?;
             let choice = flash_kernel();
             // head_dim 64 (SmolLM2) keeps the 64-row kernel: its wide variant compiles without
@@ -299,12 +301,13 @@ pub fn attention_forward(
                 KernelArg::Pointer(ptrs[3]),
                 KernelArg::Pointer(ptrs[4]),
             ];
-            args.extend(geo.flash_args(options));
+            args.extend(geo.flash_args(&options));
             context.launch_with_shared(&kernel, geo.flash_query_grid(rows), threads, shared, &args)
         })?;
         return Some((tensor(out), tensor(lse)));
     }
-    on_cubecl_stream(&tensors, |context, ptrs| {
+    on_cubecl_stream(&tensors, true, move |context, ptrs| {
+        let options = &options;
         let [q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr] =
             <[u64; 5]>::try_from(&ptrs[..5]).map_err(|_| "pointers".to_string())?;
         let bias_ptr = ptrs.get(5).copied();
@@ -442,7 +445,9 @@ fn flash_backward(
         dim,
         ..
     } = *geo;
-    on_cubecl_stream(tensors, |context, p| {
+    let (geo, options) = (*geo, *options);
+    on_cubecl_stream(tensors, true, move |context, p| {
+        let (geo, options) = (&geo, &options);
         let kv_bytes = batch * kv_heads * k_len * dim * 4;
         context.zero(p[7], kv_bytes)?;
         context.zero(p[8], kv_bytes)?;
@@ -538,7 +543,9 @@ fn gemm_backward(
         ..
     } = *geo;
     let scale = 1.0 / (dim as f32).sqrt();
-    on_cubecl_stream(tensors, |context, ptrs| {
+    let (geo, options) = (*geo, *options);
+    on_cubecl_stream(tensors, true, move |context, ptrs| {
+        let (geo, options) = (&geo, &options);
         let [
             q_ptr,
             k_ptr,

@@ -56,10 +56,11 @@ fn run(
     sizes: &[KernelArg],
 ) -> Option<()> {
     let dtype = tensors[0].dtype;
-    on_cubecl_stream(tensors, |context, pointers| {
+    let sizes = sizes.to_vec();
+    on_cubecl_stream(tensors, true, move |context, pointers| {
         let function = kernel(context.kernels()?).of(dtype);
         let mut args: Vec<KernelArg> = pointers.iter().map(|&p| KernelArg::Pointer(p)).collect();
-        args.extend_from_slice(sizes);
+        args.extend(sizes);
         context.launch(&function, grid, BLOCK, &args)
     })
 }

@@ -110,17 +110,28 @@ pub fn linear_gemm<const DA: usize, const DB: usize, const DO: usize>(
         a.tensor.dtype,
     );
     let dtype = a.tensor.dtype;
-    on_cubecl_stream(&[&a.tensor, &b.tensor, &out], |context, ptrs| {
-        context.gemm(&Gemm {
-            a: a.matrix(ptrs[0]),
-            a_transposed: a_t,
-            b: b.matrix(ptrs[1]),
-            b_transposed: b_t,
-            c: Matrix::packed(ptrs[2], m, n, 0, dtype),
-            batch: 1,
-            alpha: 1.0,
-            beta: 0.0,
-        })
-    })?;
+    let (a_matrix, b_matrix) = (a.matrix(0), b.matrix(0));
+    on_cubecl_stream(
+        &[&a.tensor, &b.tensor, &out],
+        false,
+        move |context, ptrs| {
+            context.gemm(&Gemm {
+                a: Matrix {
+                    ptr: ptrs[0],
+                    ..a_matrix
+                },
+                a_transposed: a_t,
+                b: Matrix {
+                    ptr: ptrs[1],
+                    ..b_matrix
+                },
+                b_transposed: b_t,
+                c: Matrix::packed(ptrs[2], m, n, 0, dtype),
+                batch: 1,
+                alpha: 1.0,
+                beta: 0.0,
+            })
+        },
+    )?;
     Some(Tensor::from_primitive(TensorPrimitive::Float(out)))
 }

@@ -7,7 +7,7 @@ use burn_cubecl::cubecl::cuda::CudaDevice;
 use burn_cubecl::cubecl::{Runtime, cuda::CudaRuntime};
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 
-use super::on_cubecl_stream;
+use super::with_cubecl_stream;
 use crate::backend::Cuda;
 
 /// `data` in a new contiguous tensor on `device`, or `data` back where this path does not apply
@@ -26,7 +26,7 @@ pub fn upload<const D: usize>(
         data.dtype,
     );
     let bytes = data.as_bytes();
-    match on_cubecl_stream(&[&tensor], |context, ptrs| context.upload(ptrs[0], bytes)) {
+    match with_cubecl_stream(&[&tensor], |context, ptrs| context.upload(ptrs[0], bytes)) {
         Some(()) => Ok(Tensor::from_primitive(TensorPrimitive::Float(tensor))),
         None => Err(data),
     }
