@@ -496,6 +496,17 @@ seq_len = 64
         assert!(e.contains("magic") && e.contains("q_neuron"), "{e}");
         let e = err(MINIMAL, &["dms.tau=0"]);
         assert!(e.contains("dms.tau"), "{e}");
+        let e = err(MINIMAL, &["train.graph_layers=4"]);
+        assert!(e.contains("train.recompute_layers = true"), "{e}");
+        let r = Recipe::parse(
+            MINIMAL,
+            &[
+                "train.graph_layers=4".into(),
+                "train.recompute_layers=true".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(r.train.graph_layers, 4);
         let e = err(MINIMAL, &["dms.final_step=10", "dms.steps_per_cr=5"]);
         assert!(e.contains("not both"), "{e}");
         let e = err(MINIMAL, &["run.device=tpu"]);
