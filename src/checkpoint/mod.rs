@@ -4,6 +4,7 @@
 pub mod export;
 pub mod hf_config;
 pub mod names;
+pub mod prefetch;
 pub mod resolve;
 pub mod safetensors_io;
 
@@ -13,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 use crate::dms::{DmsConfig, DmsModel};
-use crate::model::{Decoder, FloatFormat, ModelConfig};
+use crate::model::{Decoder, FloatFormat, ModelConfig, WeightSource};
 use crate::ops::UploadBackend;
 pub use resolve::{CheckpointFiles, Origin};
 pub use safetensors_io::SafetensorsStore;
@@ -123,7 +124,7 @@ impl Checkpoint {
         };
         let mut store = self.store(format)?;
         self.verify_tensor_names(&store)?;
-        let base = Decoder::load(&self.config, &mut store, device)?;
+        let base = self.load_base(&mut store, device)?;
         let model = DmsModel::new(base, &config, Some(&mut store), device)?;
         Ok((model, config))
     }
@@ -136,6 +137,24 @@ impl Checkpoint {
     ) -> Result<Decoder<B>> {
         let mut store = self.store(format)?;
         self.verify_tensor_names(&store)?;
-        Decoder::load(&self.config, &mut store, device)
+        self.load_base(&mut store, device)
+    }
+
+    /// The base decoder from `store` (this checkpoint's tensors), the next tensors read while the
+    /// current one is copied to the device ([`prefetch`]).
+    pub fn load_base<B: UploadBackend, S: WeightSource + Send>(
+        &self,
+        store: &mut S,
+        device: &B::Device,
+    ) -> Result<Decoder<B>> {
+        let order: Vec<_> = self
+            .config
+            .base_weight_keys()
+            .into_iter()
+            .filter_map(|key| Some((key, self.config.weight_shape(key)?)))
+            .collect();
+        prefetch::with_prefetch(store, &order, |source| {
+            Decoder::load(&self.config, source, device)
+        })
     }
 }

@@ -45,6 +45,9 @@ pub enum BenchCommand {
     /// Decode throughput and KV memory through the slot cache: dense beside DMS at target CRs,
     /// at given contexts and batch sizes.
     Decode(super::bench_infer::DecodeBenchArgs),
+    /// A real checkpoint onto the device: open, then load every base tensor (repeatedly), with
+    /// GB/s and the host / transfer split of each load.
+    Load(super::bench_load::LoadArgs),
 }
 
 #[derive(Args, Debug)]
@@ -503,6 +506,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Elementwise(args) => return super::bench_ops::run_elementwise(args),
         BenchCommand::Eval(args) => return super::bench_infer::run_eval(args),
         BenchCommand::Decode(args) => return super::bench_infer::run_decode(args),
+        BenchCommand::Load(args) => return super::bench_load::run(args),
     };
     require_positive("--seq", args.seq)?;
     let spec: DeviceSpec = args.device.parse()?;
