@@ -173,14 +173,7 @@ fn run_on_stream<R>(
     pointers: &[u64],
     work: impl FnOnce(&mut DeviceContext, &[u64]) -> Result<R, String>,
 ) -> Result<R, String> {
-    let mut context = context
-        .lock()
-        .map_err(|_| "CUDA state poisoned".to_string())?;
-    // cuBLASLt calls and memsets need our (cubecl's primary) context current on this thread.
-    context
-        .context
-        .bind_to_thread()
-        .map_err(|e| format!("binding the CUDA context: {e:?}"))?;
+    let mut context = lock_and_bind(context)?;
     context.use_stream(stream)?;
     let result = work(&mut context, pointers)?;
     if sync_after_each_call() {
@@ -190,6 +183,21 @@ fn run_on_stream<R>(
             .map_err(|e| format!("our CUDA work failed: {e:?}"))?;
     }
     Ok(result)
+}
+
+/// Our context, locked, with its CUDA context current on this thread (cuBLASLt calls, memsets
+/// and NVRTC module loads need it; it is cubecl's primary context).
+fn lock_and_bind(
+    context: &Mutex<DeviceContext>,
+) -> Result<std::sync::MutexGuard<'_, DeviceContext>, String> {
+    let context = context
+        .lock()
+        .map_err(|_| "CUDA state poisoned".to_string())?;
+    context
+        .context
+        .bind_to_thread()
+        .map_err(|e| format!("binding the CUDA context: {e:?}"))?;
+    Ok(context)
 }
 
 /// Our context on GPU `ordinal`, with the kernels compiled when `uses_kernels` (checked once per
@@ -207,16 +215,7 @@ fn ready_context(
             .map_err(|_| "CUDA state poisoned".to_string())?;
         compiled
             .entry(ordinal)
-            .or_insert_with(|| {
-                let mut context = context
-                    .lock()
-                    .map_err(|_| "CUDA state poisoned".to_string())?;
-                context
-                    .context
-                    .bind_to_thread()
-                    .map_err(|e| format!("binding the CUDA context: {e:?}"))?;
-                context.kernels().map(|_| ())
-            })
+            .or_insert_with(|| lock_and_bind(context)?.kernels().map(|_| ()))
             .clone()?;
     }
     Ok(context)
