@@ -26,21 +26,34 @@ pub fn with_prefetch<S: WeightSource + Send, R>(
     if !enabled() || order.len() < 2 {
         return load(source);
     }
+    read_ahead_of(source, order, AHEAD_BYTES, load)
+}
+
+/// [`with_prefetch`] with at most `ahead_bytes` waiting unused (one tensor more when none waits).
+fn read_ahead_of<S: WeightSource + Send, R>(
+    source: &mut S,
+    order: &[(WeightKey, Vec<usize>)],
+    ahead_bytes: usize,
+    load: impl FnOnce(&mut dyn WeightSource) -> R,
+) -> R {
     let shared = Shared {
         source: Mutex::new(source),
         state: Mutex::new(State::default()),
         changed: Condvar::new(),
     };
     std::thread::scope(|scope| {
-        scope.spawn(|| shared.read_ahead(order));
+        // Stops the read-ahead however `load` ends (a panic included), before the scope joins it.
+        let _stop = Finish(&shared, |state: &mut State| state.stop = true);
+        scope.spawn(|| {
+            // Tells a waiting loader that nothing more comes, however the read-ahead ends.
+            let _finished = Finish(&shared, |state: &mut State| state.finished = true);
+            shared.read_ahead(order, ahead_bytes)
+        });
         let mut reader = Reader {
             shared: &shared,
             order: order.iter().cloned().collect(),
         };
-        let result = load(&mut reader);
-        shared.state().stop = true;
-        shared.changed.notify_all();
-        result
+        load(&mut reader)
     })
 }
 
@@ -65,7 +78,22 @@ struct State {
     done: HashSet<WeightKey>,
     /// The key the loader waits for, if it is not ready yet.
     wanted: Option<WeightKey>,
+    /// The loader is done: the read-ahead stops.
     stop: bool,
+    /// The read-ahead has ended (its last key read, stopped, or panicked).
+    finished: bool,
+}
+
+/// Applies `mark` to the shared state and wakes every waiter when dropped (also while unwinding).
+struct Finish<'a, 's, S, F: Fn(&mut State)>(&'a Shared<'s, S>, F);
+
+impl<S, F: Fn(&mut State)> Drop for Finish<'_, '_, S, F> {
+    fn drop(&mut self) {
+        let mut state = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+        (self.1)(&mut state);
+        drop(state);
+        self.0.changed.notify_all();
+    }
 }
 
 impl<S: WeightSource> Shared<'_, S> {
@@ -75,9 +103,9 @@ impl<S: WeightSource> Shared<'_, S> {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The second thread: every key of `order` in turn, pausing while `AHEAD_BYTES` wait unused
+    /// The second thread: every key of `order` in turn, pausing while `ahead_bytes` wait unused
     /// unless the loader waits for a key still to come.
-    fn read_ahead(&self, order: &[(WeightKey, Vec<usize>)]) {
+    fn read_ahead(&self, order: &[(WeightKey, Vec<usize>)], ahead_bytes: usize) {
         for (key, shape) in order {
             {
                 let mut state = self.state();
@@ -86,7 +114,7 @@ impl<S: WeightSource> Shared<'_, S> {
                         return;
                     }
                     let loader_waits = state.wanted.is_some_and(|w| !state.done.contains(&w));
-                    if state.ready.is_empty() || state.ready_bytes < AHEAD_BYTES || loader_waits {
+                    if state.ready.is_empty() || state.ready_bytes < ahead_bytes || loader_waits {
                         break;
                     }
                     state = self
@@ -95,7 +123,10 @@ impl<S: WeightSource> Shared<'_, S> {
                         .unwrap_or_else(|poisoned| poisoned.into_inner());
                 }
             }
-            let data = self.read(*key, shape);
+            // A panic while reading reaches the loader as this key's error.
+            let data =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.read(*key, shape)))
+                    .unwrap_or_else(|_| Err(anyhow!("reading {key:?} panicked")));
             let bytes = data.as_ref().map_or(0, |d| d.as_bytes().len());
             let mut state = self.state();
             state.ready.insert(*key, data);
@@ -134,8 +165,8 @@ impl<S: WeightSource> WeightSource for Reader<'_, '_, S> {
                 self.shared.changed.notify_all();
                 return data;
             }
-            if state.done.contains(&key) {
-                // Taken before: read it again.
+            if state.done.contains(&key) || state.finished {
+                // Taken before, or the read-ahead has ended: read it directly.
                 drop(state);
                 return self.shared.read(key, expected);
             }
@@ -162,10 +193,12 @@ mod tests {
     use super::*;
     use crate::model::LayerNorm;
 
-    /// A source of `n` norms whose values name their layer, counting reads.
+    /// A source of norms whose values name their layer, counting reads; `fail` errs on one
+    /// layer, `panic_at` panics on one.
     struct Numbered {
         reads: usize,
         fail: Option<usize>,
+        panic_at: Option<usize>,
     }
 
     impl WeightSource for Numbered {
@@ -176,6 +209,9 @@ mod tests {
             };
             if self.fail == Some(layer) {
                 anyhow::bail!("layer {layer} is corrupt");
+            }
+            if self.panic_at == Some(layer) {
+                panic!("reader bug at layer {layer}");
             }
             Ok(TensorData::new(
                 vec![layer as f32; expected[0]],
@@ -203,6 +239,7 @@ mod tests {
         let mut source = Numbered {
             reads: 0,
             fail: Some(4),
+            panic_at: None,
         };
         let asked = [2, 0, 1, 1, 5, 3, 9, 4];
         let got: Vec<Result<f32>> = with_prefetch(&mut source, &order, |reader| {
@@ -227,5 +264,36 @@ mod tests {
         assert!(got[7].is_err());
         // Six read ahead, layer 1 again and layer 9 directly.
         assert_eq!(source.reads, 8);
+    }
+
+    /// A loader that panics while the read-ahead is paused (a 1-byte budget) ends with its panic
+    /// instead of hanging; a reader that panics gives the loader an error, not a hang.
+    #[test]
+    fn panics_end_the_load_instead_of_hanging() {
+        let order: Vec<_> = (0..50).map(|l| (norm(l), vec![3])).collect();
+        let mut source = Numbered {
+            reads: 0,
+            fail: None,
+            panic_at: None,
+        };
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            read_ahead_of(&mut source, &order, 1, |reader| {
+                reader.load(norm(0), &[3]).unwrap();
+                panic!("loader fails");
+            })
+        }));
+        assert!(outcome.is_err());
+        assert!(source.reads < 50, "the read-ahead stopped early");
+
+        let mut source = Numbered {
+            reads: 0,
+            fail: None,
+            panic_at: Some(2),
+        };
+        let got: Vec<bool> = read_ahead_of(&mut source, &order[..5], 1, |reader| {
+            (0..5).map(|l| reader.load(norm(l), &[3]).is_ok()).collect()
+        });
+        assert_eq!(&got[..2], &[true, true]);
+        assert!(!got[2], "the panicking read is an error");
     }
 }

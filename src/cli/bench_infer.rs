@@ -323,6 +323,7 @@ fn decode_bench<B: AttentionBackend>(
                     kv_transient_bytes: memory.transient_bytes,
                     kv_dense_bytes: memory.dense_bytes,
                 };
+                crate::backend::check_device_work()?;
                 println!("{}", serde_json::to_string(&row)?);
             }
         }

@@ -175,6 +175,7 @@ fn evaluate<B: AttentionBackend>(
             "tokens/s (every row) {:.0}",
             (seq_len * dataset.train.len()) as f64 / seconds
         );
+        crate::backend::check_device_work()?;
         if let (Some(dir), Some(grid)) = (&args.out, &length.cr_per_layer_head) {
             std::fs::create_dir_all(dir)?;
             crate::eval::heatmap::write_heatmap(

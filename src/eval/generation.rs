@@ -142,6 +142,9 @@ pub fn generate_batch<B: AttentionBackend>(
                 .map_err(|e| anyhow::anyhow!("cannot read the logits back: {e:?}"))?;
             sample_rows(&values, vocab, &mut rngs, sampling)
         };
+        // The logits were read back: the work behind them has run. Nothing reaches the caller
+        // (who may write it out) if any of ours failed.
+        crate::backend::check_device_work()?;
         for (index, &token) in next.iter().enumerate() {
             if finished[index] {
                 continue;

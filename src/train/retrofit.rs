@@ -526,6 +526,9 @@ impl<'a, B: TrainBackend> Retrofit<'a, B> {
         let mut grads = accumulator.grads();
         all_reduce_gradients(model, &mut grads, ranks)?;
         let grad_norm = clip_global_norm(model, &mut grads, t.grad_clip);
+        // The norm was read back, so the step's work has run: a failure of ours explains a
+        // non-finite value better than the advice below.
+        crate::backend::check_device_work()?;
         for (name, value) in [("loss", loss), ("grad_norm", grad_norm)] {
             if !value.is_finite() {
                 bar.abandon();
@@ -619,6 +622,7 @@ impl<'a, B: TrainBackend> Retrofit<'a, B> {
             &settings,
             self.device,
         );
+        crate::backend::check_device_work()?;
         append_metrics(
             &run.metrics(),
             &MetricLine::Eval(EvalMetrics {

@@ -105,18 +105,29 @@ fn on_cubecl_stream(
     device_thread(&first.device).submit(move |server| {
         let started = Instant::now();
         let stream = StreamId::current();
-        let result = handles
-            .into_iter()
-            .map(|h| {
-                server
-                    .get_resource(h.binding(), stream)
-                    .map_err(|e| format!("looking up a buffer: {e:?}"))
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .and_then(|resources| {
-                let (stream, pointers) = stream_and_pointers!(resources)?;
-                run_on_stream(context, stream, &pointers, work)
-            });
+        // cubecl's queue would swallow a panic (it logs and goes on): record it as a failure.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            handles
+                .into_iter()
+                .map(|h| {
+                    server
+                        .get_resource(h.binding(), stream)
+                        .map_err(|e| format!("looking up a buffer: {e:?}"))
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .and_then(|resources| {
+                    let (stream, pointers) = stream_and_pointers!(resources)?;
+                    run_on_stream(context, stream, &pointers, work)
+                })
+        }))
+        .unwrap_or_else(|panic| {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(format!("our CUDA work panicked: {why}"))
+        });
         if let Err(why) = &result {
             record_enqueued_failure(why);
         }
