@@ -370,3 +370,45 @@ fn sigterm_checkpoints_like_ctrl_c_and_a_second_signal_exits_at_once() {
         String::from_utf8_lossy(&resumed.stderr)
     );
 }
+
+/// `train.graph_layers`: a count above the model's layers is one error naming both; a valid one
+/// (the tiny model's last layer keeps its graph, the first is recomputed) trains.
+#[test]
+fn graph_layers_are_checked_against_the_model_and_train() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |graph_layers: &str, name: &str| {
+        dms_retrofit(
+            &[
+                "train",
+                "--recipe",
+                "recipes/tiny.toml",
+                "--quiet",
+                "--set",
+                "train.max_steps=2",
+                "--set",
+                "data.seq_len=32",
+                "--set",
+                "train.recompute_layers=true",
+                "--set",
+                &format!("train.graph_layers={graph_layers}"),
+                "--set",
+                &format!("run.output_dir=\"{}\"", dir.path().join(name).display()),
+            ],
+            &root(),
+        )
+    };
+    let too_many = run("99", "too-many");
+    assert!(!too_many.status.success());
+    let stderr = String::from_utf8_lossy(&too_many.stderr);
+    assert!(
+        stderr.contains("train.graph_layers = 99") && stderr.contains("layers"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let one = run("1", "one");
+    assert!(
+        one.status.success(),
+        "{}",
+        String::from_utf8_lossy(&one.stderr)
+    );
+}

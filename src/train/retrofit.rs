@@ -846,6 +846,14 @@ fn student<B: TrainBackend>(
     device: &B::Device,
 ) -> Result<DmsModel<B>> {
     let t = &recipe.train;
+    if t.graph_layers > ckpt.config.num_layers {
+        bail!(
+            "train.graph_layers = {} but the model has {} layers; at most {} (every layer keeps its graph: the memory of recompute_layers = false)",
+            t.graph_layers,
+            ckpt.config.num_layers,
+            ckpt.config.num_layers
+        );
+    }
     let base = ckpt.load_decoder::<B>(format, device)?;
     let mut store = ckpt.store(format)?;
     let model = DmsModel::new(base, dms, Some(&mut store), device)?;
