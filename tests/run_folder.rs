@@ -211,26 +211,25 @@ fn dms_retrofit(args: &[&str], cwd: &Path) -> Output {
         .unwrap()
 }
 
+/// Two steps of the tiny recipe into `out`, from the repository root, with more `--set`s.
+fn train_two_steps(out: &Path, sets: &[&str]) -> Output {
+    let output_dir = format!("run.output_dir=\"{}\"", out.display());
+    let mut args = vec!["train", "--recipe", "recipes/tiny.toml", "--quiet"];
+    for set in ["train.max_steps=2", "data.seq_len=32", &output_dir]
+        .into_iter()
+        .chain(sets.iter().copied())
+    {
+        args.extend(["--set", set]);
+    }
+    dms_retrofit(&args, &root())
+}
+
 #[test]
 fn a_run_folder_works_from_any_working_directory() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     // Trained from the repository root with the recipe's relative model path.
-    let train = dms_retrofit(
-        &[
-            "train",
-            "--recipe",
-            "recipes/tiny.toml",
-            "--quiet",
-            "--set",
-            "train.max_steps=2",
-            "--set",
-            "data.seq_len=32",
-            "--set",
-            &format!("run.output_dir=\"{}\"", out.display()),
-        ],
-        &root(),
-    );
+    let train = train_two_steps(&out, &[]);
     assert!(
         train.status.success(),
         "{}",
@@ -377,24 +376,10 @@ fn sigterm_checkpoints_like_ctrl_c_and_a_second_signal_exits_at_once() {
 fn graph_layers_are_checked_against_the_model_and_train() {
     let dir = tempfile::tempdir().unwrap();
     let run = |graph_layers: &str, name: &str| {
-        dms_retrofit(
-            &[
-                "train",
-                "--recipe",
-                "recipes/tiny.toml",
-                "--quiet",
-                "--set",
-                "train.max_steps=2",
-                "--set",
-                "data.seq_len=32",
-                "--set",
-                "train.recompute_layers=true",
-                "--set",
-                &format!("train.graph_layers={graph_layers}"),
-                "--set",
-                &format!("run.output_dir=\"{}\"", dir.path().join(name).display()),
-            ],
-            &root(),
+        let graph_layers = format!("train.graph_layers={graph_layers}");
+        train_two_steps(
+            &dir.path().join(name),
+            &["train.recompute_layers=true", &graph_layers],
         )
     };
     let too_many = run("99", "too-many");
