@@ -94,15 +94,15 @@ fn on_cubecl_stream(
     if enqueued_work_failure().is_some() {
         return None;
     }
-    let context = match ready_context(first.device.index, uses_kernels) {
-        Ok(context) => context,
+    let gpu = match ready_gpu(first.device.index, uses_kernels) {
+        Ok(gpu) => gpu,
         Err(why) => {
             fallback_once(&why);
             return None;
         }
     };
     let handles: Vec<Handle> = tensors.iter().map(|t| t.handle.clone()).collect();
-    device_thread(&first.device).submit(move |server| {
+    gpu.queue.submit(move |server| {
         let started = Instant::now();
         let stream = StreamId::current();
         // cubecl's queue would swallow a panic (it logs and goes on): record it as a failure.
@@ -117,7 +117,7 @@ fn on_cubecl_stream(
                 .collect::<Result<Vec<_>, _>>()
                 .and_then(|resources| {
                     let (stream, pointers) = stream_and_pointers!(resources)?;
-                    run_on_stream(context, stream, &pointers, work)
+                    run_on_stream(&gpu.context, stream, &pointers, work)
                 })
         }))
         .unwrap_or_else(|panic| {
@@ -151,8 +151,8 @@ fn with_cubecl_stream<R>(
     work: impl FnOnce(&mut DeviceContext, &[u64]) -> Result<R, String>,
 ) -> Option<R> {
     let first = tensors.first()?;
-    let context = match device_context(first.device.index) {
-        Ok(context) => context,
+    let gpu = match gpu(first.device.index) {
+        Ok(gpu) => gpu,
         Err(why) => {
             fallback_once(&why);
             return None;
@@ -164,7 +164,7 @@ fn with_cubecl_stream<R>(
         resources.push(first.client.get_resource(t.handle.clone()).ok()?);
     }
     let result = stream_and_pointers!(resources)
-        .and_then(|(stream, pointers)| run_on_stream(context, stream, &pointers, work));
+        .and_then(|(stream, pointers)| run_on_stream(&gpu.context, stream, &pointers, work));
     // Releasing the buffers now is safe: cubecl reuses them only for work enqueued later on the
     // same stream, i.e. after ours.
     drop(resources);
@@ -211,41 +211,19 @@ fn lock_and_bind(
     Ok(context)
 }
 
-/// Our context on GPU `ordinal`, with the kernels compiled when `uses_kernels` (checked once per
+/// Our state on GPU `ordinal`, with the kernels compiled when `uses_kernels` (checked once per
 /// GPU on the caller's thread, so that a failure falls back instead of failing enqueued work).
-fn ready_context(
-    ordinal: usize,
-    uses_kernels: bool,
-) -> Result<&'static Mutex<DeviceContext>, String> {
-    static COMPILED: OnceLock<Mutex<HashMap<usize, Result<(), String>>>> = OnceLock::new();
-    let context = device_context(ordinal)?;
+fn ready_gpu(ordinal: usize, uses_kernels: bool) -> Result<&'static Gpu, String> {
+    let gpu = gpu(ordinal)?;
     if uses_kernels {
-        let mut compiled = COMPILED
-            .get_or_init(Default::default)
-            .lock()
-            .map_err(|_| "CUDA state poisoned".to_string())?;
-        compiled
-            .entry(ordinal)
-            .or_insert_with(|| lock_and_bind(context)?.kernels().map(|_| ()))
+        gpu.kernels_compiled
+            .get_or_init(|| lock_and_bind(&gpu.context)?.kernels().map(|_| ()))
             .clone()?;
     }
-    Ok(context)
+    Ok(gpu)
 }
 
 type CudaServer = <CudaRuntime as Runtime>::Server;
-
-/// The queue of cubecl's device thread for `device`: the one its compute client submits to.
-fn device_thread(device: &CudaDevice) -> DeviceHandle<CudaServer> {
-    static HANDLES: OnceLock<Mutex<HashMap<usize, DeviceHandle<CudaServer>>>> = OnceLock::new();
-    let mut handles = HANDLES
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    handles
-        .entry(device.index)
-        .or_insert_with(|| DeviceHandle::new(device.to_id()))
-        .clone()
-}
 
 /// `DMS_RETROFIT_HANDOFF=blocking`: the caller waits for each hand-off (the previous scheme).
 fn blocking_handoff() -> bool {
@@ -464,22 +442,35 @@ unsafe impl Send for DeviceContext {}
 /// 32 MiB, NVIDIA's recommendation for Hopper.
 const WORKSPACE_BYTES: usize = 32 << 20;
 
-fn device_context(ordinal: usize) -> Result<&'static Mutex<DeviceContext>, String> {
-    type Contexts = Mutex<HashMap<usize, Result<&'static Mutex<DeviceContext>, String>>>;
-    static CONTEXTS: OnceLock<Contexts> = OnceLock::new();
-    let mut contexts = CONTEXTS
+/// What we keep per GPU: our context (behind its lock), the queue of cubecl's device thread
+/// for that GPU (the one its compute client submits to), and whether our kernels compiled
+/// (known without taking the context's lock, which queued work holds).
+struct Gpu {
+    context: Mutex<DeviceContext>,
+    queue: DeviceHandle<CudaServer>,
+    kernels_compiled: OnceLock<Result<(), String>>,
+}
+
+/// Our state on GPU `ordinal`, made at its first use (or why our path is unavailable there).
+fn gpu(ordinal: usize) -> Result<&'static Gpu, String> {
+    type Gpus = Mutex<HashMap<usize, Result<&'static Gpu, String>>>;
+    static GPUS: OnceLock<Gpus> = OnceLock::new();
+    let mut gpus = GPUS
         .get_or_init(Default::default)
         .lock()
         .map_err(|_| "CUDA state poisoned".to_string())?;
-    contexts
-        .entry(ordinal)
+    gpus.entry(ordinal)
         .or_insert_with(|| {
             if std::env::var("DMS_RETROFIT_GEMM").is_ok_and(|v| v.eq_ignore_ascii_case("burn")) {
                 return Err("DMS_RETROFIT_GEMM=burn".into());
             }
             let context = DeviceContext::new(ordinal)?;
             tracing::info!(gpu = ordinal, "linear layers and attention use cuBLASLt");
-            Ok(&*Box::leak(Box::new(Mutex::new(context))))
+            Ok(&*Box::leak(Box::new(Gpu {
+                context: Mutex::new(context),
+                queue: DeviceHandle::new(CudaDevice::new(ordinal).to_id()),
+                kernels_compiled: OnceLock::new(),
+            })))
         })
         .clone()
 }
