@@ -85,11 +85,11 @@ struct State {
 }
 
 /// Applies `mark` to the shared state and wakes every waiter when dropped (also while unwinding).
-struct Finish<'a, 's, S, F: Fn(&mut State)>(&'a Shared<'s, S>, F);
+struct Finish<'a, 's, S: WeightSource, F: Fn(&mut State)>(&'a Shared<'s, S>, F);
 
-impl<S, F: Fn(&mut State)> Drop for Finish<'_, '_, S, F> {
+impl<S: WeightSource, F: Fn(&mut State)> Drop for Finish<'_, '_, S, F> {
     fn drop(&mut self) {
-        let mut state = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.0.state();
         (self.1)(&mut state);
         drop(state);
         self.0.changed.notify_all();

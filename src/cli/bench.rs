@@ -46,7 +46,7 @@ pub enum BenchCommand {
     /// at given contexts and batch sizes.
     Decode(super::bench_infer::DecodeBenchArgs),
     /// A real checkpoint onto the device: open, then load every base tensor (repeatedly), with
-    /// GB/s and the host / transfer split of each load.
+    /// GB/s and the host-side seconds of each load.
     Load(super::bench_load::LoadArgs),
 }
 

@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use burn::tensor::TensorData;
 use clap::Args;
 use serde::Serialize;
@@ -16,7 +16,7 @@ use serde::Serialize;
 use super::{ComputeArgs, on_backend};
 use crate::checkpoint::Checkpoint;
 use crate::model::{Decoder, FloatFormat, WeightKey, WeightSource};
-use crate::ops::attention::AttentionBackend;
+use crate::ops::UploadBackend;
 
 #[derive(Args, Debug)]
 pub struct LoadArgs {
@@ -54,16 +54,14 @@ struct LoadTiming {
 }
 
 pub fn run(args: LoadArgs) -> Result<()> {
-    if args.repeats == 0 {
-        bail!("--repeats must be at least 1");
-    }
+    super::bench::require_positive("--repeats", args.repeats)?;
     let (spec, format) = args.compute.resolve()?;
     let report = on_backend!(spec, format, load_bench(&args, format))?;
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }
 
-fn load_bench<B: AttentionBackend>(
+fn load_bench<B: UploadBackend>(
     args: &LoadArgs,
     format: FloatFormat,
     device: &B::Device,
