@@ -116,12 +116,7 @@ fn configure_kernel_cache(index: usize) {
 pub fn init_cuda(device: &burn::backend::cuda::CudaDevice, format: FloatFormat) -> Result<()> {
     configure_kernel_cache(device.index);
     use burn::tensor::DType;
-    let dtype = match format {
-        FloatFormat::F32 => DType::F32,
-        FloatFormat::Bf16 => DType::BF16,
-        FloatFormat::F16 => DType::F16,
-    };
-    match burn::tensor::backend::set_default_dtypes::<Cuda>(device, dtype, DType::I32) {
+    match burn::tensor::backend::set_default_dtypes::<Cuda>(device, format.dtype(), DType::I32) {
         Ok(()) => Ok(()),
         // Already initialised by an earlier call in this process: keep going.
         Err(e) => {

@@ -32,6 +32,31 @@ pub fn zip_parts<T: Send>(
     });
 }
 
+/// `fill(part, offset of the part in out)` for consecutive parts of `out` (whole `width`-byte
+/// values), on the CPU's threads; the first error in part order, if any.
+pub fn fill_parts<E: Send>(
+    out: &mut [u8],
+    width: usize,
+    smallest: usize,
+    fill: impl Fn(&mut [u8], usize) -> Result<(), E> + Sync,
+) -> Result<(), E> {
+    let per_part = part_bytes(out.len(), width, smallest);
+    if per_part >= out.len() {
+        return fill(out, 0);
+    }
+    std::thread::scope(|scope| {
+        let fill = &fill;
+        let parts: Vec<_> = out
+            .chunks_mut(per_part)
+            .enumerate()
+            .map(|(i, part)| scope.spawn(move || fill(part, i * per_part)))
+            .collect();
+        parts
+            .into_iter()
+            .try_for_each(|part| part.join().expect("a worker thread panicked"))
+    })
+}
+
 /// `f` of each consecutive part of `bytes` (whole `width`-byte values), results in order.
 pub fn map_parts<R: Send>(
     bytes: &[u8],
@@ -54,4 +79,37 @@ pub fn map_parts<R: Send>(
             .map(|part| part.join().expect("a worker thread panicked"))
             .collect()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every byte is filled once, by the part whose offset is given; the first error in part
+    /// order comes back.
+    #[test]
+    fn fill_parts_covers_each_byte_once_with_its_offset() {
+        let mut out = vec![0u8; (1 << 20) + 6];
+        fill_parts(&mut out, 2, 1 << 12, |part, at| {
+            for (i, b) in part.iter_mut().enumerate() {
+                *b = b.wrapping_add(((at + i) % 251) as u8 + 1);
+            }
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+        assert!(
+            out.iter()
+                .enumerate()
+                .all(|(i, &b)| b == (i % 251) as u8 + 1)
+        );
+        let first_bad = fill_parts(&mut out, 2, 1 << 12, |part, at| {
+            if at + part.len() > 1 << 19 {
+                Err(at)
+            } else {
+                Ok(())
+            }
+        });
+        let parts = part_bytes(out.len(), 2, 1 << 12);
+        assert_eq!(first_bad, Err((1 << 19) / parts * parts));
+    }
 }

@@ -140,8 +140,10 @@ impl Checkpoint {
         self.load_base(&mut store, device)
     }
 
-    /// The base decoder from `store` (this checkpoint's tensors), the next tensors read while the
-    /// current one is copied to the device ([`prefetch`]).
+    /// The base decoder from `store` (this checkpoint's tensors). Where the backend reads tensors
+    /// stored in the run's format straight from their files ([`UploadBackend::upload_direct`]),
+    /// it does, the others in turn; otherwise the next tensors are read while the current one is
+    /// copied to the device ([`prefetch`]).
     pub fn load_base<B: UploadBackend, S: WeightSource + Send>(
         &self,
         store: &mut S,
@@ -153,6 +155,13 @@ impl Checkpoint {
             .into_iter()
             .filter_map(|key| Some((key, self.config.weight_shape(key)?)))
             .collect();
+        if B::uploads_direct(device)
+            && order
+                .iter()
+                .any(|(key, shape)| store.direct(*key, shape).is_some())
+        {
+            return Decoder::load(&self.config, store, device);
+        }
         prefetch::with_prefetch(store, &order, |source| {
             Decoder::load(&self.config, source, device)
         })

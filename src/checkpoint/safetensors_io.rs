@@ -2,10 +2,13 @@
 //!
 //! Each tensor is converted to the run's float format straight from the mapping, and its pages are
 //! released right after, so peak host memory stays near the size of the converted weights instead
-//! of file + weights.
+//! of file + weights. A tensor already stored in the run's format can instead be read by the
+//! backend from its file straight into device staging ([`WeightSource::direct`]), checked there,
+//! never held in host memory.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -16,10 +19,13 @@ use safetensors::{Dtype, SafeTensors};
 
 use super::names::{hf_name, is_ignorable_buffer, parse_hf_name};
 use crate::model::{FloatFormat, WeightKey, WeightSource};
+use crate::ops::upload::{DirectWeight, FillError};
 use crate::parallel::{map_parts, zip_parts};
 
 struct MappedFile {
     path: PathBuf,
+    /// Kept for reads of whole tensors ([`SafetensorsStore::direct_named`]).
+    file: File,
     map: Mmap,
     /// Offset of the data section (8-byte length + JSON header).
     data_start: usize,
@@ -75,7 +81,6 @@ pub struct SafetensorsStore {
     tensors: BTreeMap<String, TensorEntry>,
     /// The float format tensors are converted to when loaded.
     target: FloatFormat,
-    loaded: BTreeSet<String>,
 }
 
 impl SafetensorsStore {
@@ -119,6 +124,7 @@ impl SafetensorsStore {
             }
             files.push(MappedFile {
                 path: path.clone(),
+                file,
                 map,
                 data_start: 8 + header_len,
             });
@@ -127,7 +133,6 @@ impl SafetensorsStore {
             files,
             tensors,
             target,
-            loaded: BTreeSet::new(),
         })
     }
 
@@ -195,8 +200,30 @@ impl SafetensorsStore {
                 .map
                 .unchecked_advise_range(UncheckedAdvice::DontNeed, offset, bytes.len());
         }
-        self.loaded.insert(name.to_string());
         Ok(data)
+    }
+
+    /// Tensor `name` read from its file part by part and checked (finite), when it is stored in
+    /// the target format with shape `expected` (anything else goes through [`Self::load_named`],
+    /// which converts or reports).
+    pub fn direct_named(&self, name: &str, expected: &[usize]) -> Option<DirectWeight<'_>> {
+        let entry = self.tensors.get(name)?;
+        let (dtype, valid): (_, fn(&[u8]) -> bool) = match (entry.dtype, self.target) {
+            (Dtype::BF16, FloatFormat::Bf16) => (burn::tensor::DType::BF16, all_finite_bf16),
+            (Dtype::F16, FloatFormat::F16) => (burn::tensor::DType::F16, all_finite_f16),
+            (Dtype::F32, FloatFormat::F32) => (burn::tensor::DType::F32, all_finite_f32),
+            _ => return None,
+        };
+        if entry.shape != expected {
+            return None;
+        }
+        let file = &self.files[entry.file].file;
+        let start = (self.files[entry.file].data_start + entry.start) as u64;
+        Some(DirectWeight {
+            dtype,
+            shape: entry.shape.clone(),
+            fill: Box::new(move |part, at| read_checked(file, start + at as u64, part, valid)),
+        })
     }
 
     fn describe_files(&self) -> String {
@@ -223,7 +250,32 @@ impl WeightSource for SafetensorsStore {
     fn contains(&self, key: WeightKey) -> bool {
         self.tensors.contains_key(&hf_name(key))
     }
+
+    fn direct(&self, key: WeightKey, expected: &[usize]) -> Option<DirectWeight<'_>> {
+        self.direct_named(&hf_name(key), expected)
+    }
 }
+
+/// Fills `part` from `file` at `offset`, checking each block with `valid` while it is still in the
+/// core's cache.
+fn read_checked(
+    file: &File,
+    offset: u64,
+    part: &mut [u8],
+    valid: fn(&[u8]) -> bool,
+) -> Result<(), FillError> {
+    for (index, block) in part.chunks_mut(CHECKED_BLOCK).enumerate() {
+        file.read_exact_at(block, offset + (index * CHECKED_BLOCK) as u64)
+            .map_err(FillError::Read)?;
+        if !valid(block) {
+            return Err(FillError::Invalid);
+        }
+    }
+    Ok(())
+}
+
+/// Bytes read and checked at a time (a whole number of values of any dtype).
+const CHECKED_BLOCK: usize = 1 << 20;
 
 /// Decodes little-endian stored values into `target`.
 fn convert(bytes: &[u8], dtype: Dtype, shape: &[usize], target: FloatFormat) -> Result<TensorData> {
@@ -251,20 +303,15 @@ fn convert(bytes: &[u8], dtype: Dtype, shape: &[usize], target: FloatFormat) -> 
             _ => chunks2().map(|c| f16::from_le_bytes(c).to_f32()).collect(),
         }
     };
-    // Split over the CPU's threads: one thread scans ~2 GB/s, an 8B checkpoint is 16 GB.
-    let non_finite = map_parts(bytes, width, SMALLEST_PART, |part| match dtype {
-        Dtype::F32 => part
-            .chunks_exact(4)
-            .any(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
-        Dtype::BF16 => part
-            .chunks_exact(2)
-            .any(|c| !bf16::from_le_bytes([c[0], c[1]]).is_finite()),
-        _ => part
-            .chunks_exact(2)
-            .any(|c| !f16::from_le_bytes([c[0], c[1]]).is_finite()),
-    })
-    .into_iter()
-    .any(|bad| bad);
+    let all_finite = match dtype {
+        Dtype::F32 => all_finite_f32,
+        Dtype::BF16 => all_finite_bf16,
+        _ => all_finite_f16,
+    };
+    // Split over the CPU's threads: an 8B checkpoint is 16 GB.
+    let non_finite = map_parts(bytes, width, SMALLEST_PART, |part| !all_finite(part))
+        .into_iter()
+        .any(|bad| bad);
     if non_finite {
         bail!("contains NaN or infinite values; the checkpoint is corrupt");
     }
@@ -295,6 +342,34 @@ fn convert(bytes: &[u8], dtype: Dtype, shape: &[usize], target: FloatFormat) -> 
     })
 }
 
+/// Whether no stored bf16 value is NaN or infinite (all exponent bits set).
+pub fn all_finite_bf16(bytes: &[u8]) -> bool {
+    no_exponent_all_ones::<2>(bytes, 0x7f80)
+}
+
+/// Whether no stored f16 value is NaN or infinite.
+pub fn all_finite_f16(bytes: &[u8]) -> bool {
+    no_exponent_all_ones::<2>(bytes, 0x7c00)
+}
+
+/// Whether no stored f32 value is NaN or infinite.
+pub fn all_finite_f32(bytes: &[u8]) -> bool {
+    no_exponent_all_ones::<4>(bytes, 0x7f80_0000)
+}
+
+/// Whether no little-endian `WIDTH`-byte value has all the bits of `exponent` set. Blocks are
+/// scanned without early exit so the loop vectorises (several times the speed of a per-value
+/// `any`); the scan stops after the first bad block.
+fn no_exponent_all_ones<const WIDTH: usize>(bytes: &[u8], exponent: u32) -> bool {
+    bytes.chunks(4096).all(|block| {
+        !block.chunks_exact(WIDTH).fold(false, |bad, value| {
+            let mut word = [0u8; 4];
+            word[..WIDTH].copy_from_slice(value);
+            bad | (u32::from_le_bytes(word) & exponent == exponent)
+        })
+    })
+}
+
 /// Smallest part of a tensor converted on its own thread.
 const SMALLEST_PART: usize = 8 << 20;
 
@@ -311,6 +386,101 @@ pub fn is_dms_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use safetensors::tensor::TensorView;
+
+    /// The vectorised scans agree with `is_finite` value by value, for NaN / infinity anywhere
+    /// (first, inside, last value of a block, the last value of all) and for the largest finite
+    /// values, subnormals and signed zeros, in every stored float type.
+    #[test]
+    fn finite_scans_match_is_finite() {
+        let specials = [
+            0.0f32, -0.0, 1.0, -2.5, 1e-40, -1e-40, 65504.0, -65504.0, 3.0e38,
+        ];
+        let bad = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -f32::NAN];
+        let mut values: Vec<f32> = (0..5000).map(|i| ((i % 97) as f32 - 48.0) * 0.37).collect();
+        values.extend(specials);
+        let encode = |values: &[f32], dtype: Dtype| -> Vec<u8> {
+            values
+                .iter()
+                .flat_map(|&v| match dtype {
+                    Dtype::F32 => v.to_le_bytes().to_vec(),
+                    Dtype::BF16 => bf16::from_f32(v).to_le_bytes().to_vec(),
+                    // Finite values beyond f16's range would round to infinity.
+                    _ => f16::from_f32(if v.is_finite() {
+                        v.clamp(-65504.0, 65504.0)
+                    } else {
+                        v
+                    })
+                    .to_le_bytes()
+                    .to_vec(),
+                })
+                .collect()
+        };
+        for (dtype, scan) in [
+            (Dtype::F32, all_finite_f32 as fn(&[u8]) -> bool),
+            (Dtype::BF16, all_finite_bf16),
+            (Dtype::F16, all_finite_f16),
+        ] {
+            assert!(scan(&encode(&values, dtype)), "{dtype:?}");
+            let width = if dtype == Dtype::F32 { 4 } else { 2 };
+            for at in [0, 1, 4096 / width - 1, 4096 / width, 2047, values.len() - 1] {
+                for b in bad {
+                    let mut with_bad = values.clone();
+                    with_bad[at] = b;
+                    assert!(!scan(&encode(&with_bad, dtype)), "{dtype:?} {b} at {at}");
+                }
+            }
+        }
+    }
+
+    /// A tensor stored in the target format is offered for direct upload, its bytes, read in
+    /// parts on several threads, the stored bytes; a NaN among them is refused; another dtype or
+    /// shape is not offered (it goes through `load_named`).
+    #[test]
+    fn direct_reads_give_the_stored_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let count = (3 << 20) / 2 + 7; // three 1 MiB blocks and a tail, odd length
+        let values: Vec<u8> = (0..count)
+            .flat_map(|i| bf16::from_f32((i % 1013) as f32 / 64.0 - 7.0).to_le_bytes())
+            .collect();
+        let small: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let path = dir.path().join("model.safetensors");
+        let views = [
+            (
+                "w",
+                TensorView::new(Dtype::BF16, vec![count], &values).unwrap(),
+            ),
+            ("n", TensorView::new(Dtype::F32, vec![2], &small).unwrap()),
+        ];
+        safetensors::serialize_to_file(views, None, &path).unwrap();
+        let store = SafetensorsStore::open(std::slice::from_ref(&path), FloatFormat::Bf16).unwrap();
+        assert!(
+            store.direct_named("n", &[2]).is_none(),
+            "f32 stored, bf16 wanted"
+        );
+        assert!(
+            store.direct_named("w", &[count, 1]).is_none(),
+            "other shape"
+        );
+        let weight = store.direct_named("w", &[count]).unwrap();
+        assert_eq!(weight.len(), values.len());
+        let mut read = vec![0u8; weight.len()];
+        crate::parallel::fill_parts(&mut read, 2, 1 << 10, &weight.fill).unwrap();
+        assert!(read == values);
+
+        let mut bad = values.clone();
+        let at = bad.len() - 2;
+        bad[at..].copy_from_slice(&bf16::NAN.to_le_bytes());
+        let views = [(
+            "w",
+            TensorView::new(Dtype::BF16, vec![count], &bad).unwrap(),
+        )];
+        safetensors::serialize_to_file(views, None, &path).unwrap();
+        let store = SafetensorsStore::open(std::slice::from_ref(&path), FloatFormat::Bf16).unwrap();
+        let weight = store.direct_named("w", &[count]).unwrap();
+        let result = crate::parallel::fill_parts(&mut read, 2, 1 << 10, &weight.fill);
+        assert!(matches!(result, Err(FillError::Invalid)));
+    }
 
     /// A bf16 tensor large enough to be split over threads (> 2 parts of 8 MiB): the parallel
     /// conversion equals the value-by-value one, and a NaN in the last part is still found.

@@ -8,7 +8,7 @@ use anyhow::{Result, bail};
 use burn::optim::{AdamWConfig, Optimizer};
 use burn::tensor::TensorData;
 use clap::{Args, Subcommand};
-use half::{bf16, f16};
+use half::f16;
 use serde::Serialize;
 
 use crate::backend::{Cpu, CpuAutodiff, DeviceSpec};
@@ -20,6 +20,7 @@ use crate::model::{
     WeightSource,
 };
 use crate::ops::attention::{AttentionBackend, TrainBackend};
+use crate::ops::upload::DirectWeight;
 use crate::recipe::Trainable;
 use crate::train::{
     StepPhase, StepSetup, apply_trainable, clip_global_norm, distillation_micro_step, make_batch,
@@ -101,8 +102,8 @@ struct StepReport {
     graph_layers: usize,
     /// The MLPs' gate and up projections recomputed in the backward (`train.recompute_mlp`).
     recompute_mlp: bool,
-    /// Seconds to generate the random base weights on the host (all threads) and place them on
-    /// the device, and the weight bytes per second that makes.
+    /// Seconds to generate the random base weights (all threads; on CUDA straight into the
+    /// staging buffers) and place them on the device, and the weight bytes per second that makes.
     weights_s: f64,
     weights_gb_per_s: f64,
     first_step_s: f64,
@@ -241,63 +242,79 @@ pub fn shape(name: &str) -> Result<ModelConfig> {
     })
 }
 
-/// Random weights: uniform in [-0.03, 0.03] (norm weights 1), from a fast counter-based generator
-/// run on every core (8B parameters took ~90 s of a GPU call on one thread).
+/// Random weights: uniform in [-0.03, 0.03) (norm weights 1). Each value comes from a hash of its
+/// tensor's key and its index, so any part of a tensor is made on its own: on every core, straight
+/// into the device's staging buffers where the backend takes them ([`WeightSource::direct`]), and
+/// the same on every machine. (Made on the host and uploaded, 8B parameters took ~17 s.)
 struct RandomWeights {
     format: FloatFormat,
-    counter: u64,
 }
 
-/// `count` values of `convert(uniform)`, one xorshift stream per thread.
-fn random_values<T: Copy + Default + Send>(
-    count: usize,
-    seed: u64,
-    constant: Option<f32>,
-    convert: impl Fn(f32) -> T + Sync,
-) -> Vec<T> {
-    let mut out = vec![T::default(); count];
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let per_thread = count.div_ceil(threads).max(1 << 16);
-    std::thread::scope(|scope| {
-        for (part, chunk) in out.chunks_mut(per_thread).enumerate() {
-            let convert = &convert;
-            scope.spawn(move || {
-                let mut state =
-                    (seed ^ ((part as u64 + 1) << 32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                for v in chunk {
-                    *v = convert(constant.unwrap_or_else(|| {
-                        state ^= state << 13;
-                        state ^= state >> 7;
-                        state ^= state << 17;
-                        ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.06
-                    }));
-                }
-            });
+impl RandomWeights {
+    /// Tensor `key`'s bytes from byte `at` on, into `part`.
+    fn fill(&self, key: WeightKey, part: &mut [u8], at: usize) {
+        let width = self.format.bytes();
+        let is_norm = matches!(key, WeightKey::FinalNorm | WeightKey::Norm { .. });
+        let write = |out: &mut [u8], v: f32| match self.format {
+            FloatFormat::F32 => out.copy_from_slice(&v.to_le_bytes()),
+            // Truncated, not rounded: the values are random anyway, and this is 2x faster.
+            FloatFormat::Bf16 => out.copy_from_slice(&((v.to_bits() >> 16) as u16).to_le_bytes()),
+            FloatFormat::F16 => out.copy_from_slice(&f16::from_f32(v).to_le_bytes()),
+        };
+        if is_norm {
+            return part.chunks_exact_mut(width).for_each(|out| write(out, 1.0));
         }
-    });
-    out
+        // One hash gives four values; the hash of value `i` is that of `i / 4`.
+        let seed = key.param_id().val();
+        let first = (at / width) as u64;
+        let mut hash = 0;
+        for (i, out) in part.chunks_exact_mut(width).enumerate() {
+            let index = first + i as u64;
+            if i == 0 || index.is_multiple_of(4) {
+                hash = split_mix(seed, index / 4);
+            }
+            let bits = (hash >> ((index % 4) * 16)) as u16;
+            write(out, (bits as f32 / 65536.0 - 0.5) * 0.06);
+        }
+    }
+}
+
+/// SplitMix64's output for position `index` of stream `seed`.
+fn split_mix(seed: u64, index: u64) -> u64 {
+    let mut z = seed.wrapping_add(index.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 impl WeightSource for RandomWeights {
     fn load(&mut self, key: WeightKey, expected: &[usize]) -> Result<TensorData> {
-        let count: usize = expected.iter().product();
-        let is_norm = matches!(key, WeightKey::FinalNorm | WeightKey::Norm { .. });
-        self.counter += 1;
-        let (seed, constant) = (self.counter, is_norm.then_some(1.0));
-        let shape = expected.to_vec();
-        Ok(match self.format {
-            FloatFormat::F32 => TensorData::new(random_values(count, seed, constant, |v| v), shape),
-            FloatFormat::Bf16 => {
-                TensorData::new(random_values(count, seed, constant, bf16::from_f32), shape)
-            }
-            FloatFormat::F16 => {
-                TensorData::new(random_values(count, seed, constant, f16::from_f32), shape)
-            }
+        let mut bytes = vec![0u8; expected.iter().product::<usize>() * self.format.bytes()];
+        crate::parallel::fill_parts(&mut bytes, self.format.bytes(), 1 << 20, |part, at| {
+            self.fill(key, part, at);
+            Ok::<(), ()>(())
         })
+        .expect("random weights cannot fail");
+        Ok(TensorData::from_bytes_vec(
+            bytes,
+            expected.to_vec(),
+            self.format.dtype(),
+        ))
     }
 
     fn contains(&self, _: WeightKey) -> bool {
         false
+    }
+
+    fn direct(&self, key: WeightKey, expected: &[usize]) -> Option<DirectWeight<'_>> {
+        Some(DirectWeight {
+            dtype: self.format.dtype(),
+            shape: expected.to_vec(),
+            fill: Box::new(move |part, at| {
+                self.fill(key, part, at);
+                Ok(())
+            }),
+        })
     }
 }
 
@@ -309,7 +326,7 @@ pub(super) fn random_model<B: AttentionBackend>(
     device: &B::Device,
 ) -> Result<DmsModel<B>> {
     let started = Instant::now();
-    let mut source = RandomWeights { format, counter: 0 };
+    let mut source = RandomWeights { format };
     let base = Decoder::<B>::load(cfg, &mut source, device)?;
     let model = DmsModel::new(base, dms, None, device)?;
     B::sync(device)?;
@@ -545,4 +562,49 @@ pub fn run(command: BenchCommand) -> Result<()> {
     };
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A random tensor made in parts on several threads (as for direct uploads) equals the one
+    /// `load` makes; values are uniform in [-0.03, 0.03), differ between tensors, norms are 1.
+    #[test]
+    fn random_weights_are_the_same_in_any_parts() {
+        let mut source = RandomWeights {
+            format: FloatFormat::Bf16,
+        };
+        let key = |layer| WeightKey::Linear {
+            layer,
+            projection: crate::model::Projection::Down,
+            bias: false,
+        };
+        let shape = [300, 1000];
+        let loaded = source.load(key(3), &shape).unwrap();
+        let direct = source.direct(key(3), &shape).unwrap();
+        let mut parts = vec![0u8; direct.len()];
+        crate::parallel::fill_parts(&mut parts, 2, 4 << 10, &direct.fill).unwrap();
+        assert_eq!(loaded.as_bytes(), parts.as_slice());
+        drop(direct);
+        let values = loaded.to_vec::<half::bf16>().unwrap();
+        assert!(values.iter().all(|v| v.to_f32().abs() <= 0.03));
+        let mean = values.iter().map(|v| v.to_f32()).sum::<f32>() / values.len() as f32;
+        let spread = values.iter().map(|v| v.to_f32().abs()).sum::<f32>() / values.len() as f32;
+        assert!(
+            mean.abs() < 1e-3 && (spread - 0.015).abs() < 1e-3,
+            "{mean} {spread}"
+        );
+        assert_ne!(
+            source.load(key(4), &shape).unwrap().as_bytes(),
+            loaded.as_bytes()
+        );
+        let norm = source.load(WeightKey::FinalNorm, &[8]).unwrap();
+        assert!(
+            norm.to_vec::<half::bf16>()
+                .unwrap()
+                .iter()
+                .all(|v| v.to_f32() == 1.0)
+        );
+    }
 }

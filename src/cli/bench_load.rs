@@ -1,11 +1,15 @@
 //! `dms-retrofit bench load`: how fast a real checkpoint reaches the device. Opens the checkpoint
 //! as training and `eval` do (config, tensor-name check), then loads every base tensor onto the
 //! device `--repeats` times in a row: the first load may read from disk, later ones mostly from the
-//! page cache. Each load reports the time spent on the host side of reading (mapping, the finite
-//! check and any dtype conversion: `WeightSource::load`), which runs on a read-ahead thread beside
-//! the staging and copying to the device (`checkpoint::prefetch`; `DMS_RETROFIT_PREFETCH=0` runs
-//! the two in turn, where the rest of `seconds` is the transfer).
+//! page cache. On CUDA, tensors stored in the run's dtype are read from their files straight into
+//! the pinned staging buffers (`from_file` counts them; `DMS_RETROFIT_UPLOAD=memory` turns that
+//! off). The others report the time spent on the host side of reading (mapping, the finite check
+//! and any dtype conversion: `WeightSource::load`), which runs on a read-ahead thread beside the
+//! staging and copying to the device (`checkpoint::prefetch`; `DMS_RETROFIT_PREFETCH=0` runs the
+//! two in turn, where the rest of `seconds` is the transfer).
 
+use std::cell::RefCell;
+use std::collections::HashSet;
 use std::time::Instant;
 
 use anyhow::Result;
@@ -17,6 +21,7 @@ use super::{ComputeArgs, on_backend};
 use crate::checkpoint::Checkpoint;
 use crate::model::{Decoder, FloatFormat, WeightKey, WeightSource};
 use crate::ops::UploadBackend;
+use crate::ops::upload::DirectWeight;
 
 #[derive(Args, Debug)]
 pub struct LoadArgs {
@@ -39,6 +44,9 @@ struct LoadReport {
     tensors: usize,
     /// Bytes placed on the device (in `dtype`).
     bytes: u64,
+    /// Tensors read from their files straight into the staging buffers (the rest through host
+    /// memory).
+    from_file: usize,
     /// Resolving the files, reading `config.json` and the safetensors headers.
     open_s: f64,
     loads: Vec<LoadTiming>,
@@ -48,8 +56,9 @@ struct LoadReport {
 struct LoadTiming {
     seconds: f64,
     gb_per_s: f64,
-    /// Time in the host side of loading (reading the mapped files, checks, conversion), on the
-    /// read-ahead thread unless `DMS_RETROFIT_PREFETCH=0`.
+    /// Time in the host side of loading through host memory (reading the mapped files, checks,
+    /// conversion), on the read-ahead thread unless `DMS_RETROFIT_PREFETCH=0`; 0 for tensors read
+    /// from their files, whose reading is part of the transfer.
     host_s: f64,
 }
 
@@ -72,26 +81,32 @@ fn load_bench<B: UploadBackend>(
     ckpt.verify_tensor_names(&store)?;
     drop(store);
     let open_s = started.elapsed().as_secs_f64();
+    let keys = ckpt.config.base_weight_keys();
+    let bytes: u64 = keys
+        .iter()
+        .filter_map(|&key| ckpt.config.weight_shape(key))
+        .map(|shape| (shape.iter().product::<usize>() * format.bytes()) as u64)
+        .sum();
     let mut loads = Vec::with_capacity(args.repeats);
-    let (mut tensors, mut bytes) = (0, 0u64);
+    let mut from_file = 0;
     for repeat in 0..args.repeats {
         let started = Instant::now();
         let mut source = Timed {
             inner: ckpt.store(format)?,
             host_s: 0.0,
-            tensors: 0,
-            bytes: 0,
+            regions: RefCell::default(),
         };
         let decoder: Decoder<B> = ckpt.load_base(&mut source, device)?;
         B::sync(device)?;
         let seconds = started.elapsed().as_secs_f64();
         crate::backend::check_device_work()?;
         drop(decoder);
-        (tensors, bytes) = (source.tensors, source.bytes);
+        from_file = source.regions.borrow().len();
         tracing::info!(
             repeat,
             seconds,
             host_s = source.host_s,
+            from_file,
             "{:.2} GB on the device",
             bytes as f64 / 1e9
         );
@@ -106,19 +121,20 @@ fn load_bench<B: UploadBackend>(
         device: args.compute.device.clone(),
         dtype: format.torch_name().to_string(),
         read_ahead: crate::checkpoint::prefetch::enabled(),
-        tensors,
+        tensors: keys.len(),
         bytes,
+        from_file,
         open_s,
         loads,
     })
 }
 
-/// A weight source that adds up the time spent in it and what it returned.
+/// A weight source that adds up the time spent loading from it and the tensors it gave file
+/// regions for.
 struct Timed<S> {
     inner: S,
     host_s: f64,
-    tensors: usize,
-    bytes: u64,
+    regions: RefCell<HashSet<WeightKey>>,
 }
 
 impl<S: WeightSource> WeightSource for Timed<S> {
@@ -126,14 +142,16 @@ impl<S: WeightSource> WeightSource for Timed<S> {
         let started = Instant::now();
         let data = self.inner.load(key, expected);
         self.host_s += started.elapsed().as_secs_f64();
-        if let Ok(data) = &data {
-            self.tensors += 1;
-            self.bytes += data.as_bytes().len() as u64;
-        }
         data
     }
 
     fn contains(&self, key: WeightKey) -> bool {
         self.inner.contains(key)
+    }
+
+    fn direct(&self, key: WeightKey, expected: &[usize]) -> Option<DirectWeight<'_>> {
+        let weight = self.inner.direct(key, expected)?;
+        self.regions.borrow_mut().insert(key);
+        Some(weight)
     }
 }

@@ -64,6 +64,15 @@ pub enum FloatFormat {
 }
 
 impl FloatFormat {
+    /// The tensor dtype that holds values of this format.
+    pub fn dtype(self) -> burn::tensor::DType {
+        match self {
+            FloatFormat::F32 => burn::tensor::DType::F32,
+            FloatFormat::Bf16 => burn::tensor::DType::BF16,
+            FloatFormat::F16 => burn::tensor::DType::F16,
+        }
+    }
+
     pub fn bytes(self) -> usize {
         match self {
             FloatFormat::F32 => 4,

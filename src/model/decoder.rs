@@ -15,7 +15,7 @@ use crate::ops::attention::{AttentionBackend, AttentionOptions, delayed_attentio
 use crate::ops::elementwise::{ElementwiseBackend, rms_norm, swiglu};
 use crate::ops::linear::{LinearBackend, linear};
 use crate::ops::mlp::{MlpBackend, swiglu_mlp};
-use crate::ops::upload::UploadBackend;
+use crate::ops::upload::{FillError, UploadBackend};
 
 /// Builds a parameter from a [`WeightSource`], checking its shape against the config.
 ///
@@ -36,6 +36,20 @@ fn load_param<B: UploadBackend, const D: usize>(
     let shape = cfg
         .weight_shape(key)
         .with_context(|| format!("{key:?} is not a base-model tensor"))?;
+    let direct = B::uploads_direct(device).then(|| source.direct(key, &shape));
+    if let Some(weight) = direct.flatten() {
+        let uploaded = B::memory_persistent_allocations(device, &weight, |weight| {
+            B::upload_direct(weight, device)
+        });
+        match uploaded {
+            Some(Ok(tensor)) => return Ok(keyed_param(key, tensor)),
+            // Read again below, where a bad value gets its error naming the tensor and file.
+            Some(Err(FillError::Invalid)) | None => {}
+            Some(Err(FillError::Read(e))) => {
+                tracing::warn!("reading {key:?} from its file failed ({e}); reading it again")
+            }
+        }
+    }
     let data = source.load(key, &shape)?;
     let tensor = B::memory_persistent_allocations(device, data, |data| B::upload(data, device));
     Ok(keyed_param(key, tensor))

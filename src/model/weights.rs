@@ -6,6 +6,7 @@
 use burn::tensor::TensorData;
 
 use super::config::ModelConfig;
+use crate::ops::upload::DirectWeight;
 
 /// The linear projections inside one decoder layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -193,6 +194,13 @@ pub trait WeightSource {
     fn load(&mut self, key: WeightKey, expected: &[usize]) -> anyhow::Result<TensorData>;
     /// Whether the source holds this tensor at all.
     fn contains(&self, key: WeightKey) -> bool;
+    /// The tensor's bytes as the run holds them (dtype, shape `expected`), produced part by part
+    /// for backends that write them straight into device staging
+    /// ([`crate::ops::UploadBackend::upload_direct`]); `None` when it must go through
+    /// [`WeightSource::load`].
+    fn direct(&self, _key: WeightKey, _expected: &[usize]) -> Option<DirectWeight<'_>> {
+        None
+    }
 }
 
 /// Mutable access to one parameter of either rank, for loading, saving and freezing by key.

@@ -161,6 +161,7 @@ fn rank_loop<B: TrainBackend>(
     ranks: &dyn Collective,
 ) -> Result<(u64, bool)> {
     let lead = ranks.rank() == 0;
+    let loading = Instant::now();
     let (mut retrofit, mut model) = Retrofit::<B>::load(recipe, options, format, device)?;
     let owners = (recipe.run.shard_optimizer && ranks.world() > 1)
         .then(|| ParamOwners::new(&mut model, ranks.rank(), ranks.world()));
@@ -180,6 +181,11 @@ fn rank_loop<B: TrainBackend>(
         )?;
     }
 
+    tracing::info!(
+        startup_s = loading.elapsed().as_secs_f64(),
+        "model on the device and data tokenised in {:.1} s",
+        loading.elapsed().as_secs_f64()
+    );
     let total = recipe.train.max_steps;
     let bar = progress_bar(total, start, options.quiet || !lead);
     // A signal during loading stops before the first step: nothing new to save.

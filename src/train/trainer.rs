@@ -229,20 +229,20 @@ pub fn clip_global_norm<B: TrainBackend>(
             _ => {}
         }
     }
-    let mut total = 0f64;
-    for &(id, rank) in &slots {
-        let sq = match rank {
-            1 => grads
-                .get::<B::InnerBackend, 1>(id)
-                .map(|g| g.powi_scalar(2).sum()),
-            _ => grads
-                .get::<B::InnerBackend, 2>(id)
-                .map(|g| g.powi_scalar(2).sum()),
-        };
-        if let Some(sq) = sq {
-            total += sq.into_scalar().elem::<f64>();
-        }
-    }
+    // One read-back for all parameters: each `into_scalar` waits for the GPU (108 of them for
+    // Qwen3-8B's adapter took ~10 ms a step).
+    let squares: Vec<Tensor<B::InnerBackend, 1>> = slots
+        .iter()
+        .filter_map(|&(id, rank)| match rank {
+            1 => grads.get::<B::InnerBackend, 1>(id).map(sum_of_squares),
+            _ => grads.get::<B::InnerBackend, 2>(id).map(sum_of_squares),
+        })
+        .collect();
+    let total = if squares.is_empty() {
+        0.0
+    } else {
+        Tensor::cat(squares, 0).sum().into_scalar().elem::<f64>()
+    };
     let norm = total.sqrt();
     if max_norm > 0.0 && norm > max_norm && norm.is_finite() {
         let scale = max_norm / (norm + 1e-6);
@@ -262,6 +262,11 @@ pub fn clip_global_norm<B: TrainBackend>(
         }
     }
     norm
+}
+
+/// `[Σ g²]`, summed in f32 whatever the gradient's dtype.
+fn sum_of_squares<B: Backend, const D: usize>(g: Tensor<B, D>) -> Tensor<B, 1> {
+    g.cast(burn::tensor::DType::F32).powi_scalar(2).sum()
 }
 
 use burn::tensor::ElementConversion;

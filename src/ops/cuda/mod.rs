@@ -390,6 +390,8 @@ pub struct DeviceContext {
     scratch: Vec<(u64, usize)>,
     /// Pinned host buffers for [`DeviceContext::upload`], allocated at its first call.
     staging: Vec<Staging>,
+    /// The staging buffer the last chunk went through.
+    next_staging: usize,
 }
 
 /// One pinned host buffer of [`STAGING_BYTES`] and the event recorded after the last copy that
@@ -497,42 +499,57 @@ impl DeviceContext {
             kernels: None,
             scratch: Vec::new(),
             staging: Vec::new(),
+            next_staging: 0,
         })
     }
 
-    /// Copies `bytes` to device address `dst` on the current stream, chunk by chunk through the
-    /// two pinned staging buffers: while the DMA engine reads one, the host fills the other
-    /// (split over the CPU's threads). Returns when the last chunk is queued; `bytes` may then be
-    /// dropped, and the copies are ordered before any later work on the stream.
-    fn upload(&mut self, dst: u64, bytes: &[u8]) -> Result<(), String> {
+    /// Fills `len` bytes at device address `dst` on the current stream, chunk by chunk through the
+    /// two pinned staging buffers: while the DMA engine reads one, the host fills the other, split
+    /// over the CPU's threads in parts of whole `width`-byte values (`fill(part, offset of the
+    /// part in the `len` bytes)`). Returns when the last chunk is queued, or at the first error of
+    /// `fill` (the inner error; `dst` then holds part of the data); the copies are ordered before
+    /// any later work on the stream.
+    fn upload_with<E: Send>(
+        &mut self,
+        dst: u64,
+        len: usize,
+        width: usize,
+        fill: impl Fn(&mut [u8], usize) -> Result<(), E> + Sync,
+    ) -> Result<Result<(), E>, String> {
         use cudarc::driver::result;
         while self.staging.len() < 2 {
             self.staging.push(Staging::new()?);
         }
         let stream = self.stream.cu_stream();
-        for (index, chunk) in bytes.chunks(STAGING_BYTES).enumerate() {
-            let staging = &self.staging[index % 2];
+        for start in (0..len).step_by(STAGING_BYTES) {
+            let chunk = STAGING_BYTES.min(len - start);
+            // Alternating across calls too: a small tensor after another need not wait for the
+            // copy out of the buffer the previous one used.
+            self.next_staging = (self.next_staging + 1) % 2;
+            let staging = &self.staging[self.next_staging];
             // SAFETY: the event follows the previous copy out of this buffer (or was never
             // recorded, which returns at once); after it the buffer is ours to overwrite.
             unsafe { result::event::synchronize(staging.copied) }
                 .map_err(|e| format!("waiting for a staging copy: {e:?}"))?;
-            // SAFETY: `host` holds STAGING_BYTES >= chunk.len() bytes that no copy reads now.
-            let host = unsafe { std::slice::from_raw_parts_mut(staging.host, chunk.len()) };
+            // SAFETY: `host` holds STAGING_BYTES >= chunk bytes that no copy reads now.
+            let host = unsafe { std::slice::from_raw_parts_mut(staging.host, chunk) };
             // Split over the CPU's threads: one thread copies ~5-10 GB/s, below PCIe's speed.
-            crate::parallel::zip_parts(host, chunk, 1, 4 << 20, |to, from| {
-                to.copy_from_slice(from)
+            let filled = crate::parallel::fill_parts(host, width, 4 << 20, |part, at| {
+                fill(part, start + at)
             });
-            let offset = (index * STAGING_BYTES) as u64;
-            // SAFETY: `dst + offset .. + chunk.len()` lies in the caller's buffer of
-            // `bytes.len()` bytes; `host` stays allocated and untouched until the event below.
+            if let Err(e) = filled {
+                return Ok(Err(e));
+            }
+            // SAFETY: `dst + start .. + chunk` lies in the caller's buffer of `len` bytes; `host`
+            // stays allocated and untouched until the event below.
             unsafe {
-                result::memcpy_htod_async(dst + offset, &*host, stream)
+                result::memcpy_htod_async(dst + start as u64, &*host, stream)
                     .map_err(|e| format!("host-to-device copy: {e:?}"))?;
                 result::event::record(staging.copied, stream)
                     .map_err(|e| format!("CUDA event: {e:?}"))?;
             }
         }
-        Ok(())
+        Ok(Ok(()))
     }
 
     /// Makes `stream` (cubecl's current stream, from the patched `GpuResource`) the one we
