@@ -24,6 +24,7 @@ use crate::ops::upload::DirectWeight;
 use crate::recipe::Trainable;
 use crate::train::{
     StepPhase, StepSetup, apply_trainable, clip_global_norm, distillation_micro_step, make_batch,
+    read_scalar,
 };
 
 #[derive(Subcommand, Debug)]
@@ -406,10 +407,12 @@ fn step_bench<B: TrainBackend>(
                     StepPhase::Backward => "4 backward",
                 })
             });
+        // As training does: the update is queued before the scalars are read back.
         let grad_norm = clip_global_norm(&mut model, &mut grads, 1.0);
-        losses.push(stats.loss);
-        grad_norms.push(grad_norm);
         model = optimizer.step(3e-5, model, grads);
+        let stats = stats.read();
+        losses.push(stats.loss);
+        grad_norms.push(read_scalar(grad_norm));
         lap("5 clip + AdamW");
         B::sync(device)?;
         crate::backend::check_device_work()?;

@@ -7,7 +7,7 @@ mod trainer;
 
 pub use retrofit::{train, train_ranks};
 pub use trainer::{
-    Batch, EvalReport, EvalSettings, StepPhase, StepSetup, StepStats, TrainOptions, TrainSummary,
-    apply_trainable, clip_global_norm, distillation_micro_step, evaluate, make_batch,
-    resolve_source,
+    Batch, EvalReport, EvalSettings, PendingStats, StepPhase, StepSetup, StepStats, TrainOptions,
+    TrainSummary, apply_trainable, clip_global_norm, distillation_micro_step, evaluate, make_batch,
+    read_scalar, resolve_source,
 };

@@ -20,9 +20,9 @@ use super::collective::{
 };
 use super::plot::{self, EvalMetrics, MetricLine, TrainMetrics};
 use super::trainer::{
-    AdamWRecord, EvalSettings, StepSetup, TrainOptions, TrainSummary, append_metrics,
+    AdamWRecord, EvalSettings, PendingStats, StepSetup, TrainOptions, TrainSummary, append_metrics,
     apply_trainable, clip_global_norm, count_params, distillation_micro_step, evaluate,
-    interrupt_flag, last_metrics, make_batch, moments_in_param_dtypes, param_dtypes,
+    interrupt_flag, last_metrics, make_batch, moments_in_param_dtypes, param_dtypes, read_scalar,
     resolve_source, summarize, truncate_metrics,
 };
 use crate::atomic;
@@ -195,13 +195,12 @@ fn rank_loop<B: TrainBackend>(
     while step < total && !was_interrupted {
         let started = Instant::now();
         let lr = recipe.train.lr_at(step);
-        let (mut grads, mut metrics) = retrofit.gradients(&mut model, step, run, &bar, ranks)?;
-        // The metrics were read back, so the step's forward has run on the device.
-        crate::backend::check_device_work()?;
+        let (mut grads, pending) = retrofit.gradients(&mut model, step, ranks)?;
         if let Some(owners) = &owners {
             owners.keep_own_gradients(&mut model, &mut grads);
         }
         model = optimizer.step(lr, model, grads);
+        let mut metrics = retrofit.read_metrics(pending, step, run, &bar, ranks)?;
         if let Some(owners) = &owners {
             owners.share_updates(&mut model, ranks)?;
         }
@@ -464,8 +463,8 @@ impl<'a, B: TrainBackend> Retrofit<'a, B> {
     }
 
     /// One optimizer step's gradients (accumulated over the micro-batches, clipped) and its
-    /// metrics (`lr` and `tokens_per_s` are the caller's). A non-finite loss or gradient norm
-    /// stops the run before the weights change, with advice that depends on the checkpoints.
+    /// metrics, still on the device ([`Self::read_metrics`]; `lr` and `tokens_per_s` are the
+    /// caller's).
     ///
     /// With several ranks, rank `r` runs the step's micro-batches `r * k .. (r + 1) * k` (`k` =
     /// grad_accum / ranks), each with the data and the noise one rank would give that micro-batch
@@ -475,14 +474,12 @@ impl<'a, B: TrainBackend> Retrofit<'a, B> {
         &self,
         model: &mut DmsModel<B>,
         step: u64,
-        run: &RunFolder,
-        bar: &ProgressBar,
         ranks: &dyn Collective,
-    ) -> Result<(GradientsParams, TrainMetrics)> {
+    ) -> Result<(GradientsParams, PendingMetrics<B>)> {
         let t = &self.recipe.train;
         let target = self.schedule.target_fraction(step);
         let mut accumulator = GradientsAccumulator::<DmsModel<B>>::new();
-        let mut sums = [0f64; 4];
+        let mut stats = Vec::with_capacity(t.grad_accum);
         let per_rank = t.grad_accum / ranks.world();
         for micro in ranks.rank() * per_rank..(ranks.rank() + 1) * per_rank {
             let n_train = self.dataset.train.len();
@@ -511,7 +508,7 @@ impl<'a, B: TrainBackend> Retrofit<'a, B> {
                 recompute_layers: t.recompute_layers,
                 graph_layers: t.graph_layers,
             };
-            let (grads, stats) = distillation_micro_step(
+            let (grads, micro_stats) = distillation_micro_step(
                 model,
                 self.separate_teacher.as_ref(),
                 &batch,
@@ -520,32 +517,54 @@ impl<'a, B: TrainBackend> Retrofit<'a, B> {
                 &mut |_| {},
             );
             accumulator.accumulate(model, grads);
+            stats.push(micro_stats);
+        }
+        let mut grads = accumulator.grads();
+        all_reduce_gradients(model, &mut grads, ranks)?;
+        let grad_norm = clip_global_norm(model, &mut grads, t.grad_clip);
+        Ok((grads, PendingMetrics { stats, grad_norm }))
+    }
+
+    /// The step's metrics, read back once its update is queued (reading waits for the GPU; read
+    /// earlier, the update's many small launches would run with the GPU idle). A non-finite loss or
+    /// gradient norm stops the run here, before anything of this step is saved.
+    fn read_metrics(
+        &self,
+        pending: PendingMetrics<B>,
+        step: u64,
+        run: &RunFolder,
+        bar: &ProgressBar,
+        ranks: &dyn Collective,
+    ) -> Result<TrainMetrics> {
+        let t = &self.recipe.train;
+        // Summed in f64 in micro-batch order, then over the ranks: the same sums for any number
+        // of ranks.
+        let mut sums = [0f64; 4];
+        for micro in PendingStats::read_all(pending.stats) {
             for (sum, v) in
                 sums.iter_mut()
-                    .zip([stats.loss, stats.kl, stats.compression, stats.frac_closed])
+                    .zip([micro.loss, micro.kl, micro.compression, micro.frac_closed])
             {
                 *sum += v;
             }
         }
-        ranks.all_reduce_f64(&mut sums)?;
-        let [loss, kl, comp, frac] = sums.map(|s| s / t.grad_accum as f64);
-        let mut grads = accumulator.grads();
-        all_reduce_gradients(model, &mut grads, ranks)?;
-        let grad_norm = clip_global_norm(model, &mut grads, t.grad_clip);
-        // The norm was read back, so the step's work has run: a failure of ours explains a
+        let grad_norm = read_scalar(pending.grad_norm);
+        // The values were read back, so the step's work has run: a failure of ours explains a
         // non-finite value better than the advice below.
         crate::backend::check_device_work()?;
+        ranks.all_reduce_f64(&mut sums)?;
+        let [loss, kl, comp, frac] = sums.map(|s| s / t.grad_accum as f64);
         for (name, value) in [("loss", loss), ("grad_norm", grad_norm)] {
             if !value.is_finite() {
                 bar.abandon();
                 bail!(
-                    "non-finite {name} ({value}) at step {step}; stopped without updating the \
-                     weights. {}",
+                    "non-finite {name} ({value}) at step {step}; stopped before saving this \
+                     step. {}",
                     non_finite_advice(run)?
                 );
             }
         }
-        let metrics = TrainMetrics {
+        Ok(TrainMetrics {
             step,
             loss,
             kl,
@@ -557,8 +576,7 @@ impl<'a, B: TrainBackend> Retrofit<'a, B> {
             grad_norm,
             tokens_per_s: 0.0,
             elapsed_s: 0.0,
-        };
-        Ok((grads, metrics))
+        })
     }
 
     /// Appends the step's line to `metrics.jsonl` and shows it; returns what snapshots record.
@@ -879,6 +897,13 @@ fn student<B: TrainBackend>(
         );
     }
     Ok(model)
+}
+
+/// A step's metrics still on the device ([`Retrofit::read_metrics`] reads them).
+struct PendingMetrics<B: TrainBackend> {
+    /// This rank's micro-batches, in order.
+    stats: Vec<PendingStats<B::InnerBackend>>,
+    grad_norm: burn::tensor::Tensor<B::InnerBackend, 1>,
 }
 
 /// A --resume repeats the same steps (the recipe may not change), so the advice is a new run,

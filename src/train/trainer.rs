@@ -215,12 +215,14 @@ pub(super) fn count_params<B: AttentionBackend>(model: &mut DmsModel<B>) -> (usi
     counts
 }
 
-/// Clips the summed gradient to `max_norm` in global L2 norm; returns the norm before clipping.
+/// Clips the summed gradient to `max_norm` in global L2 norm (0: no clipping); returns the norm
+/// before clipping, still on the device: reading it waits for the GPU, so read it once the
+/// update is queued ([`read_scalar`]). The factor is applied on the device too.
 pub fn clip_global_norm<B: TrainBackend>(
     model: &mut DmsModel<B>,
     grads: &mut GradientsParams,
     max_norm: f64,
-) -> f64 {
+) -> Tensor<B::InnerBackend, 1> {
     let mut slots = Vec::new();
     for (_, slot) in model.params_mut() {
         match slot {
@@ -229,8 +231,6 @@ pub fn clip_global_norm<B: TrainBackend>(
             _ => {}
         }
     }
-    // One read-back for all parameters: each `into_scalar` waits for the GPU (108 of them for
-    // Qwen3-8B's adapter took ~10 ms a step).
     let squares: Vec<Tensor<B::InnerBackend, 1>> = slots
         .iter()
         .filter_map(|&(id, rank)| match rank {
@@ -238,30 +238,40 @@ pub fn clip_global_norm<B: TrainBackend>(
             _ => grads.get::<B::InnerBackend, 2>(id).map(sum_of_squares),
         })
         .collect();
-    let total = if squares.is_empty() {
-        0.0
-    } else {
-        Tensor::cat(squares, 0).sum().into_scalar().elem::<f64>()
-    };
-    let norm = total.sqrt();
-    if max_norm > 0.0 && norm > max_norm && norm.is_finite() {
-        let scale = max_norm / (norm + 1e-6);
-        for &(id, rank) in &slots {
-            match rank {
-                1 => {
-                    if let Some(g) = grads.remove::<B::InnerBackend, 1>(id) {
-                        grads.register(id, g * scale);
-                    }
+    if squares.is_empty() {
+        return Tensor::zeros([1], &model.base.embed_tokens.val().device());
+    }
+    let norm = Tensor::cat(squares, 0).sum().sqrt();
+    if max_norm <= 0.0 {
+        return norm;
+    }
+    // min(1, max_norm / norm): 1 leaves the gradient exactly as it is.
+    let scale = (norm.clone() + 1e-6)
+        .recip()
+        .mul_scalar(max_norm)
+        .clamp_max(1.0);
+    for &(id, rank) in &slots {
+        match rank {
+            1 => {
+                if let Some(g) = grads.remove::<B::InnerBackend, 1>(id) {
+                    let factor = scale.clone().cast(g.dtype());
+                    grads.register(id, g * factor);
                 }
-                _ => {
-                    if let Some(g) = grads.remove::<B::InnerBackend, 2>(id) {
-                        grads.register(id, g * scale);
-                    }
+            }
+            _ => {
+                if let Some(g) = grads.remove::<B::InnerBackend, 2>(id) {
+                    let factor = scale.clone().cast(g.dtype()).unsqueeze::<2>();
+                    grads.register(id, g * factor);
                 }
             }
         }
     }
     norm
+}
+
+/// A one-value tensor's value (waits for the device).
+pub fn read_scalar<B: Backend>(value: Tensor<B, 1>) -> f64 {
+    value.into_scalar().elem::<f64>()
 }
 
 /// `[Σ g²]`, summed in f32 whatever the gradient's dtype.
@@ -321,6 +331,42 @@ pub struct StepStats {
     pub frac_closed: f64,
 }
 
+/// A micro-step's scalars still on the device: reading them waits for the GPU, so training reads
+/// them once the step's update is queued ([`PendingStats::read`], or [`PendingStats::read_all`]
+/// for several micro-steps with one wait).
+pub struct PendingStats<B: Backend> {
+    /// `[kl, compression, frac_closed]`, f32.
+    values: Tensor<B, 1>,
+    compression_weight: f64,
+}
+
+impl<B: Backend> PendingStats<B> {
+    pub fn read(self) -> StepStats {
+        Self::read_all(vec![self])[0]
+    }
+
+    /// Each micro-step's scalars, in order, read back together.
+    pub fn read_all(pending: Vec<Self>) -> Vec<StepStats> {
+        let Some(weight) = pending.first().map(|p| p.compression_weight) else {
+            return Vec::new();
+        };
+        let values = Tensor::cat(pending.into_iter().map(|p| p.values).collect(), 0)
+            .into_data()
+            .convert::<f64>();
+        values
+            .as_slice::<f64>()
+            .expect("f64 after convert")
+            .chunks_exact(3)
+            .map(|v| StepStats {
+                loss: v[0] + v[1] * weight,
+                kl: v[0],
+                compression: v[1],
+                frac_closed: v[2],
+            })
+            .collect()
+    }
+}
+
 /// The parts of a micro-step, in order, for profiling (`bench step --profile`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StepPhase {
@@ -340,7 +386,7 @@ pub fn distillation_micro_step<B: TrainBackend>(
     noise: NoiseKey,
     setup: &StepSetup,
     phase_done: &mut dyn FnMut(StepPhase),
-) -> (GradientsParams, StepStats) {
+) -> (GradientsParams, PendingStats<B::InnerBackend>) {
     let StepSetup { cfg, .. } = *setup;
     let device = batch.input.device();
     let [b, seq] = batch.shape;
@@ -442,14 +488,14 @@ impl<B: TrainBackend> StepLoss<B> {
         self.grads.grads()
     }
 
-    fn stats(self) -> StepStats {
-        let kl = self.kl.into_scalar().elem::<f64>();
-        let compression = self.compression.into_scalar().elem::<f64>();
-        StepStats {
-            loss: kl + compression * self.compression_weight,
-            kl,
-            compression,
-            frac_closed: self.frac.mean().into_scalar().elem::<f64>(),
+    fn stats(self) -> PendingStats<B::InnerBackend> {
+        let f32 = |t: Tensor<B, 1>| t.inner().cast(FloatDType::F32);
+        PendingStats {
+            values: Tensor::cat(
+                vec![f32(self.kl), f32(self.compression), f32(self.frac.mean())],
+                0,
+            ),
+            compression_weight: self.compression_weight,
         }
     }
 }
@@ -469,7 +515,7 @@ fn recomputing_student_pass<B: TrainBackend>(
     noise: &Tensor<B, 4>,
     setup: &StepSetup,
     phase_done: &mut dyn FnMut(StepPhase),
-) -> (GradientsParams, StepStats) {
+) -> (GradientsParams, PendingStats<B::InnerBackend>) {
     let StepSetup { cfg, .. } = *setup;
     let device = batch.input.device();
     let [_, seq] = batch.shape;
@@ -924,7 +970,9 @@ mod tests {
                     micro_batch: 0,
                     rank: 0,
                 };
-                distillation_micro_step(model, None, &batch, noise, &setup, &mut |_| {})
+                let (grads, stats) =
+                    distillation_micro_step(model, None, &batch, noise, &setup, &mut |_| {});
+                (grads, stats.read())
             };
             let step = |recompute_layers: bool| step_of(&model, recompute_layers, 0);
             let (want, want_stats) = step(false);
