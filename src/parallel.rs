@@ -51,9 +51,13 @@ pub fn fill_parts<E: Send>(
             .enumerate()
             .map(|(i, part)| scope.spawn(move || fill(part, i * per_part)))
             .collect();
-        parts
+        // Every part joined before the first error is returned: a later part's panic surfaces
+        // here, not as the scope ends.
+        let results: Vec<_> = parts
             .into_iter()
-            .try_for_each(|part| part.join().expect("a worker thread panicked"))
+            .map(|part| part.join().expect("a worker thread panicked"))
+            .collect();
+        results.into_iter().collect()
     })
 }
 

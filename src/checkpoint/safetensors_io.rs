@@ -4,7 +4,7 @@
 //! released right after, so peak host memory stays near the size of the converted weights instead
 //! of file + weights. A tensor already stored in the run's format can instead be read by the
 //! backend from its file straight into device staging ([`WeightSource::direct`]), checked there,
-//! never held in host memory.
+//! never copied in host memory.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;

@@ -44,8 +44,8 @@ struct LoadReport {
     tensors: usize,
     /// Bytes placed on the device (in `dtype`).
     bytes: u64,
-    /// Tensors read from their files straight into the staging buffers (the rest through host
-    /// memory).
+    /// Tensors offered for reading from their files straight into the staging buffers (the rest
+    /// go through host memory; so would an offered one whose read failed, with a warning).
     from_file: usize,
     /// Resolving the files, reading `config.json` and the safetensors headers.
     open_s: f64,

@@ -1,6 +1,7 @@
 //! `train`: the retrofit loop, read top to bottom like nanoGPT's. [`Retrofit::load`] opens the
 //! model, the data and the frozen teacher; [`Retrofit::resume`] continues from the newest
-//! checkpoint; each step is [`Retrofit::gradients`] then the optimizer; after it come the metrics
+//! checkpoint; each step is [`Retrofit::gradients`], the optimizer, then [`Retrofit::read_metrics`]
+//! (the step's scalars are read back only once its update is queued); after it come the metrics
 //! line, the held-out evaluation, the cr-K snapshots and the checkpoints, all in the run folder.
 
 use std::collections::BTreeMap;
@@ -181,10 +182,10 @@ fn rank_loop<B: TrainBackend>(
         )?;
     }
 
+    let startup_s = loading.elapsed().as_secs_f64();
     tracing::info!(
-        startup_s = loading.elapsed().as_secs_f64(),
-        "model on the device and data tokenised in {:.1} s",
-        loading.elapsed().as_secs_f64()
+        startup_s,
+        "model on the device and data tokenised in {startup_s:.1} s"
     );
     let total = recipe.train.max_steps;
     let bar = progress_bar(total, start, options.quiet || !lead);

@@ -388,7 +388,7 @@ pub struct DeviceContext {
     algos: HashMap<AlgoKey, sys::cublasLtMatmulAlgo_t>,
     kernels: Option<Result<Kernels, String>>,
     scratch: Vec<(u64, usize)>,
-    /// Pinned host buffers for [`DeviceContext::upload`], allocated at its first call.
+    /// Pinned host buffers for [`DeviceContext::upload_with`], allocated at its first call.
     staging: Vec<Staging>,
     /// The staging buffer the last chunk went through.
     next_staging: usize,

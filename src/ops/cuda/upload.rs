@@ -36,8 +36,8 @@ pub fn upload<const D: usize>(
     }
 }
 
-/// Whether [`upload_direct`] can place weights on `device` (our CUDA context is available and
-/// `DMS_RETROFIT_UPLOAD` is unset).
+/// Whether [`upload_direct`] can place weights on `device`: our CUDA context is available (so not
+/// with `DMS_RETROFIT_GEMM=burn`) and `DMS_RETROFIT_UPLOAD` is neither `memory` nor `burn`.
 pub fn uploads_direct(device: &CudaDevice) -> bool {
     mode() == Mode::File && super::gpu(device.index).is_ok()
 }
