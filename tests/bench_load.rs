@@ -1,5 +1,6 @@
 //! `dms-retrofit bench load` end to end on a fixture: every base tensor reaches the device once per
-//! repeat, with and without the read-ahead thread, and bad input is one clear error.
+//! repeat, with and without the read-ahead thread, and bad input is one clear error; and `bench
+//! step`'s argument check that runs before any weights are made.
 
 use std::process::Command;
 
@@ -25,6 +26,8 @@ fn loads_every_base_tensor_each_repeat() {
         let (ok, report, stderr) = bench_load(&[dir, "--repeats", "2"], prefetch);
         assert!(ok, "bench load failed: {stderr}");
         assert_eq!(report["read_ahead"], prefetch);
+        // Direct reads into device staging exist on CUDA only.
+        assert_eq!(report["from_file"], 0);
         // 2 layers x (4 projections + 3 MLP + 4 norms) + embedding, final norm, head.
         assert_eq!(report["tensors"], 25);
         // f32 on the CPU: the fixture's parameter count x 4 bytes.
@@ -47,4 +50,22 @@ fn bad_input_is_one_clear_error() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/qwen3");
     let (ok, _, stderr) = bench_load(&[dir, "--repeats", "0"], true);
     assert!(!ok && stderr.contains("--repeats"), "{stderr}");
+}
+
+/// `bench step --graph-layers` above the shape's layer count is one error naming both numbers
+/// (before any weights are made).
+#[test]
+fn bench_step_rejects_more_graph_layers_than_the_shape_has() {
+    let out = Command::new(env!("CARGO_BIN_EXE_dms-retrofit"))
+        .args(["bench", "step", "--shape", "qwen3-8b", "--recompute-layers"])
+        .args(["--graph-layers", "99", "--device", "cpu"])
+        .output()
+        .expect("the binary runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--graph-layers 99") && stderr.contains("36 layers"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }

@@ -344,6 +344,16 @@ fn step_bench<B: TrainBackend>(
     device: &B::Device,
 ) -> Result<StepReport> {
     let cfg = shape(&args.shape)?;
+    if args.graph_layers > cfg.num_layers {
+        bail!(
+            "--graph-layers {} but the {} shape has {} layers; at most {} (every layer keeps its \
+             graph: the memory without --recompute-layers)",
+            args.graph_layers,
+            args.shape,
+            cfg.num_layers,
+            cfg.num_layers
+        );
+    }
     let dms = DmsConfig {
         window: args.window,
         ..DmsConfig::default()
