@@ -84,13 +84,14 @@ pub fn write_snapshot<B: Backend>(
 pub fn trainable_tensors<B: Backend>(model: &mut DmsModel<B>) -> Vec<(String, TensorData)> {
     let mut out = Vec::new();
     for (key, slot) in model.params_mut() {
-        let (trainable, data) = match slot {
-            ParamSlot::Vector(p) => (p.is_require_grad(), p.val().into_data()),
-            ParamSlot::Matrix(p) => (p.is_require_grad(), p.val().into_data()),
+        // Only trainable values are read back: reading every parameter first copied the whole
+        // frozen model to the host at each checkpoint (5.6 s for Qwen3-8B's 16 GB).
+        let data = match slot {
+            ParamSlot::Vector(p) if p.is_require_grad() => p.val().into_data(),
+            ParamSlot::Matrix(p) if p.is_require_grad() => p.val().into_data(),
+            _ => continue,
         };
-        if trainable {
-            out.push((hf_name(key), data.convert::<f32>()));
-        }
+        out.push((hf_name(key), data.convert::<f32>()));
     }
     out
 }
