@@ -23,8 +23,8 @@ use crate::ops::attention::{AttentionBackend, TrainBackend};
 use crate::ops::upload::DirectWeight;
 use crate::recipe::Trainable;
 use crate::train::{
-    StepPhase, StepSetup, apply_trainable, clip_global_norm, distillation_micro_step, make_batch,
-    read_scalar,
+    StepPhase, StepSetup, apply_trainable, check_graph_layers, clip_global_norm,
+    distillation_micro_step, make_batch, read_scalar,
 };
 
 #[derive(Subcommand, Debug)]
@@ -344,16 +344,7 @@ fn step_bench<B: TrainBackend>(
     device: &B::Device,
 ) -> Result<StepReport> {
     let cfg = shape(&args.shape)?;
-    if args.graph_layers > cfg.num_layers {
-        bail!(
-            "--graph-layers {} but the {} shape has {} layers; at most {} (every layer keeps its \
-             graph: the memory without --recompute-layers)",
-            args.graph_layers,
-            args.shape,
-            cfg.num_layers,
-            cfg.num_layers
-        );
-    }
+    check_graph_layers(args.graph_layers, cfg.num_layers, "--graph-layers")?;
     let dms = DmsConfig {
         window: args.window,
         ..DmsConfig::default()

@@ -8,6 +8,6 @@ mod trainer;
 pub use retrofit::{train, train_ranks};
 pub use trainer::{
     Batch, EvalReport, EvalSettings, PendingStats, StepPhase, StepSetup, StepStats, TrainOptions,
-    TrainSummary, apply_trainable, clip_global_norm, distillation_micro_step, evaluate, make_batch,
-    read_scalar, resolve_source,
+    TrainSummary, apply_trainable, check_graph_layers, clip_global_norm, distillation_micro_step,
+    evaluate, make_batch, read_scalar, resolve_source,
 };

@@ -22,9 +22,9 @@ use super::collective::{
 use super::plot::{self, EvalMetrics, MetricLine, TrainMetrics};
 use super::trainer::{
     AdamWRecord, EvalSettings, PendingStats, StepSetup, TrainOptions, TrainSummary, append_metrics,
-    apply_trainable, clip_global_norm, count_params, distillation_micro_step, evaluate,
-    interrupt_flag, last_metrics, make_batch, moments_in_param_dtypes, param_dtypes, read_scalar,
-    resolve_source, summarize, truncate_metrics,
+    apply_trainable, check_graph_layers, clip_global_norm, count_params, distillation_micro_step,
+    evaluate, interrupt_flag, last_metrics, make_batch, moments_in_param_dtypes, param_dtypes,
+    read_scalar, resolve_source, summarize, truncate_metrics,
 };
 use crate::atomic;
 use crate::checkpoint::Checkpoint;
@@ -871,14 +871,11 @@ fn student<B: TrainBackend>(
     device: &B::Device,
 ) -> Result<DmsModel<B>> {
     let t = &recipe.train;
-    if t.graph_layers > ckpt.config.num_layers {
-        bail!(
-            "train.graph_layers = {} but the model has {} layers; at most {} (every layer keeps its graph: the memory of recompute_layers = false)",
-            t.graph_layers,
-            ckpt.config.num_layers,
-            ckpt.config.num_layers
-        );
-    }
+    check_graph_layers(
+        t.graph_layers,
+        ckpt.config.num_layers,
+        "train.graph_layers =",
+    )?;
     let base = ckpt.load_decoder::<B>(format, device)?;
     let mut store = ckpt.store(format)?;
     let model = DmsModel::new(base, dms, Some(&mut store), device)?;

@@ -313,6 +313,17 @@ pub fn make_batch<B: AttentionBackend>(sequences: &[&Sequence], device: &B::Devi
     }
 }
 
+/// `graph_layers` (the setting named `setting` in the error) against the model's `num_layers`: at
+/// most all of them keep their graph.
+pub fn check_graph_layers(graph_layers: usize, num_layers: usize, setting: &str) -> Result<()> {
+    anyhow::ensure!(
+        graph_layers <= num_layers,
+        "{setting} {graph_layers} but the model has {num_layers} layers; at most {num_layers} \
+         (every layer keeps its graph: the memory without layer recomputation)"
+    );
+    Ok(())
+}
+
 /// Fixed inputs of a distillation micro-step.
 pub struct StepSetup<'a> {
     pub cfg: &'a ModelConfig,
