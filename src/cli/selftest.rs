@@ -934,10 +934,10 @@ impl<B: Tested> Suite<'_, B> {
     }
 
     /// RMSNorm and its input gradient over a hidden size and over q/k heads of both head_dims;
-    /// 37 rows (not a multiple of any block).
+    /// 37 rows (not a multiple of any block); a width of 1001 takes the per-value path.
     fn rms_norm(&mut self) -> Result<()> {
         let eps = 1e-6;
-        for shape in [[2, 37, 896], [37, 14, 64], [37, 8, 128]] {
+        for shape in [[2, 37, 896], [37, 14, 64], [37, 8, 128], [3, 5, 1001]] {
             let case = format!("{shape:?}");
             if !self.wants("rms_norm", &case) {
                 continue;
@@ -1045,10 +1045,11 @@ impl<B: Tested> Suite<'_, B> {
     }
 
     /// RoPE and its inverse at both head_dims, on a contiguous `[1, H, T, D]` tensor and on the
-    /// transposed view of `[1, T, H, D]` the decoder passes, at positions from 1000 on.
+    /// transposed view of `[1, T, H, D]` the decoder passes, at positions from 1000 on; head_dim 6
+    /// takes the per-value path.
     fn rope(&mut self) -> Result<()> {
         let (seq, start, theta) = (37, 1000, 1e6f64);
-        for (heads, dim) in [(14, 64), (8, 128)] {
+        for (heads, dim) in [(14, 64), (8, 128), (3, 6)] {
             let inv_freq: Vec<f64> = (0..dim / 2)
                 .map(|i| theta.powf(-((2 * i) as f64) / dim as f64))
                 .collect();
@@ -1101,10 +1102,10 @@ impl<B: Tested> Suite<'_, B> {
         Ok(())
     }
 
-    /// The distillation KL per token and its student gradient, at a small vocabulary and at one
-    /// that is not a multiple of the block.
+    /// The distillation KL per token and its student gradient, at a small vocabulary, at one
+    /// that is not a multiple of the block (per-value path) and at Qwen's.
     fn token_kl(&mut self) -> Result<()> {
-        for shape in [[2, 19, 1000], [1, 7, 49153]] {
+        for shape in [[2, 19, 1000], [1, 7, 49153], [1, 3, 151936]] {
             let case = format!("{shape:?}");
             if !self.wants("token_kl", &case) {
                 continue;

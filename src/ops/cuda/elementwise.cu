@@ -5,6 +5,41 @@
 
 #define ROWS_PER_BLOCK (BLOCK / 32)
 
+// Each kernel below has a 16-byte path (Vec16: the sizes are multiples of its width and every
+// pointer is 16-byte aligned, as contiguous bf16 / f32 tensors of the models' sizes are) and a
+// per-value one for anything else; both compute the same values.
+
+// Whether n values of T from each pointer can go 16 bytes at a time.
+template <typename T>
+__device__ __forceinline__ bool vectorises(index_t n, const void* a, const void* b = 0,
+                                           const void* c = 0, const void* d = 0,
+                                           const void* e = 0) {
+    return n % Vec16<T>::N == 0 && aligned16(a) && aligned16(b) && aligned16(c) && aligned16(d) &&
+           aligned16(e);
+}
+
+// Σ x² over one row, by one warp.
+template <typename T>
+__device__ __forceinline__ float row_squares(const T* xr, int dim, bool vec, int lane) {
+    float squares = 0.0f;
+    if (vec) {
+        const int N = Vec16<T>::N;
+#pragma unroll 4
+        for (int i = lane * N; i < dim; i += 32 * N) {
+            float v[N];
+            Vec16<T>::load(xr, i, v);
+#pragma unroll
+            for (int k = 0; k < N; k++) squares += v[k] * v[k];
+        }
+    } else {
+        for (int i = lane; i < dim; i += 32) {
+            const float v = load(xr, i);
+            squares += v * v;
+        }
+    }
+    return warp_sum(squares);
+}
+
 // One warp per row of `dim`: out = round(x / rms(x)) * w.
 template <typename T>
 __device__ void rms_norm_rows(const T* x, const T* w, T* out, int rows, int dim, float eps) {
@@ -12,13 +47,22 @@ __device__ void rms_norm_rows(const T* x, const T* w, T* out, int rows, int dim,
     if (row >= rows) return;
     const T* xr = x + (index_t)row * dim;
     T* yr = out + (index_t)row * dim;
-    float squares = 0.0f;
-    for (int i = lane; i < dim; i += 32) {
-        const float v = load(xr, i);
-        squares += v * v;
+    const bool vec = vectorises<T>(dim, x, w, out);
+    const float inv = 1.0f / sqrtf(row_squares(xr, dim, vec, lane) / dim + eps);
+    if (vec) {
+        const int N = Vec16<T>::N;
+#pragma unroll 4
+        for (int i = lane * N; i < dim; i += 32 * N) {
+            float v[N], wv[N];
+            Vec16<T>::load(xr, i, v);
+            Vec16<T>::load(w, i, wv);
+#pragma unroll
+            for (int k = 0; k < N; k++) v[k] = round_as(v[k] * inv, xr) * wv[k];
+            Vec16<T>::store(yr, i, v);
+        }
+    } else {
+        for (int i = lane; i < dim; i += 32) store(yr, i, round_as(load(xr, i) * inv, xr) * load(w, i));
     }
-    const float inv = 1.0f / sqrtf(warp_sum(squares) / dim + eps);
-    for (int i = lane; i < dim; i += 32) store(yr, i, round_as(load(xr, i) * inv, xr) * load(w, i));
 }
 
 // With x̂ = x / rms(x) and g = round(grad * w): dx = (g - x̂ · mean(g x̂)) / rms(x).
@@ -30,30 +74,69 @@ __device__ void rms_norm_grad_rows(const T* x, const T* w, const T* grad, T* dx,
     const index_t at = (index_t)row * dim;
     const T *xr = x + at, *gr = grad + at;
     T* dxr = dx + at;
-    float squares = 0.0f;
-    for (int i = lane; i < dim; i += 32) {
-        const float v = load(xr, i);
-        squares += v * v;
-    }
-    const float inv = 1.0f / sqrtf(warp_sum(squares) / dim + eps);
+    const bool vec = vectorises<T>(dim, x, w, grad, dx);
+    const float inv = 1.0f / sqrtf(row_squares(xr, dim, vec, lane) / dim + eps);
+    const int N = Vec16<T>::N;
     float dot = 0.0f;
-    for (int i = lane; i < dim; i += 32) dot += round_as(load(gr, i) * load(w, i), xr) * load(xr, i);
+    if (vec) {
+#pragma unroll 4
+        for (int i = lane * N; i < dim; i += 32 * N) {
+            float v[N], wv[N], gv[N];
+            Vec16<T>::load(xr, i, v);
+            Vec16<T>::load(w, i, wv);
+            Vec16<T>::load(gr, i, gv);
+#pragma unroll
+            for (int k = 0; k < N; k++) dot += round_as(gv[k] * wv[k], xr) * v[k];
+        }
+    } else {
+        for (int i = lane; i < dim; i += 32)
+            dot += round_as(load(gr, i) * load(w, i), xr) * load(xr, i);
+    }
     const float mean_dot = warp_sum(dot) * inv / dim;
-    for (int i = lane; i < dim; i += 32) {
-        const float g = round_as(load(gr, i) * load(w, i), xr);
-        store(dxr, i, (g - load(xr, i) * inv * mean_dot) * inv);
+    if (vec) {
+#pragma unroll 4
+        for (int i = lane * N; i < dim; i += 32 * N) {
+            float v[N], wv[N], gv[N];
+            Vec16<T>::load(xr, i, v);
+            Vec16<T>::load(w, i, wv);
+            Vec16<T>::load(gr, i, gv);
+#pragma unroll
+            for (int k = 0; k < N; k++)
+                v[k] = (round_as(gv[k] * wv[k], xr) - v[k] * inv * mean_dot) * inv;
+            Vec16<T>::store(dxr, i, v);
+        }
+    } else {
+        for (int i = lane; i < dim; i += 32) {
+            const float g = round_as(load(gr, i) * load(w, i), xr);
+            store(dxr, i, (g - load(xr, i) * inv * mean_dot) * inv);
+        }
     }
 }
 
 #define GRID_STRIDE(i, n) \
     for (index_t i = (index_t)blockIdx.x * BLOCK + threadIdx.x; i < (n); i += (index_t)gridDim.x * BLOCK)
 
+// 1 / (1 + exp(-g)) with exp on the special-function unit (inf for g < ~-88, giving 0).
+__device__ __forceinline__ float sigmoid(float g) { return 1.0f / (1.0f + fast_exp2(-g * LOG2E)); }
+
 // out = round(silu(gate)) * up
 template <typename T>
 __device__ void swiglu(const T* gate, const T* up, T* out, index_t n) {
-    GRID_STRIDE(i, n) {
-        const float g = load(gate, i);
-        store(out, i, round_as(g / (1.0f + expf(-g)), gate) * load(up, i));
+    if (vectorises<T>(n, gate, up, out)) {
+        const int N = Vec16<T>::N;
+        GRID_STRIDE(j, n / N) {
+            float g[N], u[N];
+            Vec16<T>::load(gate, j * N, g);
+            Vec16<T>::load(up, j * N, u);
+#pragma unroll
+            for (int k = 0; k < N; k++) g[k] = round_as(g[k] * sigmoid(g[k]), gate) * u[k];
+            Vec16<T>::store(out, j * N, g);
+        }
+    } else {
+        GRID_STRIDE(i, n) {
+            const float g = load(gate, i);
+            store(out, i, round_as(g * sigmoid(g), gate) * load(up, i));
+        }
     }
 }
 
@@ -61,22 +144,85 @@ __device__ void swiglu(const T* gate, const T* up, T* out, index_t n) {
 template <typename T>
 __device__ void swiglu_grads(const T* gate, const T* up, const T* grad, T* d_gate, T* d_up,
                              index_t n) {
-    GRID_STRIDE(i, n) {
-        const float g = load(gate, i), dy = load(grad, i);
-        const float s = 1.0f / (1.0f + expf(-g));
-        store(d_up, i, dy * g * s);
-        store(d_gate, i, dy * load(up, i) * s * (1.0f + g * (1.0f - s)));
+    if (vectorises<T>(n, gate, up, grad, d_gate, d_up)) {
+        const int N = Vec16<T>::N;
+        GRID_STRIDE(j, n / N) {
+            float g[N], u[N], dy[N];
+            Vec16<T>::load(gate, j * N, g);
+            Vec16<T>::load(up, j * N, u);
+            Vec16<T>::load(grad, j * N, dy);
+#pragma unroll
+            for (int k = 0; k < N; k++) {
+                const float s = sigmoid(g[k]);
+                const float dg = dy[k] * u[k] * s * (1.0f + g[k] * (1.0f - s));
+                u[k] = dy[k] * g[k] * s;
+                g[k] = dg;
+            }
+            Vec16<T>::store(d_gate, j * N, g);
+            Vec16<T>::store(d_up, j * N, u);
+        }
+    } else {
+        GRID_STRIDE(i, n) {
+            const float g = load(gate, i), dy = load(grad, i);
+            const float s = sigmoid(g);
+            store(d_up, i, dy * g * s);
+            store(d_gate, i, dy * load(up, i) * s * (1.0f + g * (1.0f - s)));
+        }
     }
+}
+
+// N f32 values from a 16-byte aligned address.
+template <int N>
+__device__ __forceinline__ void load_f32s(const float* p, float* out) {
+#pragma unroll
+    for (int k = 0; k < N; k += 4) Vec16<float>::load(p, k, out + k);
 }
 
 // x: [batch, heads, seq, dim] read through its strides (elements); out: the same, contiguous.
 // cos, sin: f32 [seq, dim]. out = x cos + sign · rotate_half(x) sin, rotate_half(x) = [-x2, x1];
-// sign = -1 rotates back.
+// sign = -1 rotates back. Where the last axis is unit-stride and rows are 16-byte aligned, each
+// thread rotates N values of the first half together with their N partners in the second (one
+// index decomposition per 2N values; the per-value path divides per value).
 template <typename T>
 __device__ void rope(const T* x, T* out, const float* cos, const float* sin, int heads, int seq,
                      int dim, long long stride_b, long long stride_h, long long stride_t,
                      long long stride_d, index_t n, float sign) {
     const int half = dim / 2;
+    const int N = Vec16<T>::N;
+    const bool vec = stride_d == 1 && half % N == 0 && stride_t % N == 0 && stride_h % N == 0 &&
+                     stride_b % N == 0 && aligned16(x) && aligned16(out) && aligned16(cos) &&
+                     aligned16(sin);
+    if (vec) {
+        const int chunks = half / N;
+        GRID_STRIDE(j, n / (2 * N)) {
+            const int c = (int)(j % chunks);
+            index_t r = j / chunks;  // the row (b, h, t) in out's order
+            const int t = (int)(r % seq);
+            const index_t bh = r / seq;
+            const int h = (int)(bh % heads);
+            const index_t b = bh / heads;
+            const T* xr = x + (long long)b * stride_b + h * stride_h + t * stride_t;
+            const int d = c * N;
+            float x1[N], x2[N], c1[N], c2[N], s1[N], s2[N];
+            Vec16<T>::load(xr, d, x1);
+            Vec16<T>::load(xr, d + half, x2);
+            const index_t tab = (index_t)t * dim + d;
+            load_f32s<N>(cos + tab, c1);
+            load_f32s<N>(cos + tab + half, c2);
+            load_f32s<N>(sin + tab, s1);
+            load_f32s<N>(sin + tab + half, s2);
+            float o1[N], o2[N];
+#pragma unroll
+            for (int k = 0; k < N; k++) {
+                o1[k] = x1[k] * c1[k] - sign * x2[k] * s1[k];
+                o2[k] = x2[k] * c2[k] + sign * x1[k] * s2[k];
+            }
+            T* orow = out + r * dim;
+            Vec16<T>::store(orow, d, o1);
+            Vec16<T>::store(orow, d + half, o2);
+        }
+        return;
+    }
     GRID_STRIDE(i, n) {
         const int d = (int)(i % dim);
         index_t r = i / dim;
@@ -140,92 +286,161 @@ extern "C" __global__ void rope_f32(const float* x, float* out, const float* cos
 }
 
 // The distillation KL per token, KL(p_s ‖ p_t) = Σ_v p_s,v (log p_s,v - log p_t,v) with
-// p = softmax over the vocabulary, in f32 from logits in T; one block per row. Its student
-// gradient, g · p_s,j (log p_s,j - log p_t,j - KL), recomputes the row's statistics (a third
-// sweep) instead of keeping anything: the logits are the only saved state.
+// p = softmax over the vocabulary, in f32 from logits in T; one block per row. One sweep over the
+// row: with e_v = exp(s_v - max_s),
+//   KL = (Σ e_v (s_v - t_v)) / (Σ e_v) - lse_s + lse_t,
+// so the running state is the two (max, Σ exp) pairs and Σ e_v (s_v - t_v), rescaled with the
+// student's sum whenever its max grows. The student gradient, g · p_s,j (log p_s,j - log p_t,j -
+// KL), repeats that sweep and writes in a second one: the logits are the only saved state. Rows
+// are read 16 bytes at a time where the vocabulary and the pointers allow (the logits are ~1 GB
+// per pass at Qwen's 151,936-token vocabulary, so the kernels are bound by memory bandwidth).
 
-// Running (max, sum of exp(x - max)), merged across threads.
-struct LogSumExp {
-    float max, sum;
+struct KlState {
+    float max_s, sum_s, cross;  // student max, Σ exp(s - max_s), Σ exp(s - max_s) (s - t)
+    float max_t, sum_t;         // teacher max, Σ exp(t - max_t)
 };
 
-__device__ __forceinline__ LogSumExp lse_merge(LogSumExp a, LogSumExp b) {
-    const float m = fmaxf(a.max, b.max);
-    if (m == NEG_INF) return a;
-    return {m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m)};
-}
-
-// One element into a running (max, sum): a single exp per element. A -inf logit adds nothing
-// (without the test, -inf - -inf would make the sum NaN).
-__device__ __forceinline__ void lse_add(LogSumExp& a, float x) {
-    if (x == NEG_INF) return;
-    if (x > a.max) {
-        a.sum = a.sum * expf(a.max - x) + 1.0f;
-        a.max = x;
-    } else {
-        a.sum += expf(x - a.max);
+// Adds N logits of each row. Entries with s = -inf add nothing to either student sum (no 0 · inf).
+template <int N>
+__device__ __forceinline__ void kl_add(KlState& st, const float* s, const float* t) {
+    float ms = st.max_s, mt = st.max_t;
+#pragma unroll
+    for (int i = 0; i < N; i++) {
+        ms = fmaxf(ms, s[i]);
+        mt = fmaxf(mt, t[i]);
+    }
+    if (ms != NEG_INF) {
+        if (ms > st.max_s) {
+            const float c = fast_exp2((st.max_s - ms) * LOG2E);
+            st.sum_s *= c;
+            st.cross = c > 0.0f ? st.cross * c : 0.0f;
+            st.max_s = ms;
+        }
+#pragma unroll
+        for (int i = 0; i < N; i++) {
+            const float e = fast_exp2((s[i] - ms) * LOG2E);
+            st.sum_s += e;
+            if (e > 0.0f) st.cross += e * (s[i] - t[i]);
+        }
+    }
+    if (mt != NEG_INF) {
+        if (mt > st.max_t) {
+            st.sum_t *= fast_exp2((st.max_t - mt) * LOG2E);
+            st.max_t = mt;
+        }
+#pragma unroll
+        for (int i = 0; i < N; i++) st.sum_t += fast_exp2((t[i] - mt) * LOG2E);
     }
 }
 
-__device__ LogSumExp block_lse(LogSumExp v, float* shared) {
-    for (int o = 16; o > 0; o >>= 1)
-        v = lse_merge(v, {__shfl_xor_sync(0xffffffffu, v.max, o),
-                          __shfl_xor_sync(0xffffffffu, v.sum, o)});
+__device__ __forceinline__ KlState kl_merge(KlState a, KlState b) {
+    KlState r;
+    r.max_s = fmaxf(a.max_s, b.max_s);
+    r.max_t = fmaxf(a.max_t, b.max_t);
+    if (r.max_s == NEG_INF) {
+        r.sum_s = 0.0f;
+        r.cross = 0.0f;
+    } else {
+        const float ca = fast_exp2((a.max_s - r.max_s) * LOG2E);
+        const float cb = fast_exp2((b.max_s - r.max_s) * LOG2E);
+        r.sum_s = a.sum_s * ca + b.sum_s * cb;
+        r.cross = (ca > 0.0f ? a.cross * ca : 0.0f) + (cb > 0.0f ? b.cross * cb : 0.0f);
+    }
+    r.sum_t = r.max_t == NEG_INF ? 0.0f
+                                 : a.sum_t * fast_exp2((a.max_t - r.max_t) * LOG2E) +
+                                       b.sum_t * fast_exp2((b.max_t - r.max_t) * LOG2E);
+    return r;
+}
+
+__device__ __forceinline__ KlState kl_shfl(KlState v, int o) {
+    return {__shfl_xor_sync(0xffffffffu, v.max_s, o), __shfl_xor_sync(0xffffffffu, v.sum_s, o),
+            __shfl_xor_sync(0xffffffffu, v.cross, o), __shfl_xor_sync(0xffffffffu, v.max_t, o),
+            __shfl_xor_sync(0xffffffffu, v.sum_t, o)};
+}
+
+// Whether every row of `vocab` values of T starting at `p` can be read 16 bytes at a time.
+template <typename T>
+__device__ __forceinline__ bool rows_vectorise(const T* p, int vocab) {
+    return vocab % Vec16<T>::N == 0 && aligned16(p);
+}
+
+// The row's log Σ exp of s and of t and its KL: what both kernels start with.
+template <typename T>
+__device__ void row_kl(const T* s, const T* t, int vocab, bool vectorised, float* lse_s,
+                       float* lse_t, float* kl) {
+    __shared__ float shared[5 * BLOCK / 32];
+    KlState st = {NEG_INF, 0.0f, 0.0f, NEG_INF, 0.0f};
+    if (vectorised) {
+        const int N = Vec16<T>::N;
+        for (int v = threadIdx.x * N; v < vocab; v += BLOCK * N) {
+            float sv[N], tv[N];
+            Vec16<T>::load(s, v, sv);
+            Vec16<T>::load(t, v, tv);
+            kl_add<N>(st, sv, tv);
+        }
+    } else {
+        for (int v = threadIdx.x; v < vocab; v += BLOCK) {
+            const float sv = load(s, v), tv = load(t, v);
+            kl_add<1>(st, &sv, &tv);
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) st = kl_merge(st, kl_shfl(st, o));
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     if (lane == 0) {
-        shared[2 * warp] = v.max;
-        shared[2 * warp + 1] = v.sum;
+        float* w = shared + 5 * warp;
+        w[0] = st.max_s, w[1] = st.sum_s, w[2] = st.cross, w[3] = st.max_t, w[4] = st.sum_t;
     }
     __syncthreads();
-    LogSumExp all = {NEG_INF, 0.0f};
-    for (int w = 0; w < BLOCK / 32; w++) all = lse_merge(all, {shared[2 * w], shared[2 * w + 1]});
-    __syncthreads();
-    return all;
-}
-
-// log Σ exp over the row of s and of t, then the row's KL: what both kernels start with.
-template <typename T>
-__device__ void row_kl(const T* s, const T* t, int vocab, float* shared, float* lse_s,
-                       float* lse_t, float* kl) {
-    LogSumExp ls = {NEG_INF, 0.0f}, lt = {NEG_INF, 0.0f};
-    for (int v = threadIdx.x; v < vocab; v += BLOCK) {
-        lse_add(ls, load(s, v));
-        lse_add(lt, load(t, v));
+    KlState all = {NEG_INF, 0.0f, 0.0f, NEG_INF, 0.0f};
+    for (int k = 0; k < BLOCK / 32; k++) {
+        const float* w = shared + 5 * k;
+        all = kl_merge(all, {w[0], w[1], w[2], w[3], w[4]});
     }
-    ls = block_lse(ls, shared);
-    lt = block_lse(lt, shared);
-    *lse_s = ls.max + logf(ls.sum);
-    *lse_t = lt.max + logf(lt.sum);
-    float sum = 0.0f;
-    for (int v = threadIdx.x; v < vocab; v += BLOCK) {
-        const float log_s = load(s, v) - *lse_s, p = expf(log_s);
-        // Tokens the student gives no probability (a -inf logit) contribute 0, not 0 · inf.
-        if (p > 0.0f) sum += p * (log_s - (load(t, v) - *lse_t));
-    }
-    *kl = block_reduce(sum, false, shared);
+    *lse_s = all.max_s + logf(all.sum_s);
+    *lse_t = all.max_t + logf(all.sum_t);
+    *kl = all.cross / all.sum_s - *lse_s + *lse_t;
 }
 
 template <typename T>
 __device__ void kl_rows(const T* student, const T* teacher, float* kl, int vocab) {
-    __shared__ float shared[2 * BLOCK / 32];
     const index_t at = (index_t)blockIdx.x * vocab;
+    const bool vectorised = rows_vectorise(student, vocab) && rows_vectorise(teacher, vocab);
     float lse_s, lse_t, row;
-    row_kl(student + at, teacher + at, vocab, shared, &lse_s, &lse_t, &row);
+    row_kl(student + at, teacher + at, vocab, vectorised, &lse_s, &lse_t, &row);
     if (threadIdx.x == 0) kl[blockIdx.x] = row;
+}
+
+// g · p_s (log p_s - log p_t - KL) of one logit pair; 0 where p_s is 0.
+__device__ __forceinline__ float kl_grad(float s, float t, float g, float lse_s, float lse_diff,
+                                         float kl) {
+    const float log_s = s - lse_s, p = fast_exp2(log_s * LOG2E);
+    return p > 0.0f ? g * p * ((s - t) - lse_diff - kl) : 0.0f;
 }
 
 template <typename T>
 __device__ void kl_student_grad_rows(const T* student, const T* teacher, const float* grad,
                                      T* d_student, int vocab) {
-    __shared__ float shared[2 * BLOCK / 32];
     const index_t at = (index_t)blockIdx.x * vocab;
     const T *s = student + at, *t = teacher + at;
+    T* d = d_student + at;
+    const bool vectorised = rows_vectorise(student, vocab) && rows_vectorise(teacher, vocab) &&
+                            rows_vectorise(d_student, vocab);
     float lse_s, lse_t, kl;
-    row_kl(s, t, vocab, shared, &lse_s, &lse_t, &kl);
-    const float g = grad[blockIdx.x];
-    for (int v = threadIdx.x; v < vocab; v += BLOCK) {
-        const float log_s = load(s, v) - lse_s, p = expf(log_s);
-        store(d_student + at, v, p > 0.0f ? g * p * (log_s - (load(t, v) - lse_t) - kl) : 0.0f);
+    row_kl(s, t, vocab, vectorised, &lse_s, &lse_t, &kl);
+    const float g = grad[blockIdx.x], lse_diff = lse_s - lse_t;
+    if (vectorised) {
+        const int N = Vec16<T>::N;
+        for (int v = threadIdx.x * N; v < vocab; v += BLOCK * N) {
+            float sv[N], tv[N], out[N];
+            Vec16<T>::load(s, v, sv);
+            Vec16<T>::load(t, v, tv);
+#pragma unroll
+            for (int i = 0; i < N; i++) out[i] = kl_grad(sv[i], tv[i], g, lse_s, lse_diff, kl);
+            Vec16<T>::store(d, v, out);
+        }
+    } else {
+        for (int v = threadIdx.x; v < vocab; v += BLOCK)
+            store(d, v, kl_grad(load(s, v), load(t, v), g, lse_s, lse_diff, kl));
     }
 }
 

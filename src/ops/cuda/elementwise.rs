@@ -32,6 +32,12 @@ fn grid_for(n: usize) -> (u32, u32, u32) {
     (n.div_ceil(BLOCK as usize).clamp(1, 1 << 16) as u32, 1, 1)
 }
 
+/// Values per thread in the kernels' 16-byte path (8 bf16 or 4 f32): their grid-stride loops
+/// need `n / width` threads (the per-value fallback covers `n` with the same grid).
+fn per_thread(like: &Cube) -> usize {
+    16 / like.dtype.size().max(1)
+}
+
 /// Blocks for one warp per row.
 fn grid_for_rows(rows: usize) -> (u32, u32, u32) {
     (rows.div_ceil(BLOCK as usize / 32).max(1) as u32, 1, 1)
@@ -143,7 +149,7 @@ pub fn swiglu<const D: usize>(
     run(
         |k| &k.swiglu,
         &[&gate, &up, &out],
-        grid_for(n),
+        grid_for(n.div_ceil(per_thread(&gate))),
         &[KernelArg::Long(n as i64)],
     )?;
     Some(tensor(out))
@@ -160,7 +166,7 @@ pub fn swiglu_grads<const D: usize>(
     run(
         |k| &k.swiglu_grads,
         &[&gate, &up, &grad, &d_gate, &d_up],
-        grid_for(n),
+        grid_for(n.div_ceil(per_thread(&gate))),
         &[KernelArg::Long(n as i64)],
     )?;
     Some((tensor(d_gate), tensor(d_up)))
@@ -197,7 +203,8 @@ pub fn rope(
     run(
         |k| &k.rope,
         &[&x, &out, &cos, &sin],
-        grid_for(n),
+        // Each thread rotates a value and its partner in the 16-byte path.
+        grid_for(n.div_ceil(2 * per_thread(&x))),
         &[
             KernelArg::Int(heads as i32),
             KernelArg::Int(seq as i32),

@@ -14,27 +14,6 @@
 #define FLASH_ROWS 64
 #define FLASH_KEYS 64
 #define FLASH_THREADS 128
-#define LOG2E 1.4426950408889634f
-#define LN2 0.6931471805599453f
-
-__device__ __forceinline__ unsigned int pack_bf16(float lo, float hi) {
-#if __CUDA_ARCH__ >= 800
-    // One instruction for both (round to nearest even, as f32_to_bf16).
-    unsigned int packed;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(packed) : "f"(hi), "f"(lo));
-    return packed;
-#else
-    return (unsigned int)f32_to_bf16(lo) | ((unsigned int)f32_to_bf16(hi) << 16);
-#endif
-}
-
-// 2^x on the special-function unit (what exp2f becomes under --use_fast_math; the scores are far
-// from the denormal range where the two differ).
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
 
 // The A fragment (16 x 16, k = columns 16 kk ..) formed by two adjacent C tiles (2 kk, 2 kk + 1)
 // rounded to bf16: a C tile's layout is exactly one half of an A fragment's.
