@@ -444,6 +444,17 @@ unsafe impl Send for DeviceContext {}
 /// 32 MiB, NVIDIA's recommendation for Hopper.
 const WORKSPACE_BYTES: usize = 32 << 20;
 
+/// Algorithms asked of cuBLASLt's heuristic for each new GEMM shape.
+const GEMM_CANDIDATES: usize = 8;
+
+/// Whether each new GEMM shape times the heuristic's candidates and keeps the fastest (its first
+/// pick can be far off: `bench linear` measured some [4096 x 4096 x 4096] products at half the
+/// speed of others of the same size). `DMS_RETROFIT_GEMM_TUNE=0` keeps the first pick.
+fn gemm_tuning() -> bool {
+    static TUNE: OnceLock<bool> = OnceLock::new();
+    *TUNE.get_or_init(|| std::env::var("DMS_RETROFIT_GEMM_TUNE").map_or(true, |v| v != "0"))
+}
+
 /// What we keep per GPU: our context (behind its lock), the queue of cubecl's device thread
 /// for that GPU (the one its compute client submits to), and whether our kernels compiled
 /// (known without taking the context's lock, which queued work holds).
@@ -688,11 +699,30 @@ impl DeviceContext {
         let algo = match self.algos.get(&key) {
             Some(algo) => *algo,
             None => {
-                let algo = self.choose_algo(&desc, &first, &second, &out, key.align)?;
+                let candidates = self.algo_candidates(&desc, &first, &second, &out, key.align)?;
+                // Timing writes C, so only where the GEMM overwrites it anyway.
+                let algo = if candidates.len() > 1 && g.beta == 0.0 && gemm_tuning() {
+                    self.fastest_algo(&candidates, |algo| {
+                        self.matmul(g, &desc, [&first, &second, &out], algo)
+                    })?
+                } else {
+                    candidates[0]
+                };
                 self.algos.insert(key, algo);
                 algo
             }
         };
+        self.matmul(g, &desc, [&first, &second, &out], &algo)
+    }
+
+    /// Enqueues `g` with `algo` (layouts: B's storage, A's, C's; see [`Self::gemm`]).
+    fn matmul(
+        &self,
+        g: &Gemm,
+        desc: &Desc,
+        [first, second, out]: [&Layout; 3],
+        algo: &sys::cublasLtMatmulAlgo_t,
+    ) -> Result<(), String> {
         unsafe {
             lt::matmul(
                 self.handle,
@@ -707,23 +737,25 @@ impl DeviceContext {
                 out.0,
                 g.c.ptr as *mut c_void,
                 out.0,
-                &algo,
+                algo,
                 self.workspace as *mut c_void,
                 WORKSPACE_BYTES,
                 self.stream.cu_stream().cast(),
             )
         }
-        .map_err(err("cublasLtMatmul"))
+        .map_err(|e| format!("cublasLtMatmul: {e:?}"))
     }
 
-    fn choose_algo(
+    /// cuBLASLt's heuristic's best algorithms for this GEMM (at most [`GEMM_CANDIDATES`], best
+    /// first, at least one).
+    fn algo_candidates(
         &self,
         desc: &Desc,
         first: &Layout,
         second: &Layout,
         out: &Layout,
         (align_first, align_second, align_out): (u32, u32, u32),
-    ) -> Result<sys::cublasLtMatmulAlgo_t, String> {
+    ) -> Result<Vec<sys::cublasLtMatmulAlgo_t>, String> {
         use sys::cublasLtMatmulPreferenceAttributes_t as A;
         let pref = Pref(lt::create_matmul_pref().map_err(|e| format!("preference: {e:?}"))?);
         let set = |attr, value: *const c_void, size| unsafe {
@@ -744,8 +776,12 @@ impl DeviceContext {
         ] {
             set(attr, (&align as *const u32).cast(), size_of::<u32>())?;
         }
-        let heuristic = unsafe {
-            lt::get_matmul_algo_heuristic(
+        // SAFETY: plain data the heuristic fills (up to `requested` entries).
+        let mut results: Vec<sys::cublasLtMatmulHeuristicResult_t> =
+            vec![unsafe { std::mem::zeroed() }; GEMM_CANDIDATES];
+        let mut found = 0i32;
+        unsafe {
+            sys::cublasLtMatmulAlgoGetHeuristic(
                 self.handle,
                 desc.0,
                 first.0,
@@ -753,10 +789,78 @@ impl DeviceContext {
                 out.0,
                 out.0,
                 pref.0,
+                GEMM_CANDIDATES as i32,
+                results.as_mut_ptr(),
+                &mut found,
             )
+            .result()
         }
         .map_err(|e| format!("no cuBLASLt algorithm for this shape: {e:?}"))?;
-        Ok(heuristic.algo)
+        let candidates: Vec<_> = results
+            .iter()
+            .take(found.max(0) as usize)
+            .filter(|r| r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+            .map(|r| r.algo)
+            .collect();
+        if candidates.is_empty() {
+            return Err("no cuBLASLt algorithm for this shape".into());
+        }
+        Ok(candidates)
+    }
+
+    /// The candidate whose `run` (one GEMM on the call's own operands) takes least GPU time:
+    /// each is run once to warm up, then timed over three runs with events on our stream. Waits
+    /// for the stream (once per new GEMM shape). A candidate that fails to launch is skipped;
+    /// the heuristic's first is kept where none could be timed.
+    fn fastest_algo(
+        &self,
+        candidates: &[sys::cublasLtMatmulAlgo_t],
+        run: impl Fn(&sys::cublasLtMatmulAlgo_t) -> Result<(), String>,
+    ) -> Result<sys::cublasLtMatmulAlgo_t, String> {
+        use cudarc::driver::{result::event, sys::CUevent_flags};
+        let stream = self.stream.cu_stream();
+        let events = (
+            event::create(CUevent_flags::CU_EVENT_DEFAULT),
+            event::create(CUevent_flags::CU_EVENT_DEFAULT),
+        );
+        let (start, end) = match events {
+            (Ok(start), Ok(end)) => (start, end),
+            (start, end) => {
+                for e in [start, end].into_iter().flatten() {
+                    // SAFETY: created above, never recorded.
+                    let _ = unsafe { event::destroy(e) };
+                }
+                return Ok(candidates[0]);
+            }
+        };
+        let time = |algo| -> Result<f32, String> {
+            run(algo)?;
+            // SAFETY: events and stream are live; the elapsed time is read after `end` completes.
+            unsafe {
+                event::record(start, stream).map_err(|e| format!("{e:?}"))?;
+                for _ in 0..3 {
+                    run(algo)?;
+                }
+                event::record(end, stream).map_err(|e| format!("{e:?}"))?;
+                event::synchronize(end).map_err(|e| format!("{e:?}"))?;
+                event::elapsed(start, end).map_err(|e| format!("{e:?}"))
+            }
+        };
+        let mut best = (f32::INFINITY, candidates[0]);
+        for algo in candidates {
+            if let Ok(ms) = time(algo)
+                && ms < best.0
+            {
+                best = (ms, *algo);
+            }
+        }
+        // SAFETY: both completed (synchronized above) or were never recorded.
+        unsafe {
+            let _ = event::synchronize(end);
+            let _ = event::destroy(start);
+            let _ = event::destroy(end);
+        }
+        Ok(best.1)
     }
 
     /// The NVRTC-compiled kernels, compiled on first use.

@@ -78,12 +78,20 @@ enum Mode {
     Burn,
 }
 
-/// `DMS_RETROFIT_UPLOAD=memory` or `=burn` keeps the earlier paths (for comparisons).
+/// `DMS_RETROFIT_UPLOAD=memory` or `=burn` keeps the earlier paths (for comparisons); `file` (or
+/// unset) is the default, anything else is warned about once and means the default.
 fn mode() -> Mode {
     static MODE: std::sync::OnceLock<Mode> = std::sync::OnceLock::new();
     *MODE.get_or_init(|| match std::env::var("DMS_RETROFIT_UPLOAD") {
         Ok(v) if v.eq_ignore_ascii_case("burn") => Mode::Burn,
         Ok(v) if v.eq_ignore_ascii_case("memory") => Mode::Memory,
-        _ => Mode::File,
+        Ok(v) if v.is_empty() || v.eq_ignore_ascii_case("file") => Mode::File,
+        Ok(other) => {
+            tracing::warn!(
+                "DMS_RETROFIT_UPLOAD={other:?} is not file, memory or burn; using the default (file)"
+            );
+            Mode::File
+        }
+        Err(_) => Mode::File,
     })
 }

@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""Runs the memory-bound kernels of src/ops/cuda/elementwise.cu (the distillation KL and its
+student gradient, RMSNorm, SwiGLU) straight from PyTorch (NVRTC + the CUDA driver through ctypes,
+as scripts/attention-kernels.py does; no Rust build), checks each against an independent float64
+PyTorch reference of its definition, and times it in GB/s beside the card's copy bandwidth
+(a PyTorch device-to-device copy). For kernel work on a GPU machine:
+
+    python3 scripts/elementwise-kernels.py [--tokens 4096] [--kl-rows 1024] [--vocab 151936]
+        [--hidden 4096] [--intermediate 12288] [--define MACRO[=V]]... [--json out.json]
+
+bf16 inputs and outputs, as training runs them. Bytes counted: what the kernel must read and write
+once (a kernel that sweeps a row twice moves more).
+"""
+import argparse
+import ctypes
+import importlib.util
+import json
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(name, file):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", file))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+check_kernels = load_script("check_kernels", "check-kernels.py")
+BLOCK = 256  # common.cu
+
+
+class Driver:
+    """The PTX module and launches on PyTorch's current stream."""
+
+    def __init__(self, ptx):
+        self.cuda = ctypes.CDLL("libcuda.so.1")
+        self.check(self.cuda.cuInit(0), "cuInit")
+        torch.zeros(1, device="cuda")  # the primary context, current on this thread
+        self.module = ctypes.c_void_p()
+        self.check(self.cuda.cuModuleLoadData(ctypes.byref(self.module), ctypes.c_char_p(ptx)),
+                   "cuModuleLoadData")
+
+    def check(self, status, what):
+        if status:
+            name = ctypes.c_char_p()
+            self.cuda.cuGetErrorName(status, ctypes.byref(name))
+            sys.exit(f"{what}: {name.value.decode() if name.value else status}")
+
+    def launch(self, name, grid, args):
+        f = ctypes.c_void_p()
+        self.check(self.cuda.cuModuleGetFunction(ctypes.byref(f), self.module, name.encode()), name)
+        holders = []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                holders.append(ctypes.c_uint64(a.data_ptr()))
+            elif isinstance(a, float):
+                holders.append(ctypes.c_float(a))
+            elif isinstance(a, tuple) and a[0] == "long":
+                holders.append(ctypes.c_uint64(a[1]))
+            else:
+                holders.append(ctypes.c_int32(a))
+        params = (ctypes.c_void_p * len(holders))(
+            *[ctypes.cast(ctypes.byref(h), ctypes.c_void_p) for h in holders])
+        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        self.check(self.cuda.cuLaunchKernel(f, grid, 1, 1, BLOCK, 1, 1, 0, stream, params, None),
+                   "launch")
+
+
+def time_ms(fn, iters=20):
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def bf16_bytes(*shapes):
+    return sum(2 * torch.Size(s).numel() for s in shapes)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--kl-rows", type=int, default=1024)
+    parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--intermediate", type=int, default=12288)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--define", action="append", default=[])
+    parser.add_argument("--json")
+    args = parser.parse_args()
+
+    major, minor = torch.cuda.get_device_capability()
+    arch = "sm_90a" if (major, minor) == (9, 0) else f"sm_{major}{minor}"
+    driver = Driver(check_kernels.compile_ptx(arch, args.define))
+    card = torch.cuda.get_device_name()
+    torch.manual_seed(0)
+    dev = "cuda"
+
+    big = torch.empty(1 << 29, dtype=torch.bfloat16, device=dev)  # 1 GiB
+    copy_ms = time_ms(lambda: big.clone(), 10)
+    copy_gbs = 2 * big.numel() * 2 / copy_ms / 1e6
+    del big
+    print(f"{card}: device copy {copy_gbs:.0f} GB/s (read + write); defines {args.define or 'none'}")
+    rows = []
+
+    def report(op, shape, ms, nbytes, diff, tol):
+        gbs = nbytes / ms / 1e6
+        ok = diff <= tol
+        rows.append(dict(op=op, shape=list(shape), ms=ms, gb_per_s=gbs,
+                         of_copy=gbs / copy_gbs, rel_diff=diff, tolerance=tol, ok=ok))
+        print(f"{op:<24} {str(list(shape)):<22} {ms:8.3f} ms {gbs:8.0f} GB/s "
+              f"({100 * gbs / copy_gbs:3.0f}% of copy)  rel diff {diff:.2e} "
+              f"{'ok' if ok else 'FAIL > %.0e' % tol}")
+
+    # Distillation KL (f32 per row) and its student gradient.
+    r, v = args.kl_rows, args.vocab
+    s = (torch.randn(r, v, device=dev) * 3).bfloat16()
+    t = (torch.randn(r, v, device=dev) * 3).bfloat16()
+    g = torch.randn(r, device=dev)
+    log_s = torch.log_softmax(s.double(), -1)
+    log_t = torch.log_softmax(t.double(), -1)
+    p = log_s.exp()
+    kl_ref = (p * (log_s - log_t)).sum(-1)
+    grad_ref = g.double()[:, None] * p * (log_s - log_t - kl_ref[:, None])
+    del log_s, log_t, p
+    kl = torch.empty(r, device=dev)
+    run_kl = lambda: driver.launch("kl_rows_bf16", r, [s, t, kl, v])
+    report("token_kl", (r, v), time_ms(run_kl), bf16_bytes((r, v), (r, v)), rel(kl, kl_ref), 1e-5)
+    d = torch.empty_like(s)
+    run_grad = lambda: driver.launch("kl_student_grad_rows_bf16", r, [s, t, g, d, v])
+    report("token_kl student grad", (r, v), time_ms(run_grad), bf16_bytes(*[(r, v)] * 3),
+           rel(d, grad_ref), 1e-2)
+    del s, t, d, grad_ref
+
+    # RMSNorm over the hidden size and over q heads.
+    eps = 1e-6
+    for name, (n, dim) in [("rms_norm", (args.tokens, args.hidden)),
+                           ("rms_norm (q heads)", (args.tokens * args.heads, args.head_dim))]:
+        x = torch.randn(n, dim, device=dev).bfloat16()
+        w = (1 + 0.1 * torch.randn(dim, device=dev)).bfloat16()
+        dy = torch.randn(n, dim, device=dev).bfloat16()
+        xd = x.double()
+        inv = torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps)
+        ref = (xd * inv).bfloat16().double() * w.double()
+        out = torch.empty_like(x)
+        grid = (n + BLOCK // 32 - 1) // (BLOCK // 32)
+        run = lambda: driver.launch("rms_norm_rows_bf16", grid, [x, w, out, n, dim, eps])
+        report(name, (n, dim), time_ms(run), bf16_bytes((n, dim), (n, dim)), rel(out, ref), 1e-2)
+        gw = (dy.double() * w.double()).bfloat16().double()
+        xh = xd * inv
+        dx_ref = (gw - xh * (gw * xh).mean(-1, keepdim=True)) * inv
+        dx = torch.empty_like(x)
+        run = lambda: driver.launch("rms_norm_grad_rows_bf16", grid, [x, w, dy, dx, n, dim, eps])
+        report(name + " grad", (n, dim), time_ms(run), bf16_bytes(*[(n, dim)] * 3), rel(dx, dx_ref),
+               1e-2)
+
+    # SwiGLU and its gradients.
+    shape = (args.tokens, args.intermediate)
+    n = args.tokens * args.intermediate
+    gate = (2 * torch.randn(shape, device=dev)).bfloat16()
+    up = torch.randn(shape, device=dev).bfloat16()
+    dy = torch.randn(shape, device=dev).bfloat16()
+    gd, ud = gate.double(), up.double()
+    sig = torch.sigmoid(gd)
+    ref = (gd * sig).bfloat16().double() * ud
+    out = torch.empty_like(gate)
+    grid = min((n + 8 * BLOCK - 1) // (8 * BLOCK), 1 << 16)
+    run = lambda: driver.launch("swiglu_bf16", grid, [gate, up, out, ("long", n)])
+    report("swiglu", shape, time_ms(run), bf16_bytes(*[shape] * 3), rel(out, ref), 1e-2)
+    d_gate, d_up = torch.empty_like(gate), torch.empty_like(gate)
+    run = lambda: driver.launch("swiglu_grads_bf16", grid, [gate, up, dy, d_gate, d_up, ("long", n)])
+    dref_up = dy.double() * gd * sig
+    dref_gate = dy.double() * ud * sig * (1 + gd * (1 - sig))
+    report("swiglu grads", shape, time_ms(run), bf16_bytes(*[shape] * 5),
+           max(rel(d_gate, dref_gate), rel(d_up, dref_up)), 1e-2)
+
+    if args.json:
+        json.dump(dict(card=card, copy_gb_per_s=copy_gbs, defines=args.define, rows=rows),
+                  open(args.json, "w"), indent=1)
+    if not all(row["ok"] for row in rows):
+        sys.exit("some kernels differ from the reference beyond tolerance")
+
+
+if __name__ == "__main__":
+    main()
