@@ -447,12 +447,14 @@ const WORKSPACE_BYTES: usize = 32 << 20;
 /// Algorithms asked of cuBLASLt's heuristic for each new GEMM shape.
 const GEMM_CANDIDATES: usize = 8;
 
-/// Whether each new GEMM shape times the heuristic's candidates and keeps the fastest (its first
-/// pick can be far off: `bench linear` measured some [4096 x 4096 x 4096] products at half the
-/// speed of others of the same size). `DMS_RETROFIT_GEMM_TUNE=0` keeps the first pick.
+/// Whether each new GEMM shape times the heuristic's candidates and keeps the fastest
+/// (`DMS_RETROFIT_GEMM_TUNE=1`; off by default until measured on a GPU: `bench linear` timed some
+/// [4096 x 4096 x 4096] products at half the speed of others of the same size, and the LM head's
+/// input gradient 13% below its forward, but with a wait after every call, which may account for
+/// the short ones).
 fn gemm_tuning() -> bool {
     static TUNE: OnceLock<bool> = OnceLock::new();
-    *TUNE.get_or_init(|| std::env::var("DMS_RETROFIT_GEMM_TUNE").map_or(true, |v| v != "0"))
+    *TUNE.get_or_init(|| std::env::var("DMS_RETROFIT_GEMM_TUNE").is_ok_and(|v| v == "1"))
 }
 
 /// What we keep per GPU: our context (behind its lock), the queue of cubecl's device thread
