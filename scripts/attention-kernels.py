@@ -82,6 +82,8 @@ class Driver:
                 holders.append(ctypes.c_uint64(0))
             elif isinstance(a, float):
                 holders.append(ctypes.c_float(a))
+            elif isinstance(a, tuple) and a[0] == "long":  # a 64-bit size (index_t)
+                holders.append(ctypes.c_uint64(a[1]))
             else:
                 holders.append(ctypes.c_int32(a))
         params = (ctypes.c_void_p * len(holders))(*[ctypes.cast(ctypes.byref(h), ctypes.c_void_p) for h in holders])

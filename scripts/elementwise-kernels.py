@@ -12,7 +12,6 @@ bf16 inputs and outputs, as training runs them. Bytes counted: what the kernel m
 once (a kernel that sweeps a row twice moves more).
 """
 import argparse
-import ctypes
 import importlib.util
 import json
 import os
@@ -31,56 +30,23 @@ def load_script(name, file):
 
 
 check_kernels = load_script("check_kernels", "check-kernels.py")
+# Its ctypes driver (module load, launches on PyTorch's stream) and event timing.
+attention_kernels = load_script("attention_kernels", "attention-kernels.py")
 BLOCK = 256  # common.cu
 
 
-class Driver:
-    """The PTX module and launches on PyTorch's current stream."""
+def time_ms(fn, iters=20):
+    return attention_kernels.time_ms(fn, iters)
 
-    def __init__(self, ptx):
-        self.cuda = ctypes.CDLL("libcuda.so.1")
-        self.check(self.cuda.cuInit(0), "cuInit")
-        torch.zeros(1, device="cuda")  # the primary context, current on this thread
-        self.module = ctypes.c_void_p()
-        self.check(self.cuda.cuModuleLoadData(ctypes.byref(self.module), ctypes.c_char_p(ptx)),
-                   "cuModuleLoadData")
 
-    def check(self, status, what):
-        if status:
-            name = ctypes.c_char_p()
-            self.cuda.cuGetErrorName(status, ctypes.byref(name))
-            sys.exit(f"{what}: {name.value.decode() if name.value else status}")
+class Driver(attention_kernels.Driver):
+    """Launches by kernel name with BLOCK threads and no dynamic shared memory."""
 
     def launch(self, name, grid, args):
-        f = ctypes.c_void_p()
-        self.check(self.cuda.cuModuleGetFunction(ctypes.byref(f), self.module, name.encode()), name)
-        holders = []
-        for a in args:
-            if isinstance(a, torch.Tensor):
-                holders.append(ctypes.c_uint64(a.data_ptr()))
-            elif isinstance(a, float):
-                holders.append(ctypes.c_float(a))
-            elif isinstance(a, tuple) and a[0] == "long":
-                holders.append(ctypes.c_uint64(a[1]))
-            else:
-                holders.append(ctypes.c_int32(a))
-        params = (ctypes.c_void_p * len(holders))(
-            *[ctypes.cast(ctypes.byref(h), ctypes.c_void_p) for h in holders])
-        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        self.check(self.cuda.cuLaunchKernel(f, grid, 1, 1, BLOCK, 1, 1, 0, stream, params, None),
-                   "launch")
-
-
-def time_ms(fn, iters=20):
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+        functions = self.__dict__.setdefault("functions", {})
+        if name not in functions:
+            functions[name] = self.function(name, 0)
+        super().launch(functions[name], (grid, 1, 1), BLOCK, 0, args)
 
 
 def rel(a, b):
