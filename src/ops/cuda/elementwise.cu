@@ -358,12 +358,6 @@ __device__ __forceinline__ KlState kl_shfl(KlState v, int o) {
             __shfl_xor_sync(0xffffffffu, v.sum_t, o)};
 }
 
-// Whether every row of `vocab` values of T starting at `p` can be read 16 bytes at a time.
-template <typename T>
-__device__ __forceinline__ bool rows_vectorise(const T* p, int vocab) {
-    return vocab % Vec16<T>::N == 0 && aligned16(p);
-}
-
 // The row's log Σ exp of s and of t and its KL: what both kernels start with.
 template <typename T>
 __device__ void row_kl(const T* s, const T* t, int vocab, bool vectorised, float* lse_s,
@@ -404,7 +398,8 @@ __device__ void row_kl(const T* s, const T* t, int vocab, bool vectorised, float
 template <typename T>
 __device__ void kl_rows(const T* student, const T* teacher, float* kl, int vocab) {
     const index_t at = (index_t)blockIdx.x * vocab;
-    const bool vectorised = rows_vectorise(student, vocab) && rows_vectorise(teacher, vocab);
+    // Rows of `vocab` values from 16-byte aligned starts: every row start is aligned too.
+    const bool vectorised = vectorises<T>(vocab, student, teacher);
     float lse_s, lse_t, row;
     row_kl(student + at, teacher + at, vocab, vectorised, &lse_s, &lse_t, &row);
     if (threadIdx.x == 0) kl[blockIdx.x] = row;
@@ -423,8 +418,7 @@ __device__ void kl_student_grad_rows(const T* student, const T* teacher, const f
     const index_t at = (index_t)blockIdx.x * vocab;
     const T *s = student + at, *t = teacher + at;
     T* d = d_student + at;
-    const bool vectorised = rows_vectorise(student, vocab) && rows_vectorise(teacher, vocab) &&
-                            rows_vectorise(d_student, vocab);
+    const bool vectorised = vectorises<T>(vocab, student, teacher, d_student);
     float lse_s, lse_t, kl;
     row_kl(s, t, vocab, vectorised, &lse_s, &lse_t, &kl);
     const float g = grad[blockIdx.x], lse_diff = lse_s - lse_t;
