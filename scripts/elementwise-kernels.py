@@ -113,6 +113,40 @@ def main():
            rel(d, grad_ref), 1e-2)
     del s, t, d, grad_ref
 
+    # A student near its teacher (KL ~4e-3, early distillation) that rules some tokens out
+    # (-inf): a small difference of two ~16-sized log-sum-exps.
+    s = torch.randn(r, v, device=dev) * 3
+    t = (s + 0.1 * torch.randn(r, v, device=dev)).bfloat16()
+    s = s.bfloat16()
+    s[:, ::1009] = float("-inf")
+    log_s = torch.log_softmax(s.double(), -1)
+    log_t = torch.log_softmax(t.double(), -1)
+    p = log_s.exp()
+    terms = torch.where(p > 0, p * (log_s - log_t), 0.0)
+    kl_ref = terms.sum(-1)
+    grad_ref = torch.where(p > 0, g.double()[:, None] * p * (log_s - log_t - kl_ref[:, None]), 0.0)
+    del log_s, log_t, p, terms
+    report("token_kl near teacher", (r, v), time_ms(run_kl), bf16_bytes((r, v), (r, v)),
+           rel(kl, kl_ref), 1e-4)
+    d = torch.empty_like(s)
+    report("token_kl grad near teacher", (r, v), time_ms(run_grad), bf16_bytes(*[(r, v)] * 3),
+           rel(d, grad_ref), 1e-2)
+    # A NaN logit reaches its row's KL wherever it sits: alone among -inf in its 16 bytes (where a
+    # plain fmaxf would skip it), or among finite logits; the other rows stay finite.
+    s[0, :8] = float("-inf")
+    s[0, 0] = float("nan")
+    s[1, 5] = float("nan")
+    t[2, 100] = float("nan")
+    run_kl()
+    torch.cuda.synchronize()
+    nan_rows = kl[:3].isnan().tolist()
+    others_finite = bool(kl[3:].isfinite().all())
+    rows.append(dict(op="token_kl NaN logits", nan_rows=nan_rows, others_finite=others_finite,
+                     ok=all(nan_rows) and others_finite))
+    print(f"{'token_kl NaN logits':<24} rows with a NaN give NaN: {nan_rows}, the others finite: "
+          f"{others_finite} {'ok' if rows[-1]['ok'] else 'FAIL'}")
+    del s, t, d, grad_ref
+
     # RMSNorm over the hidden size and over q heads.
     eps = 1e-6
     for name, (n, dim) in [("rms_norm", (args.tokens, args.hidden)),

@@ -300,14 +300,20 @@ struct KlState {
     float max_t, sum_t;         // teacher max, Σ exp(t - max_t)
 };
 
+// The larger of a and b, NaN if either is (fmaxf would drop it: a NaN logit must reach the sums).
+__device__ __forceinline__ float max_keeping_nan(float a, float b) {
+    return (b > a || b != b) ? b : a;
+}
+
 // Adds N logits of each row. Entries with s = -inf add nothing to either student sum (no 0 · inf).
+// A NaN logit makes the block's maximum NaN, so its exponentials, and the row's sums, are NaN.
 template <int N>
 __device__ __forceinline__ void kl_add(KlState& st, const float* s, const float* t) {
     float ms = st.max_s, mt = st.max_t;
 #pragma unroll
     for (int i = 0; i < N; i++) {
-        ms = fmaxf(ms, s[i]);
-        mt = fmaxf(mt, t[i]);
+        ms = max_keeping_nan(ms, s[i]);
+        mt = max_keeping_nan(mt, t[i]);
     }
     if (ms != NEG_INF) {
         if (ms > st.max_s) {
@@ -337,16 +343,17 @@ __device__ __forceinline__ KlState kl_merge(KlState a, KlState b) {
     KlState r;
     r.max_s = fmaxf(a.max_s, b.max_s);
     r.max_t = fmaxf(a.max_t, b.max_t);
+    // Both maxima -inf: the sums are 0, or NaN from a NaN logit, which the sum keeps.
     if (r.max_s == NEG_INF) {
-        r.sum_s = 0.0f;
-        r.cross = 0.0f;
+        r.sum_s = a.sum_s + b.sum_s;
+        r.cross = a.cross + b.cross;
     } else {
         const float ca = fast_exp2((a.max_s - r.max_s) * LOG2E);
         const float cb = fast_exp2((b.max_s - r.max_s) * LOG2E);
         r.sum_s = a.sum_s * ca + b.sum_s * cb;
         r.cross = (ca > 0.0f ? a.cross * ca : 0.0f) + (cb > 0.0f ? b.cross * cb : 0.0f);
     }
-    r.sum_t = r.max_t == NEG_INF ? 0.0f
+    r.sum_t = r.max_t == NEG_INF ? a.sum_t + b.sum_t
                                  : a.sum_t * fast_exp2((a.max_t - r.max_t) * LOG2E) +
                                        b.sum_t * fast_exp2((b.max_t - r.max_t) * LOG2E);
     return r;
@@ -358,10 +365,10 @@ __device__ __forceinline__ KlState kl_shfl(KlState v, int o) {
             __shfl_xor_sync(0xffffffffu, v.sum_t, o)};
 }
 
-// The row's log Σ exp of s and of t and its KL: what both kernels start with.
+// The row's log Σ exp of s, that minus t's, and its KL: what both kernels start with.
 template <typename T>
 __device__ void row_kl(const T* s, const T* t, int vocab, bool vectorised, float* lse_s,
-                       float* lse_t, float* kl) {
+                       float* lse_diff, float* kl) {
     __shared__ float shared[5 * BLOCK / 32];
     KlState st = {NEG_INF, 0.0f, 0.0f, NEG_INF, 0.0f};
     if (vectorised) {
@@ -391,8 +398,10 @@ __device__ void row_kl(const T* s, const T* t, int vocab, bool vectorised, float
         all = kl_merge(all, {w[0], w[1], w[2], w[3], w[4]});
     }
     *lse_s = all.max_s + logf(all.sum_s);
-    *lse_t = all.max_t + logf(all.sum_t);
-    *kl = all.cross / all.sum_s - *lse_s + *lse_t;
+    // Not lse_s - lse_t: each is ~16 at Qwen's vocabulary, so their difference loses ~1e-6, which
+    // is 3e-4 of the KL of a student near its teacher (KL ~4e-3); this loses ~1e-7.
+    *lse_diff = (all.max_s - all.max_t) + logf(all.sum_s / all.sum_t);
+    *kl = all.cross / all.sum_s - *lse_diff;
 }
 
 template <typename T>
@@ -400,8 +409,8 @@ __device__ void kl_rows(const T* student, const T* teacher, float* kl, int vocab
     const index_t at = (index_t)blockIdx.x * vocab;
     // Rows of `vocab` values from 16-byte aligned starts: every row start is aligned too.
     const bool vectorised = vectorises<T>(vocab, student, teacher);
-    float lse_s, lse_t, row;
-    row_kl(student + at, teacher + at, vocab, vectorised, &lse_s, &lse_t, &row);
+    float lse_s, lse_diff, row;
+    row_kl(student + at, teacher + at, vocab, vectorised, &lse_s, &lse_diff, &row);
     if (threadIdx.x == 0) kl[blockIdx.x] = row;
 }
 
@@ -419,9 +428,9 @@ __device__ void kl_student_grad_rows(const T* student, const T* teacher, const f
     const T *s = student + at, *t = teacher + at;
     T* d = d_student + at;
     const bool vectorised = vectorises<T>(vocab, student, teacher, d_student);
-    float lse_s, lse_t, kl;
-    row_kl(s, t, vocab, vectorised, &lse_s, &lse_t, &kl);
-    const float g = grad[blockIdx.x], lse_diff = lse_s - lse_t;
+    float lse_s, lse_diff, kl;
+    row_kl(s, t, vocab, vectorised, &lse_s, &lse_diff, &kl);
+    const float g = grad[blockIdx.x];
     if (vectorised) {
         const int N = Vec16<T>::N;
         for (int v = threadIdx.x * N; v < vocab; v += BLOCK * N) {

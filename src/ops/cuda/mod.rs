@@ -704,7 +704,7 @@ impl DeviceContext {
                 let candidates = self.algo_candidates(&desc, &first, &second, &out, key.align)?;
                 // Timing writes C, so only where the GEMM overwrites it anyway.
                 let algo = if candidates.len() > 1 && g.beta == 0.0 && gemm_tuning() {
-                    self.fastest_algo(&candidates, |algo| {
+                    self.fastest_algo(&candidates, key.mnk, |algo| {
                         self.matmul(g, &desc, [&first, &second, &out], algo)
                     })?
                 } else {
@@ -817,6 +817,7 @@ impl DeviceContext {
     fn fastest_algo(
         &self,
         candidates: &[sys::cublasLtMatmulAlgo_t],
+        (m, n, k): (usize, usize, usize),
         run: impl Fn(&sys::cublasLtMatmulAlgo_t) -> Result<(), String>,
     ) -> Result<sys::cublasLtMatmulAlgo_t, String> {
         use cudarc::driver::{result::event, sys::CUevent_flags};
@@ -848,21 +849,33 @@ impl DeviceContext {
                 event::elapsed(start, end).map_err(|e| format!("{e:?}"))
             }
         };
-        let mut best = (f32::INFINITY, candidates[0]);
-        for algo in candidates {
-            if let Ok(ms) = time(algo)
+        let times: Vec<Option<f32>> = candidates.iter().map(|algo| time(algo).ok()).collect();
+        let mut best = (f32::INFINITY, 0);
+        for (i, ms) in times.iter().enumerate() {
+            if let Some(ms) = *ms
                 && ms < best.0
             {
-                best = (ms, *algo);
+                best = (ms, i);
             }
         }
+        // Which algorithm runs can differ between runs (timing noise): say which and by how much.
+        tracing::debug!(
+            m,
+            n,
+            k,
+            chosen = best.1,
+            chosen_ms = best.0 / 3.0,
+            heuristic_first_ms = times[0].map(|ms| ms / 3.0),
+            candidates = candidates.len(),
+            "GEMM algorithm timed"
+        );
         // SAFETY: both completed (synchronized above) or were never recorded.
         unsafe {
             let _ = event::synchronize(end);
             let _ = event::destroy(start);
             let _ = event::destroy(end);
         }
-        Ok(best.1)
+        Ok(candidates[best.1])
     }
 
     /// The NVRTC-compiled kernels, compiled on first use.
