@@ -452,9 +452,18 @@ const GEMM_CANDIDATES: usize = 8;
 /// [4096 x 4096 x 4096] products at half the speed of others of the same size, and the LM head's
 /// input gradient 13% below its forward, but with a wait after every call, which may account for
 /// the short ones).
+/// Anything but `0` / `1` (or unset) is warned about once and means off.
 fn gemm_tuning() -> bool {
     static TUNE: OnceLock<bool> = OnceLock::new();
-    *TUNE.get_or_init(|| std::env::var("DMS_RETROFIT_GEMM_TUNE").is_ok_and(|v| v == "1"))
+    *TUNE.get_or_init(|| match std::env::var("DMS_RETROFIT_GEMM_TUNE") {
+        Ok(v) if v == "1" => true,
+        Ok(v) if v.is_empty() || v == "0" => false,
+        Ok(other) => {
+            tracing::warn!("DMS_RETROFIT_GEMM_TUNE={other:?} is not 0 or 1; GEMM timing stays off");
+            false
+        }
+        Err(_) => false,
+    })
 }
 
 /// What we keep per GPU: our context (behind its lock), the queue of cubecl's device thread
