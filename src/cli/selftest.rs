@@ -174,9 +174,11 @@ enum Class {
 /// its query's output by about 1/window.
 fn tolerance(variant: Variant, reference: Reference, class: Class) -> f64 {
     match (variant.format(), reference, class) {
-        // burn's f32 sums (the CPU run's path) lose up to ~2e-4 of a near-teacher KL; our
-        // kernel ~2e-5 (`scripts/elementwise-kernels.py` holds it to 1e-4).
-        (FloatFormat::F32, _, Class::SmallDifference) => 1e-3,
+        // The KL output is f32 in both variants. Our kernel is ~2e-5 from f64 on the
+        // near-teacher rows (`scripts/kl-precision.py`; the old lse_s - lse_t form ~1e-4 to
+        // 2e-4); burn's f32 sums on the GPU are not known to do as well.
+        (_, Reference::CpuF32 | Reference::CpuF64, Class::SmallDifference) => 5e-5,
+        (_, Reference::BurnGpu, Class::SmallDifference) => 1e-3,
         (FloatFormat::F32, Reference::CpuF32, Class::Elementwise) => 1e-5,
         // f32 ops summing 152K terms (burn's, which the suite's CPU run checks) are within ~6e-5.
         (FloatFormat::F32, Reference::CpuF32 | Reference::CpuF64, _) => 1e-4,
@@ -1143,7 +1145,9 @@ impl<B: Tested> Suite<'_, B> {
             if !self.wants("token_kl", &case) {
                 continue;
             }
-            let (student, teacher, class) = if near_teacher {
+            // The near-teacher KL is a small difference; its gradient sums no less than the other
+            // cases' but is compared against burn's f32 sums over 152K terms (as `Reduction`).
+            let (student, teacher, kl_class, grad_class) = if near_teacher {
                 let student = self.values(shape, Draw::Normal(3.0));
                 let noise = self.values(shape, Draw::Normal(0.1));
                 let teacher = student.iter().zip(&noise).map(|(s, n)| s + n).collect();
@@ -1157,11 +1161,13 @@ impl<B: Tested> Suite<'_, B> {
                     self.tensor(ruled_out, shape),
                     self.tensor(teacher, shape),
                     Class::SmallDifference,
+                    Class::Reduction,
                 )
             } else {
                 (
                     self.input(shape, Draw::Normal(3.0)),
                     self.input(shape, Draw::Normal(3.0)),
+                    Class::Elementwise,
                     Class::Elementwise,
                 )
             };
@@ -1180,7 +1186,7 @@ impl<B: Tested> Suite<'_, B> {
                 (Reference::BurnGpu, ours.clone(), burn),
                 (Reference::CpuF64, ours, kl_f64),
             ];
-            self.record("token_kl", "kl", &case, class, &declined, compared);
+            self.record("token_kl", "kl", &case, kl_class, &declined, compared);
 
             let (ours, declined) = self.ours(|| {
                 B::token_kl_student_grad(student.clone(), teacher.clone(), per_token.clone())
@@ -1197,7 +1203,7 @@ impl<B: Tested> Suite<'_, B> {
                 "token_kl grad",
                 "dstudent",
                 &case,
-                class,
+                grad_class,
                 &declined,
                 compared,
             );
@@ -1318,6 +1324,12 @@ mod tests {
     fn the_suite_covers_every_kernel_and_shape_class() {
         let checks =
             run_checks::<Cpu>(Variant::F32, &Default::default(), None, true, &|| None).unwrap();
+        // Here "ours" is burn's ops, whose f32 sums lose ~1.7e-4 of the near-teacher KL: the
+        // bound there is our kernel's (5e-5), so burn's result is held to 1e-3 instead.
+        let (burns_sums, checks): (Vec<Check>, Vec<Check>) = checks
+            .into_iter()
+            .partition(|c| !c.pass && c.case.ends_with("near teacher"));
+        assert!(burns_sums.iter().all(|c| c.diff <= 1e-3), "{burns_sums:?}");
         let failed: Vec<_> = checks.iter().filter(|c| !c.pass).collect();
         assert!(failed.is_empty(), "{failed:?}");
         for kernel in [

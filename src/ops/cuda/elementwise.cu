@@ -414,11 +414,12 @@ __device__ void kl_rows(const T* student, const T* teacher, float* kl, int vocab
     if (threadIdx.x == 0) kl[blockIdx.x] = row;
 }
 
-// g · p_s (log p_s - log p_t - KL) of one logit pair; 0 where p_s is 0.
+// g · p_s (log p_s - log p_t - KL) of one logit pair; 0 where p_s is 0 (a -inf student logit),
+// NaN throughout a row with a NaN logit (p is NaN there, as burn's ops give).
 __device__ __forceinline__ float kl_grad(float s, float t, float g, float lse_s, float lse_diff,
                                          float kl) {
     const float log_s = s - lse_s, p = fast_exp2(log_s * LOG2E);
-    return p > 0.0f ? g * p * ((s - t) - lse_diff - kl) : 0.0f;
+    return p == 0.0f ? 0.0f : g * p * ((s - t) - lse_diff - kl);
 }
 
 template <typename T>
