@@ -115,7 +115,8 @@ struct StepReport {
     phases_s: Option<std::collections::BTreeMap<&'static str, f64>>,
     /// GPU memory pools (with `--profile` on CUDA), GiB: the most bytes in use by live tensors
     /// and reserved in pages at the end of any profiled phase (samples, so a lower bound of the
-    /// peak inside a phase); `nvidia-smi` adds the CUDA context to the reserved figure.
+    /// peak inside a phase), and in use at the start of the step and at the end of each phase
+    /// (where the memory goes); `nvidia-smi` adds the CUDA context to the reserved figure.
     #[serde(skip_serializing_if = "Option::is_none")]
     pool_gib: Option<PoolGib>,
     /// CUDA hand-offs per timed step (count, and the host seconds they took: looking up
@@ -132,6 +133,9 @@ struct StepReport {
 struct PoolGib {
     in_use_max: f64,
     reserved_max: f64,
+    /// In use at the step's start ("0 start": weights, optimizer state) and at the end of each
+    /// phase, the most over the profiled steps.
+    in_use_after: std::collections::BTreeMap<&'static str, f64>,
 }
 
 /// The profiled steps' phase times and GPU pool samples.
@@ -139,7 +143,11 @@ struct PoolGib {
 struct Profile {
     phase_times: std::collections::BTreeMap<&'static str, Vec<f64>>,
     pool_max: Option<(u64, u64)>,
+    in_use_after: std::collections::BTreeMap<&'static str, u64>,
 }
+
+/// The name of the pool sample taken as a profiled step starts.
+const STEP_START: &str = "0 start";
 
 impl Profile {
     /// Ends phase `name` (the device already synchronised): its time since `mark`, a pool sample.
@@ -150,9 +158,16 @@ impl Profile {
             .or_default()
             .push((now - *mark).as_secs_f64());
         *mark = now;
+        self.sample(name, device);
+    }
+
+    /// Records the pools' bytes now under `name`.
+    fn sample<D: 'static>(&mut self, name: &'static str, device: &D) {
         if let Some((used, reserved)) = crate::backend::device_pool_bytes(device) {
             let (u, r) = self.pool_max.unwrap_or((0, 0));
             self.pool_max = Some((u.max(used), r.max(reserved)));
+            let after = self.in_use_after.entry(name).or_default();
+            *after = (*after).max(used);
         }
     }
 
@@ -161,6 +176,11 @@ impl Profile {
         self.pool_max.map(|(used, reserved)| PoolGib {
             in_use_max: gib(used),
             reserved_max: gib(reserved),
+            in_use_after: self
+                .in_use_after
+                .iter()
+                .map(|(&name, &b)| (name, gib(b)))
+                .collect(),
         })
     }
 }
@@ -413,6 +433,10 @@ fn step_bench<B: TrainBackend>(
     for step in 0..=args.steps + profiled {
         let profiling = step > args.steps;
         let _ = take_handoffs();
+        if profiling {
+            B::sync(device)?;
+            profile.sample(STEP_START, device);
+        }
         let start = Instant::now();
         let mut mark = start;
         let mut lap = |name: &'static str| {
