@@ -67,6 +67,7 @@ def main():
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--define", action="append", default=[])
+    parser.add_argument("--one-row-per-warp", action="store_true")
     parser.add_argument("--json")
     args = parser.parse_args()
 
@@ -162,7 +163,14 @@ def main():
         inv = torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps)
         ref = (xd * inv).bfloat16().double() * w.double()
         out = torch.empty_like(x)
-        grid = (n + BLOCK // 32 - 1) // (BLOCK // 32)
+        # As src/ops/cuda/elementwise.rs: rows of one 16-byte vector per lane for a power of two
+        # of lanes go 32 / lanes to a warp; `--one-row-per-warp` times the kernel's stride over
+        # rows from the old grid.
+        lanes = dim // 8
+        per_warp = 32 // lanes if dim % 8 == 0 and lanes <= 32 and lanes & (lanes - 1) == 0 else 1
+        if args.one_row_per_warp:
+            per_warp = 1
+        grid = (n + per_warp * BLOCK // 32 - 1) // (per_warp * BLOCK // 32)
         run = lambda: driver.launch("rms_norm_rows_bf16", grid, [x, w, out, n, dim, eps])
         report(name, (n, dim), time_ms(run), bf16_bytes((n, dim), (n, dim)), rel(out, ref), 1e-2)
         gw = (dy.double() * w.double()).bfloat16().double()
