@@ -40,12 +40,17 @@ __device__ __forceinline__ float row_squares(const T* xr, int dim, bool vec, int
     return warp_sum(squares);
 }
 
+// NORM_SHORT_ROWS=0 (a define for scripts/elementwise-kernels.py) times the per-warp path alone.
+#ifndef NORM_SHORT_ROWS
+#define NORM_SHORT_ROWS 1
+#endif
+
 // Lanes per row where each lane can hold one 16-byte vector of a row (dim = lanes · N, lanes a
 // power of two <= 32: the q / k norms over head_dim 64 or 128), else 0 (rows swept by a warp).
 template <typename T>
 __device__ __forceinline__ int lanes_per_row(int dim, bool vec) {
     const int lanes = dim / Vec16<T>::N;
-    return vec && lanes <= 32 && (lanes & (lanes - 1)) == 0 ? lanes : 0;
+    return NORM_SHORT_ROWS && vec && lanes <= 32 && (lanes & (lanes - 1)) == 0 ? lanes : 0;
 }
 
 // Σ over each aligned group of `lanes` lanes (a power of two).
