@@ -50,7 +50,7 @@ fn grid_for_rows(rows: usize) -> (u32, u32, u32) {
 fn grid_for_norm_rows(rows: usize, dim: usize, like: &Cube) -> (u32, u32, u32) {
     let width = per_thread(like);
     let lanes = dim / width;
-    let rows_per_warp = if dim % width == 0 && lanes <= 32 && lanes.is_power_of_two() {
+    let rows_per_warp = if dim.is_multiple_of(width) && lanes <= 32 && lanes.is_power_of_two() {
         32 / lanes
     } else {
         1
