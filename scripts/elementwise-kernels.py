@@ -162,7 +162,13 @@ def main():
         inv = torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps)
         ref = (xd * inv).bfloat16().double() * w.double()
         out = torch.empty_like(x)
-        grid = (n + BLOCK // 32 - 1) // (BLOCK // 32)
+        # As src/ops/cuda/elementwise.rs: rows of one 16-byte vector per lane for a power of two
+        # of lanes go 32 / lanes to a warp (`--define NORM_SHORT_ROWS=0`: one row per warp).
+        lanes = dim // 8
+        per_warp = 32 // lanes if dim % 8 == 0 and lanes <= 32 and lanes & (lanes - 1) == 0 else 1
+        if "NORM_SHORT_ROWS=0" in args.define:
+            per_warp = 1
+        grid = (n + per_warp * BLOCK // 32 - 1) // (per_warp * BLOCK // 32)
         run = lambda: driver.launch("rms_norm_rows_bf16", grid, [x, w, out, n, dim, eps])
         report(name, (n, dim), time_ms(run), bf16_bytes((n, dim), (n, dim)), rel(out, ref), 1e-2)
         gw = (dy.double() * w.double()).bfloat16().double()
@@ -172,6 +178,20 @@ def main():
         run = lambda: driver.launch("rms_norm_grad_rows_bf16", grid, [x, w, dy, dx, n, dim, eps])
         report(name + " grad", (n, dim), time_ms(run), bf16_bytes(*[(n, dim)] * 3), rel(dx, dx_ref),
                1e-2)
+        # Warps striding over the rows: 3 blocks for an odd number of rows (the last warp's
+        # group of lanes partly past the end); the rows after them must stay untouched.
+        m = n - 3
+        out.fill_(7.0), dx.fill_(7.0)
+        driver.launch("rms_norm_rows_bf16", 3, [x, w, out, m, dim, eps])
+        driver.launch("rms_norm_grad_rows_bf16", 3, [x, w, dy, dx, m, dim, eps])
+        torch.cuda.synchronize()
+        untouched = bool((out[m:] == 7).all()) and bool((dx[m:] == 7).all())
+        diff = max(rel(out[:m], ref[:m]), rel(dx[:m], dx_ref[:m]))
+        ok = diff <= 1e-2 and untouched
+        rows.append(dict(op=name + " strided", shape=[m, dim], rel_diff=diff, untouched=untouched,
+                         ok=ok))
+        print(f"{name + ' strided':<24} {str([m, dim]):<22} 3 blocks: rel diff {diff:.2e}, rows "
+              f"past the end untouched: {untouched} {'ok' if ok else 'FAIL'}")
 
     # SwiGLU and its gradients.
     shape = (args.tokens, args.intermediate)

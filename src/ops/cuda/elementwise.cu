@@ -40,28 +40,78 @@ __device__ __forceinline__ float row_squares(const T* xr, int dim, bool vec, int
     return warp_sum(squares);
 }
 
-// One warp per row of `dim`: out = round(x / rms(x)) * w.
+// NORM_SHORT_ROWS=0 (a define for scripts/elementwise-kernels.py) times the per-warp path alone.
+#ifndef NORM_SHORT_ROWS
+#define NORM_SHORT_ROWS 1
+#endif
+
+// Lanes per row where each lane can hold one 16-byte vector of a row (dim = lanes · N, lanes a
+// power of two <= 32: the q / k norms over head_dim 64 or 128), else 0 (rows swept by a warp).
+template <typename T>
+__device__ __forceinline__ int lanes_per_row(int dim, bool vec) {
+    const int lanes = dim / Vec16<T>::N;
+    return NORM_SHORT_ROWS && vec && lanes <= 32 && (lanes & (lanes - 1)) == 0 ? lanes : 0;
+}
+
+// Σ over each aligned group of `lanes` lanes (a power of two).
+__device__ __forceinline__ float group_sum(float v, int lanes) {
+    for (int o = lanes / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// The rows of a warp and the stride between its turns: 32 / lanes rows at a time where rows are
+// held in registers, else one; warps stride over the rows, so any grid covers them.
+#define WARP_ROWS(first, rows, per_warp)                                                      \
+    for (index_t first = ((index_t)blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / 32) * (per_warp); \
+         first < (rows); first += (index_t)gridDim.x * ROWS_PER_BLOCK * (per_warp))
+
+// out = round(x / rms(x)) * w over rows of `dim`.
 template <typename T>
 __device__ void rms_norm_rows(const T* x, const T* w, T* out, int rows, int dim, float eps) {
-    const int row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (row >= rows) return;
-    const T* xr = x + (index_t)row * dim;
-    T* yr = out + (index_t)row * dim;
+    const int lane = threadIdx.x % 32, N = Vec16<T>::N;
     const bool vec = vectorises<T>(dim, x, w, out);
-    const float inv = 1.0f / sqrtf(row_squares(xr, dim, vec, lane) / dim + eps);
-    if (vec) {
-        const int N = Vec16<T>::N;
-#pragma unroll 4
-        for (int i = lane * N; i < dim; i += 32 * N) {
-            float v[N], wv[N];
-            Vec16<T>::load(xr, i, v);
-            Vec16<T>::load(w, i, wv);
+    const int lanes = lanes_per_row<T>(dim, vec);
+    if (lanes) {
+        // Short rows in registers: one load of each value, no loop per row.
+        const int i = (lane % lanes) * N;
+        float wv[N];
+        Vec16<T>::load(w, i, wv);
+        WARP_ROWS(first, rows, 32 / lanes) {
+            const index_t row = first + lane / lanes;
+            const bool live = row < rows;  // all lanes take part in the sums
+            float v[N], squares = 0.0f;
+            if (live) Vec16<T>::load(x + row * dim, i, v);
 #pragma unroll
-            for (int k = 0; k < N; k++) v[k] = round_as(v[k] * inv, xr) * wv[k];
-            Vec16<T>::store(yr, i, v);
+            for (int k = 0; k < N; k++) {
+                if (!live) v[k] = 0.0f;
+                squares += v[k] * v[k];
+            }
+            const float inv = 1.0f / sqrtf(group_sum(squares, lanes) / dim + eps);
+            if (!live) continue;
+#pragma unroll
+            for (int k = 0; k < N; k++) v[k] = round_as(v[k] * inv, x) * wv[k];
+            Vec16<T>::store(out + row * dim, i, v);
         }
-    } else {
-        for (int i = lane; i < dim; i += 32) store(yr, i, round_as(load(xr, i) * inv, xr) * load(w, i));
+        return;
+    }
+    WARP_ROWS(row, rows, 1) {
+        const T* xr = x + row * dim;
+        T* yr = out + row * dim;
+        const float inv = 1.0f / sqrtf(row_squares(xr, dim, vec, lane) / dim + eps);
+        if (vec) {
+#pragma unroll 4
+            for (int i = lane * N; i < dim; i += 32 * N) {
+                float v[N], wv[N];
+                Vec16<T>::load(xr, i, v);
+                Vec16<T>::load(w, i, wv);
+#pragma unroll
+                for (int k = 0; k < N; k++) v[k] = round_as(v[k] * inv, xr) * wv[k];
+                Vec16<T>::store(yr, i, v);
+            }
+        } else {
+            for (int i = lane; i < dim; i += 32)
+                store(yr, i, round_as(load(xr, i) * inv, xr) * load(w, i));
+        }
     }
 }
 
@@ -69,46 +119,75 @@ __device__ void rms_norm_rows(const T* x, const T* w, T* out, int rows, int dim,
 template <typename T>
 __device__ void rms_norm_grad_rows(const T* x, const T* w, const T* grad, T* dx, int rows,
                                    int dim, float eps) {
-    const int row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (row >= rows) return;
-    const index_t at = (index_t)row * dim;
-    const T *xr = x + at, *gr = grad + at;
-    T* dxr = dx + at;
+    const int lane = threadIdx.x % 32, N = Vec16<T>::N;
     const bool vec = vectorises<T>(dim, x, w, grad, dx);
-    const float inv = 1.0f / sqrtf(row_squares(xr, dim, vec, lane) / dim + eps);
-    const int N = Vec16<T>::N;
-    float dot = 0.0f;
-    if (vec) {
-#pragma unroll 4
-        for (int i = lane * N; i < dim; i += 32 * N) {
-            float v[N], wv[N], gv[N];
-            Vec16<T>::load(xr, i, v);
-            Vec16<T>::load(w, i, wv);
-            Vec16<T>::load(gr, i, gv);
+    const int lanes = lanes_per_row<T>(dim, vec);
+    if (lanes) {
+        const int i = (lane % lanes) * N;
+        float wv[N];
+        Vec16<T>::load(w, i, wv);
+        WARP_ROWS(first, rows, 32 / lanes) {
+            const index_t row = first + lane / lanes;
+            const bool live = row < rows;
+            float v[N], g[N], squares = 0.0f, dot = 0.0f;
+            if (live) {
+                Vec16<T>::load(x + row * dim, i, v);
+                Vec16<T>::load(grad + row * dim, i, g);
+            }
 #pragma unroll
-            for (int k = 0; k < N; k++) dot += round_as(gv[k] * wv[k], xr) * v[k];
+            for (int k = 0; k < N; k++) {
+                if (!live) v[k] = g[k] = 0.0f;
+                g[k] = round_as(g[k] * wv[k], x);
+                squares += v[k] * v[k];
+                dot += g[k] * v[k];
+            }
+            const float inv = 1.0f / sqrtf(group_sum(squares, lanes) / dim + eps);
+            const float mean_dot = group_sum(dot, lanes) * inv / dim;
+            if (!live) continue;
+#pragma unroll
+            for (int k = 0; k < N; k++) v[k] = (g[k] - v[k] * inv * mean_dot) * inv;
+            Vec16<T>::store(dx + row * dim, i, v);
         }
-    } else {
-        for (int i = lane; i < dim; i += 32)
-            dot += round_as(load(gr, i) * load(w, i), xr) * load(xr, i);
+        return;
     }
-    const float mean_dot = warp_sum(dot) * inv / dim;
-    if (vec) {
+    WARP_ROWS(row, rows, 1) {
+        const index_t at = row * dim;
+        const T *xr = x + at, *gr = grad + at;
+        T* dxr = dx + at;
+        const float inv = 1.0f / sqrtf(row_squares(xr, dim, vec, lane) / dim + eps);
+        float dot = 0.0f;
+        if (vec) {
 #pragma unroll 4
-        for (int i = lane * N; i < dim; i += 32 * N) {
-            float v[N], wv[N], gv[N];
-            Vec16<T>::load(xr, i, v);
-            Vec16<T>::load(w, i, wv);
-            Vec16<T>::load(gr, i, gv);
+            for (int i = lane * N; i < dim; i += 32 * N) {
+                float v[N], wv[N], gv[N];
+                Vec16<T>::load(xr, i, v);
+                Vec16<T>::load(w, i, wv);
+                Vec16<T>::load(gr, i, gv);
 #pragma unroll
-            for (int k = 0; k < N; k++)
-                v[k] = (round_as(gv[k] * wv[k], xr) - v[k] * inv * mean_dot) * inv;
-            Vec16<T>::store(dxr, i, v);
+                for (int k = 0; k < N; k++) dot += round_as(gv[k] * wv[k], xr) * v[k];
+            }
+        } else {
+            for (int i = lane; i < dim; i += 32)
+                dot += round_as(load(gr, i) * load(w, i), xr) * load(xr, i);
         }
-    } else {
-        for (int i = lane; i < dim; i += 32) {
-            const float g = round_as(load(gr, i) * load(w, i), xr);
-            store(dxr, i, (g - load(xr, i) * inv * mean_dot) * inv);
+        const float mean_dot = warp_sum(dot) * inv / dim;
+        if (vec) {
+#pragma unroll 4
+            for (int i = lane * N; i < dim; i += 32 * N) {
+                float v[N], wv[N], gv[N];
+                Vec16<T>::load(xr, i, v);
+                Vec16<T>::load(w, i, wv);
+                Vec16<T>::load(gr, i, gv);
+#pragma unroll
+                for (int k = 0; k < N; k++)
+                    v[k] = (round_as(gv[k] * wv[k], xr) - v[k] * inv * mean_dot) * inv;
+                Vec16<T>::store(dxr, i, v);
+            }
+        } else {
+            for (int i = lane; i < dim; i += 32) {
+                const float g = round_as(load(gr, i) * load(w, i), xr);
+                store(dxr, i, (g - load(xr, i) * inv * mean_dot) * inv);
+            }
         }
     }
 }

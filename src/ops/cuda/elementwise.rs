@@ -43,6 +43,21 @@ fn grid_for_rows(rows: usize) -> (u32, u32, u32) {
     (rows.div_ceil(BLOCK as usize / 32).max(1) as u32, 1, 1)
 }
 
+/// Blocks for the RMSNorm kernels over rows of `dim` values like `like`: where a row is one
+/// 16-byte vector per lane for a power of two of lanes (head_dim 64 / 128), a warp takes 32 /
+/// lanes rows at a time (the kernels stride over the rows, so a grid for fewer rows per warp,
+/// as where the pointers turn out unaligned, still covers them).
+fn grid_for_norm_rows(rows: usize, dim: usize, like: &Cube) -> (u32, u32, u32) {
+    let width = per_thread(like);
+    let lanes = dim / width;
+    let rows_per_warp = if dim.is_multiple_of(width) && lanes <= 32 && lanes.is_power_of_two() {
+        32 / lanes
+    } else {
+        1
+    };
+    grid_for_rows(rows.div_ceil(rows_per_warp))
+}
+
 /// Whether `tensors` share one kernel dtype and the sizes fit the kernels' 32-bit row counts.
 fn applies(tensors: &[&Cube], rows: usize, dim: usize) -> bool {
     let dtype = tensors[0].dtype;
@@ -92,7 +107,7 @@ pub fn rms_norm<const D: usize>(
     run(
         |k| &k.rms_norm_rows,
         &[&x, &weight, &out],
-        grid_for_rows(rows),
+        grid_for_norm_rows(rows, dim, &x),
         &[
             KernelArg::Int(rows as i32),
             KernelArg::Int(dim as i32),
@@ -118,7 +133,7 @@ pub fn rms_norm_input_grad<const D: usize>(
     run(
         |k| &k.rms_norm_grad_rows,
         &[&x, &weight, &grad, &dx],
-        grid_for_rows(rows),
+        grid_for_norm_rows(rows, dim, &x),
         &[
             KernelArg::Int(rows as i32),
             KernelArg::Int(dim as i32),
