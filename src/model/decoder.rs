@@ -14,7 +14,7 @@ use super::weights::{LayerNorm, ParamSlot, Projection, WeightKey, WeightSource};
 use crate::ops::attention::{AttentionBackend, AttentionOptions, delayed_attention};
 use crate::ops::elementwise::{ElementwiseBackend, rms_norm, swiglu};
 use crate::ops::linear::{LinearBackend, linear};
-use crate::ops::mlp::{MlpBackend, swiglu_mlp};
+use crate::ops::mlp::{MlpBackend, NormFirst, swiglu_mlp};
 use crate::ops::upload::{FillError, UploadBackend};
 
 /// Builds a parameter from a [`WeightSource`], checking its shape against the config.
@@ -198,12 +198,29 @@ impl<B: MlpBackend> Mlp<B> {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` → same
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.forward_after(None, x)
+    }
+
+    /// The MLP of `norm(x)`, where `norm` is given. When recomputing, the norm is part of the
+    /// recomputing node: only `x` is kept, not also its normalised copy.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]` → same
+    pub fn forward_after(&self, norm: Option<&RmsNorm<B>>, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let projections = [&self.gate_proj, &self.up_proj, &self.down_proj];
         if self.recompute && projections.iter().all(|p| p.bias.is_none()) {
             let dtype = x.dtype();
             let [gate, up, down] = projections.map(|p| in_dtype(p.weight.val(), dtype));
-            return swiglu_mlp(x, gate, up, down);
+            let norm = norm.map(|norm| NormFirst {
+                weight: in_dtype(norm.weight.val(), dtype),
+                eps: norm.eps,
+            });
+            return swiglu_mlp(x, norm, gate, up, down);
         }
+        let x = match norm {
+            Some(norm) => norm.forward(x),
+            None => x,
+        };
         let gate = self.gate_proj.forward(x.clone());
         self.down_proj
             .forward(swiglu(gate, self.up_proj.forward(x)))
@@ -445,7 +462,10 @@ impl<B: AttentionBackend> DecoderLayer<B> {
         let normed = self.input_layernorm.forward(x.clone());
         let context = hook.attend(index, &self.self_attn, &x, normed);
         let h = x + self.self_attn.output(context);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+        h.clone()
+            + self
+                .mlp
+                .forward_after(Some(&self.post_attention_layernorm), h)
     }
 
     /// The block with plain attention under `mask`.
