@@ -14,7 +14,7 @@ use super::weights::{LayerNorm, ParamSlot, Projection, WeightKey, WeightSource};
 use crate::ops::attention::{AttentionBackend, AttentionOptions, delayed_attention};
 use crate::ops::elementwise::{ElementwiseBackend, rms_norm, swiglu};
 use crate::ops::linear::{LinearBackend, linear};
-use crate::ops::mlp::{MlpBackend, NormFirst, swiglu_mlp};
+use crate::ops::recompute::{NormFirst, RecomputeBackend, swiglu_mlp};
 use crate::ops::upload::{FillError, UploadBackend};
 
 /// Builds a parameter from a [`WeightSource`], checking its shape against the config.
@@ -190,11 +190,11 @@ pub struct Mlp<B: Backend> {
     pub up_proj: Linear<B>,
     pub down_proj: Linear<B>,
     /// Under autodiff, keep only the input and recompute the gate and up projections in the
-    /// backward ([`crate::ops::mlp`]); set for training by [`Decoder::recompute_mlp`].
+    /// backward ([`crate::ops::recompute`]); set for training by [`Decoder::recompute_mlp`].
     pub recompute: bool,
 }
 
-impl<B: MlpBackend> Mlp<B> {
+impl<B: RecomputeBackend> Mlp<B> {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` → same
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
@@ -531,7 +531,7 @@ impl<B: Backend> Decoder<B> {
     }
 
     /// Whether training keeps only each MLP's input and recomputes its gate and up projections
-    /// in the backward (see [`crate::ops::mlp`]); off after loading.
+    /// in the backward (see [`crate::ops::recompute`]); off after loading.
     pub fn recompute_mlp(&mut self, on: bool) {
         for layer in &mut self.layers {
             layer.mlp.recompute = on;

@@ -51,7 +51,9 @@ impl AttentionOptions {
 /// Backends that run [`delayed_attention`]. The default method is the chunked tensor-op version;
 /// the autodiff backend overrides it with a single graph node whose backward recomputes chunks.
 /// It is the decoder's backend: every op the decoder runs, and the weight upload, come with it.
-pub trait AttentionBackend: super::mlp::MlpBackend + super::upload::UploadBackend {
+pub trait AttentionBackend:
+    super::recompute::RecomputeBackend + super::upload::UploadBackend
+{
     /// # Shapes
     /// - `q`: `[batch, heads, q_len, head_dim]`; `k`, `v`: `[batch, kv_heads, k_len, head_dim]`
     /// - `key_bias`: `[batch, kv_heads, k_len]`
