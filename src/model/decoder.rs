@@ -11,7 +11,9 @@ use burn::tensor::{Int, Tensor, backend::Backend};
 use super::config::ModelConfig;
 use super::rope::RopeTables;
 use super::weights::{LayerNorm, ParamSlot, Projection, WeightKey, WeightSource};
-use crate::ops::attention::{AttentionBackend, AttentionOptions, delayed_attention};
+use crate::ops::attention::{
+    AttentionBackend, AttentionOptions, Rebuild, delayed_attention_rebuilding, rotate_kept,
+};
 use crate::ops::elementwise::{ElementwiseBackend, rms_norm, swiglu};
 use crate::ops::linear::{LinearBackend, linear};
 use crate::ops::recompute::{NormFirst, RecomputeBackend, swiglu_mlp};
@@ -263,14 +265,25 @@ pub struct Qkv<B: Backend> {
     pub k: Tensor<B, 4>,
     /// `[batch, kv_heads, seq, head_dim]`
     pub v: Tensor<B, 4>,
+    /// How `q` was made from the q-norm's input (models with a q-norm), for the attention to
+    /// keep instead of `q` under autodiff.
+    pub q_rebuild: Option<Rebuild<B>>,
+}
+
+impl<B: AttentionBackend> Qkv<B> {
+    /// Grouped attention of these queries, keys and values under `mask` (see
+    /// [`grouped_attention`]), rebuilding the queries in the backward where it can.
+    pub fn attend(self, mask: &AttentionMask<B>) -> Tensor<B, 4> {
+        grouped_attention_rebuilding(self.q, self.k, self.v, mask, self.q_rebuild)
+    }
 }
 
 impl<B: AttentionBackend> Attention<B> {
     /// Projects `x` and applies q/k norm and RoPE.
     ///
-    /// `pre_rope` sees the queries `[batch, heads, seq, head_dim]` after q-norm and before RoPE and
-    /// may rewrite them (the DMS q-neuron variant reads and zeroes one channel there);
-    /// `post_rope` sees them after RoPE.
+    /// `keep` (`[1, heads, 1, head_dim]`, the DMS q-neuron variant's channel mask) multiplies
+    /// the queries before and after RoPE; `observe` sees them after q-norm, before both (where
+    /// that variant reads its decision channel).
     ///
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]`
@@ -278,8 +291,8 @@ impl<B: AttentionBackend> Attention<B> {
         &self,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
-        pre_rope: &mut dyn FnMut(Tensor<B, 4>) -> Tensor<B, 4>,
-        post_rope: &mut dyn FnMut(Tensor<B, 4>) -> Tensor<B, 4>,
+        keep: Option<&Tensor<B, 4>>,
+        observe: &mut dyn FnMut(&Tensor<B, 4>),
     ) -> Qkv<B> {
         let [batch, seq, _] = x.dims();
         // 1. Project: [B, T, hidden] -> [B, T, heads, head_dim]
@@ -295,23 +308,39 @@ impl<B: AttentionBackend> Attention<B> {
             .v_proj
             .forward(x)
             .reshape([batch, seq, self.num_kv_heads, self.head_dim]);
-        // 2. Per-head norm (Qwen3), over head_dim, before RoPE.
-        let q = match &self.q_norm {
-            Some(norm) => norm.forward(q),
-            None => q,
+        // 2. Per-head norm (Qwen3), over head_dim, before RoPE; [B, T, H, D] -> [B, H, T, D],
+        //    then rotate. With a q-norm, the attention can rebuild the queries from its input.
+        let (q, q_rebuild) = match &self.q_norm {
+            Some(norm) => {
+                let rebuild = Rebuild {
+                    norm: NormFirst {
+                        weight: in_dtype(norm.weight.val(), q.dtype()),
+                        eps: norm.eps,
+                    },
+                    pre_norm: q,
+                    keep: keep.cloned(),
+                    cos: rope.cos.clone(),
+                    sin: rope.sin.clone(),
+                };
+                (rebuild.apply(observe), Some(rebuild))
+            }
+            None => {
+                let q = q.swap_dims(1, 2);
+                observe(&q);
+                let q = rotate_kept(q, keep, rope.cos.clone(), rope.sin.clone());
+                (q, None)
+            }
         };
         let k = match &self.k_norm {
             Some(norm) => norm.forward(k),
             None => k,
         };
-        // 3. [B, T, H, D] -> [B, H, T, D], then rotate.
-        let q = pre_rope(q.swap_dims(1, 2));
-        let q = post_rope(rope.apply(q));
         let k = rope.apply(k.swap_dims(1, 2));
         Qkv {
             q,
             k,
             v: v.swap_dims(1, 2),
+            q_rebuild,
         }
     }
 
@@ -339,25 +368,31 @@ pub fn grouped_attention<B: AttentionBackend>(
     v: Tensor<B, 4>,
     mask: &AttentionMask<B>,
 ) -> Tensor<B, 4> {
-    match mask {
-        AttentionMask::Causal { offset } => {
-            delayed_attention(q, k, v, None, AttentionOptions::causal(*offset))
-        }
+    grouped_attention_rebuilding(q, k, v, mask, None)
+}
+
+fn grouped_attention_rebuilding<B: AttentionBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: &AttentionMask<B>,
+    q_rebuild: Option<Rebuild<B>>,
+) -> Tensor<B, 4> {
+    let (bias, options) = match mask {
+        AttentionMask::Causal { offset } => (None, AttentionOptions::causal(*offset)),
         AttentionMask::Delayed {
             offset,
             key_bias,
             window,
-        } => delayed_attention(
-            q,
-            k,
-            v,
+        } => (
             Some(key_bias.clone()),
             AttentionOptions {
                 window: *window,
                 ..AttentionOptions::causal(*offset)
             },
         ),
-    }
+    };
+    delayed_attention_rebuilding(q, k, v, bias, options, q_rebuild)
 }
 
 /// The part of a decoder block that differs between its callers: how one layer's attention turns
@@ -392,8 +427,8 @@ impl<B: AttentionBackend> AttentionHook<B> for Masked<'_, B> {
         _residual: &Tensor<B, 3>,
         normed: Tensor<B, 3>,
     ) -> Tensor<B, 4> {
-        let qkv = attn.project(normed, self.rope, &mut |q| q, &mut |q| q);
-        grouped_attention(qkv.q, qkv.k, qkv.v, self.mask)
+        attn.project(normed, self.rope, None, &mut |_| {})
+            .attend(self.mask)
     }
 }
 

@@ -20,7 +20,8 @@ use burn::tensor::ops::FloatTensor;
 use super::elementwise::{ElementwiseBackend, burn_ops};
 use super::linear::{LinearBackend, float};
 
-/// An RMSNorm applied to the MLP's input first: `weight` (in the input's dtype) and `eps`.
+/// An RMSNorm applied to an operation's input first: `weight` (in the input's dtype) and `eps`.
+#[derive(Clone, Debug)]
 pub struct NormFirst<B: burn::tensor::backend::Backend> {
     pub weight: Tensor<B, 1>,
     pub eps: f64,
