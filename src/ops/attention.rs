@@ -124,12 +124,13 @@ pub fn rotate_kept<B: ElementwiseBackend>(
 pub trait AttentionBackend:
     super::recompute::RecomputeBackend + super::upload::UploadBackend
 {
+    /// `rebuild`, where given, describes how `q` was made (see [`Rebuild`]); only the autodiff
+    /// backend uses it.
+    ///
     /// # Shapes
     /// - `q`: `[batch, heads, q_len, head_dim]`; `k`, `v`: `[batch, kv_heads, k_len, head_dim]`
     /// - `key_bias`: `[batch, kv_heads, k_len]`
     /// - output: `[batch, heads, q_len, head_dim]`
-    /// `rebuild`, where given, describes how `q` was made (see [`Rebuild`]); only the autodiff
-    /// backend uses it.
     fn delayed_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,

@@ -259,7 +259,7 @@ impl<B: RecomputeBackend, C: CheckpointStrategy> RecomputeBackend for Autodiff<B
         let eps = norm.as_ref().map(|n| n.eps);
         let norm_weight = match norm {
             Some(norm) => norm.weight,
-            None => Tensor::from_inner(Tensor::<B, 1>::zeros([1], &x.device().into())),
+            None => Tensor::from_inner(Tensor::<B, 1>::zeros([1], &x.device())),
         };
         let norm_weight = norm_weight.into_primitive().tensor();
         let [x, gate, up, down] = [
