@@ -156,10 +156,17 @@ def time_ms(fn, iters):
     return start.elapsed_time(end) / iters
 
 
+def token_major_output(q):
+    """The forward kernels' output buffer: token-major [B, T, H, D] (the output projection's
+    layout), returned as its [B, H, T, D] view to compare with q-shaped references."""
+    b, h, n, d = q.shape
+    return torch.empty(b, n, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
+
+
 def backward(driver, args, row, q, k, v, bias, s, flops):
     h, kvh, d = args.heads, args.kv_heads, args.dim
     n = q.shape[2]
-    out = torch.empty_like(q)
+    out = token_major_output(q)
     lse = torch.empty(1, h, n, device="cuda")
     name, rows_per_block, threads, shared = SHARED["wide"]
     fwd = driver.function(name, shared)
@@ -266,7 +273,7 @@ def main():
         for name in args.kernels.split(","):
             kernel, rows_per_block, threads, shared = SHARED[name]
             f = driver.function(kernel, shared)
-            out = torch.empty_like(q)
+            out = token_major_output(q)
             lse = torch.empty(1, h, n, device="cuda")
             grid = ((n + rows_per_block - 1) // rows_per_block, h, 1)
             call = lambda: driver.launch(f, grid, threads, shared,

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Runs the memory-bound kernels of src/ops/cuda/elementwise.cu (the distillation KL and its
-student gradient, RMSNorm, SwiGLU) straight from PyTorch (NVRTC + the CUDA driver through ctypes,
+student gradient, RMSNorm, SwiGLU, the attention backward's delta) straight from PyTorch (NVRTC + the CUDA driver through ctypes,
 as scripts/attention-kernels.py does; no Rust build), checks each against an independent float64
 PyTorch reference of its definition, and times it in GB/s beside the card's copy bandwidth
 (a PyTorch device-to-device copy). For kernel work on a GPU machine:
@@ -212,6 +212,22 @@ def main():
     dref_gate = dy.double() * ud * sig * (1 + gd * (1 - sig))
     report("swiglu grads", shape, time_ms(run), bf16_bytes(*[shape] * 5),
            max(rel(d_gate, dref_gate), rel(d_up, dref_up)), 1e-2)
+
+    # The attention backward's row term delta = sum_d dO O (f32), dO and O token-major
+    # ([B, T, H, D] seen as [B, H, T, D], as the flash forward and the output projection leave
+    # them) and, second, dO contiguous [B, H, T, D].
+    heads, hd, tokens = args.heads, args.head_dim, args.tokens
+    dout = torch.randn(1, tokens, heads, hd, device=dev).bfloat16().transpose(1, 2)
+    o = torch.randn(1, tokens, heads, hd, device=dev).bfloat16().transpose(1, 2)
+    for label, g_ in (("token-major", dout), ("dO contiguous", dout.contiguous())):
+        delta = torch.full((1, heads, tokens), float("nan"), device=dev)
+        ref = (g_.double() * o.double()).sum(-1)
+        strides = [("long", st) for st in (*g_.stride()[:3], *o.stride()[:3])]
+        rows_ = heads * tokens
+        run = lambda: driver.launch("attention_delta_rows_bf16", (rows_ + 7) // 8,
+                                    [g_, o, delta, heads, tokens, hd, *strides, ("long", rows_)])
+        report(f"attention delta {label}", (heads, tokens, hd), time_ms(run),
+               bf16_bytes(g_.shape, o.shape) + 2 * delta.numel(), rel(delta, ref), 1e-5)
 
     if args.json:
         json.dump(dict(card=card, copy_gb_per_s=copy_gbs, defines=args.define, rows=rows),

@@ -16,17 +16,18 @@ pub type CpuAutodiff = burn::backend::Autodiff<Cpu>;
 #[cfg(feature = "cuda")]
 pub type Cuda = burn::backend::Cuda<f32, i32>;
 
-/// Bytes the GPU backend's memory pools hold on `device` now, `(in use, reserved)`; `None` on the
-/// CPU. A sample, not a peak: callers take the largest over the points they sample.
+/// Bytes the GPU backend's memory pools hold on `device` now, `(in use, reserved)`; on the CPU
+/// the process's heap bytes in use (both), where the binary counts them ([`crate::heap`]). A
+/// sample, not a peak: callers take the largest over the points they sample.
 pub fn device_pool_bytes<D: 'static>(device: &D) -> Option<(u64, u64)> {
+    let any = device as &dyn std::any::Any;
     #[cfg(feature = "cuda")]
-    {
-        let any = device as &dyn std::any::Any;
-        if let Some(cuda) = any.downcast_ref::<burn_cubecl::cubecl::cuda::CudaDevice>() {
-            return crate::ops::cuda::pool_bytes(cuda);
-        }
+    if let Some(cuda) = any.downcast_ref::<burn_cubecl::cubecl::cuda::CudaDevice>() {
+        return crate::ops::cuda::pool_bytes(cuda);
     }
-    let _ = device;
+    if any.is::<burn::backend::ndarray::NdArrayDevice>() {
+        return crate::heap::in_use().map(|bytes| (bytes, bytes));
+    }
     None
 }
 

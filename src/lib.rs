@@ -12,6 +12,7 @@ pub mod cli;
 pub mod data;
 pub mod dms;
 pub mod eval;
+pub mod heap;
 pub mod model;
 pub mod ops;
 pub mod parallel;

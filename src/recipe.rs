@@ -161,9 +161,10 @@ pub struct TrainSection {
     /// memory and one less layer forward of time each. 0 recomputes every layer; the number of
     /// layers keeps every graph (the memory of `recompute_layers = false`).
     pub graph_layers: usize,
-    /// Keep only each MLP's input between the forward and the backward and recompute its gate
-    /// and up projections there (two more GEMMs per layer, ~40% of a layer's kept activations
-    /// less). Has no effect with `recompute_layers`, which keeps less already.
+    /// Keep only each MLP's input (before its RMSNorm) between the forward and the backward and
+    /// recompute the norm and the gate and up projections there (two more GEMMs and one norm
+    /// per layer, about half of a layer's kept activations less). Has no effect with
+    /// `recompute_layers`, which keeps less already.
     pub recompute_mlp: bool,
 }
 

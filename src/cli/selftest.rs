@@ -805,7 +805,10 @@ impl<B: Tested> Suite<'_, B> {
         let bias = case
             .window
             .map(|_| self.input([batch, kv_heads, case.k_len], Draw::KeyBias));
-        let grad_out = self.input([batch, heads, case.q_len, dim], Draw::Normal(1.0));
+        // Token-major, as training's output projection hands it back (read through strides).
+        let grad_out = self
+            .input([batch, case.q_len, heads, dim], Draw::Normal(1.0))
+            .swap_dims(1, 2);
         let options = case.options();
         let cpu = |t: &Tensor<B, 4>| on_cpu(t);
         let cpu_bias = bias.as_ref().map(on_cpu);

@@ -125,17 +125,26 @@ impl<B: Backend> DmsAdapter<B> {
     }
 }
 
-impl<B: crate::ops::linear::LinearBackend + crate::ops::elementwise::ElementwiseBackend>
-    DmsAdapter<B>
-{
+impl<B: crate::ops::recompute::RecomputeBackend> DmsAdapter<B> {
     /// Raw (unscaled) decision values from the layer's input residual, before `input_layernorm`.
+    /// Norm and projection are one operation: training keeps the residual (which the block
+    /// keeps anyway), not also the adapter's normalised copy of it.
     ///
     /// # Shapes
     /// - `residual`: `[batch, seq, hidden]` → `[batch, kv_heads, seq]`
     pub fn raw(&self, residual: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.proj
-            .forward(self.norm.forward(residual))
-            .swap_dims(1, 2)
+        let dtype = residual.dtype();
+        let norm = crate::ops::recompute::NormFirst {
+            weight: in_dtype(self.norm.weight.val(), dtype),
+            eps: self.norm.eps,
+        };
+        crate::ops::recompute::linear_after_norm(
+            residual,
+            norm,
+            in_dtype(self.proj.weight.val(), dtype),
+            self.proj.bias.as_ref().map(|b| in_dtype(b.val(), dtype)),
+        )
+        .swap_dims(1, 2)
     }
 }
 

@@ -13,9 +13,7 @@ use super::decision::{
 };
 use super::mask::{inference_key_bias, inference_key_decisions, training_key_bias};
 use super::{DmsConfig, Variant};
-use crate::model::decoder::{
-    Attention, AttentionHook, AttentionMask, Masked, Qkv, grouped_attention,
-};
+use crate::model::decoder::{Attention, AttentionHook, AttentionMask, Masked, Qkv};
 use crate::model::{Decoder, ParamSlot, RopeTables, WeightKey, WeightSource};
 use crate::ops::attention::AttentionBackend;
 
@@ -265,16 +263,11 @@ impl<B: AttentionBackend> AttentionHook<B> for DmsAttention<'_, B> {
         self.decisions.push(decisions);
 
         // 3. Attention with the per-KV-head bias.
-        grouped_attention(
-            qkv.q,
-            qkv.k,
-            qkv.v,
-            &AttentionMask::Delayed {
-                offset: 0,
-                key_bias: bias,
-                window: dms.window,
-            },
-        )
+        qkv.attend(&AttentionMask::Delayed {
+            offset: 0,
+            key_bias: bias,
+            window: dms.window,
+        })
     }
 }
 
@@ -288,21 +281,11 @@ fn project_reading_q_neuron<B: AttentionBackend>(
     keep: Option<&Tensor<B, 4>>,
 ) -> (Qkv<B>, Option<Tensor<B, 3>>) {
     let mut borrowed = None;
-    let qkv = attn.project(
-        normed,
-        rope,
-        &mut |q| match keep {
-            Some(keep) => {
-                borrowed = Some(q_neuron_raw(&q, attn.num_kv_heads));
-                q * keep.clone()
-            }
-            None => q,
-        },
-        &mut |q| match keep {
-            Some(keep) => q * keep.clone(),
-            None => q,
-        },
-    );
+    let qkv = attn.project(normed, rope, keep, &mut |q| {
+        if keep.is_some() {
+            borrowed = Some(q_neuron_raw(q, attn.num_kv_heads));
+        }
+    });
     (qkv, borrowed)
 }
 

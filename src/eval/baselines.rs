@@ -183,7 +183,7 @@ impl<B: AttentionBackend> AttentionHook<B> for Evicting<'_, B> {
         normed: Tensor<B, 3>,
     ) -> Tensor<B, 4> {
         let cache = &mut self.caches[index];
-        let qkv = attn.project(normed, self.rope, &mut |q| q, &mut |q| q);
+        let qkv = attn.project(normed, self.rope, None, &mut |_| {});
         let rows = qkv.q.dims()[2];
         let keys = match cache.keys.take() {
             Some(old) => Tensor::cat(vec![old, qkv.k], 2),

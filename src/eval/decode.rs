@@ -221,7 +221,7 @@ impl<'a, B: AttentionBackend> Decoding<'a, B> {
                     .float();
                 (qkv, Some(hard))
             }
-            None => (attn.project(normed, rope, &mut |q| q, &mut |q| q), None),
+            None => (attn.project(normed, rope, None, &mut |_| {}), None),
         }
     }
 
@@ -261,7 +261,7 @@ impl<B: AttentionBackend> AttentionHook<B> for RecordingPrefill<'_, B> {
         _residual: &Tensor<B, 3>,
         normed: Tensor<B, 3>,
     ) -> Tensor<B, 4> {
-        let qkv = attn.project(normed, self.rope, &mut |q| q, &mut |q| q);
+        let qkv = attn.project(normed, self.rope, None, &mut |_| {});
         let [_, heads, seq, dim] = qkv.k.dims();
         self.layers.push(PrefillLayer {
             keys: qkv.k.clone().reshape([heads, seq, dim]),

@@ -11,10 +11,12 @@ use burn::tensor::{Int, Tensor, backend::Backend};
 use super::config::ModelConfig;
 use super::rope::RopeTables;
 use super::weights::{LayerNorm, ParamSlot, Projection, WeightKey, WeightSource};
-use crate::ops::attention::{AttentionBackend, AttentionOptions, delayed_attention};
+use crate::ops::attention::{
+    AttentionBackend, AttentionOptions, Rebuild, delayed_attention_rebuilding, rotate_kept,
+};
 use crate::ops::elementwise::{ElementwiseBackend, rms_norm, swiglu};
 use crate::ops::linear::{LinearBackend, linear};
-use crate::ops::mlp::{MlpBackend, swiglu_mlp};
+use crate::ops::recompute::{NormFirst, RecomputeBackend, swiglu_mlp};
 use crate::ops::upload::{FillError, UploadBackend};
 
 /// Builds a parameter from a [`WeightSource`], checking its shape against the config.
@@ -190,20 +192,37 @@ pub struct Mlp<B: Backend> {
     pub up_proj: Linear<B>,
     pub down_proj: Linear<B>,
     /// Under autodiff, keep only the input and recompute the gate and up projections in the
-    /// backward ([`crate::ops::mlp`]); set for training by [`Decoder::recompute_mlp`].
+    /// backward ([`crate::ops::recompute`]); set for training by [`Decoder::recompute_mlp`].
     pub recompute: bool,
 }
 
-impl<B: MlpBackend> Mlp<B> {
+impl<B: RecomputeBackend> Mlp<B> {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` → same
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.forward_after(None, x)
+    }
+
+    /// The MLP of `norm(x)`, where `norm` is given. When recomputing, the norm is part of the
+    /// recomputing node: only `x` is kept, not also its normalised copy.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]` → same
+    pub fn forward_after(&self, norm: Option<&RmsNorm<B>>, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let projections = [&self.gate_proj, &self.up_proj, &self.down_proj];
         if self.recompute && projections.iter().all(|p| p.bias.is_none()) {
             let dtype = x.dtype();
             let [gate, up, down] = projections.map(|p| in_dtype(p.weight.val(), dtype));
-            return swiglu_mlp(x, gate, up, down);
+            let norm = norm.map(|norm| NormFirst {
+                weight: in_dtype(norm.weight.val(), dtype),
+                eps: norm.eps,
+            });
+            return swiglu_mlp(x, norm, gate, up, down);
         }
+        let x = match norm {
+            Some(norm) => norm.forward(x),
+            None => x,
+        };
         let gate = self.gate_proj.forward(x.clone());
         self.down_proj
             .forward(swiglu(gate, self.up_proj.forward(x)))
@@ -246,14 +265,25 @@ pub struct Qkv<B: Backend> {
     pub k: Tensor<B, 4>,
     /// `[batch, kv_heads, seq, head_dim]`
     pub v: Tensor<B, 4>,
+    /// How `q` was made from the q-norm's input (models with a q-norm), for the attention to
+    /// keep instead of `q` under autodiff.
+    pub q_rebuild: Option<Rebuild<B>>,
+}
+
+impl<B: AttentionBackend> Qkv<B> {
+    /// Grouped attention of these queries, keys and values under `mask` (see
+    /// [`grouped_attention`]), rebuilding the queries in the backward where it can.
+    pub fn attend(self, mask: &AttentionMask<B>) -> Tensor<B, 4> {
+        grouped_attention_rebuilding(self.q, self.k, self.v, mask, self.q_rebuild)
+    }
 }
 
 impl<B: AttentionBackend> Attention<B> {
     /// Projects `x` and applies q/k norm and RoPE.
     ///
-    /// `pre_rope` sees the queries `[batch, heads, seq, head_dim]` after q-norm and before RoPE and
-    /// may rewrite them (the DMS q-neuron variant reads and zeroes one channel there);
-    /// `post_rope` sees them after RoPE.
+    /// `keep` (`[1, heads, 1, head_dim]`, the DMS q-neuron variant's channel mask) multiplies
+    /// the queries before and after RoPE; `observe` sees them after q-norm, before both (where
+    /// that variant reads its decision channel).
     ///
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]`
@@ -261,8 +291,8 @@ impl<B: AttentionBackend> Attention<B> {
         &self,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
-        pre_rope: &mut dyn FnMut(Tensor<B, 4>) -> Tensor<B, 4>,
-        post_rope: &mut dyn FnMut(Tensor<B, 4>) -> Tensor<B, 4>,
+        keep: Option<&Tensor<B, 4>>,
+        observe: &mut dyn FnMut(&Tensor<B, 4>),
     ) -> Qkv<B> {
         let [batch, seq, _] = x.dims();
         // 1. Project: [B, T, hidden] -> [B, T, heads, head_dim]
@@ -278,23 +308,39 @@ impl<B: AttentionBackend> Attention<B> {
             .v_proj
             .forward(x)
             .reshape([batch, seq, self.num_kv_heads, self.head_dim]);
-        // 2. Per-head norm (Qwen3), over head_dim, before RoPE.
-        let q = match &self.q_norm {
-            Some(norm) => norm.forward(q),
-            None => q,
+        // 2. Per-head norm (Qwen3), over head_dim, before RoPE; [B, T, H, D] -> [B, H, T, D],
+        //    then rotate. With a q-norm, the attention can rebuild the queries from its input.
+        let (q, q_rebuild) = match &self.q_norm {
+            Some(norm) => {
+                let rebuild = Rebuild {
+                    norm: NormFirst {
+                        weight: in_dtype(norm.weight.val(), q.dtype()),
+                        eps: norm.eps,
+                    },
+                    pre_norm: q,
+                    keep: keep.cloned(),
+                    cos: rope.cos.clone(),
+                    sin: rope.sin.clone(),
+                };
+                (rebuild.apply(observe), Some(rebuild))
+            }
+            None => {
+                let q = q.swap_dims(1, 2);
+                observe(&q);
+                let q = rotate_kept(q, keep, rope.cos.clone(), rope.sin.clone());
+                (q, None)
+            }
         };
         let k = match &self.k_norm {
             Some(norm) => norm.forward(k),
             None => k,
         };
-        // 3. [B, T, H, D] -> [B, H, T, D], then rotate.
-        let q = pre_rope(q.swap_dims(1, 2));
-        let q = post_rope(rope.apply(q));
         let k = rope.apply(k.swap_dims(1, 2));
         Qkv {
             q,
             k,
             v: v.swap_dims(1, 2),
+            q_rebuild,
         }
     }
 
@@ -322,25 +368,31 @@ pub fn grouped_attention<B: AttentionBackend>(
     v: Tensor<B, 4>,
     mask: &AttentionMask<B>,
 ) -> Tensor<B, 4> {
-    match mask {
-        AttentionMask::Causal { offset } => {
-            delayed_attention(q, k, v, None, AttentionOptions::causal(*offset))
-        }
+    grouped_attention_rebuilding(q, k, v, mask, None)
+}
+
+fn grouped_attention_rebuilding<B: AttentionBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: &AttentionMask<B>,
+    q_rebuild: Option<Rebuild<B>>,
+) -> Tensor<B, 4> {
+    let (bias, options) = match mask {
+        AttentionMask::Causal { offset } => (None, AttentionOptions::causal(*offset)),
         AttentionMask::Delayed {
             offset,
             key_bias,
             window,
-        } => delayed_attention(
-            q,
-            k,
-            v,
+        } => (
             Some(key_bias.clone()),
             AttentionOptions {
                 window: *window,
                 ..AttentionOptions::causal(*offset)
             },
         ),
-    }
+    };
+    delayed_attention_rebuilding(q, k, v, bias, options, q_rebuild)
 }
 
 /// The part of a decoder block that differs between its callers: how one layer's attention turns
@@ -375,8 +427,8 @@ impl<B: AttentionBackend> AttentionHook<B> for Masked<'_, B> {
         _residual: &Tensor<B, 3>,
         normed: Tensor<B, 3>,
     ) -> Tensor<B, 4> {
-        let qkv = attn.project(normed, self.rope, &mut |q| q, &mut |q| q);
-        grouped_attention(qkv.q, qkv.k, qkv.v, self.mask)
+        attn.project(normed, self.rope, None, &mut |_| {})
+            .attend(self.mask)
     }
 }
 
@@ -445,7 +497,10 @@ impl<B: AttentionBackend> DecoderLayer<B> {
         let normed = self.input_layernorm.forward(x.clone());
         let context = hook.attend(index, &self.self_attn, &x, normed);
         let h = x + self.self_attn.output(context);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+        h.clone()
+            + self
+                .mlp
+                .forward_after(Some(&self.post_attention_layernorm), h)
     }
 
     /// The block with plain attention under `mask`.
@@ -511,7 +566,7 @@ impl<B: Backend> Decoder<B> {
     }
 
     /// Whether training keeps only each MLP's input and recomputes its gate and up projections
-    /// in the backward (see [`crate::ops::mlp`]); off after loading.
+    /// in the backward (see [`crate::ops::recompute`]); off after loading.
     pub fn recompute_mlp(&mut self, on: bool) {
         for layer in &mut self.layers {
             layer.mlp.recompute = on;

@@ -21,7 +21,9 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Bool, FloatDType, Int, Tensor, backend::Backend};
 
+use super::elementwise::{ElementwiseBackend, rms_norm, rope};
 use super::linear::float;
+use super::recompute::NormFirst;
 
 /// Largest score chunk (`batch * heads * chunk_queries * keys` elements) the chunked attention
 /// materialises at once; about 4 f32 tensors of this size are alive at the peak of a backward chunk.
@@ -48,10 +50,83 @@ impl AttentionOptions {
     }
 }
 
+/// How the attention's queries were made from a tensor that training keeps anyway (the q-norm's
+/// input): `keep ⊙ rope(keep ⊙ rms_norm(pre_norm))`, heads moved before positions. Given to the
+/// attention under autodiff, the attention keeps this instead of the queries (as large as
+/// `pre_norm`) and rebuilds them in its backward: one norm and one RoPE pass instead of a second
+/// copy of the queries between the forward and the backward.
+#[derive(Clone, Debug)]
+pub struct Rebuild<B: Backend> {
+    /// `[batch, seq, heads, head_dim]`
+    pub pre_norm: Tensor<B, 4>,
+    /// The norm's weight in `pre_norm`'s dtype.
+    pub norm: NormFirst<B>,
+    /// `[1, heads, 1, head_dim]`, applied before and after RoPE (the DMS q-neuron variant).
+    pub keep: Option<Tensor<B, 4>>,
+    /// RoPE tables `[seq, head_dim]`.
+    pub cos: Tensor<B, 2>,
+    pub sin: Tensor<B, 2>,
+}
+
+impl<B: ElementwiseBackend> Rebuild<B> {
+    /// The queries `[batch, heads, seq, head_dim]`, and `observe` sees them after the norm,
+    /// before `keep` and RoPE.
+    pub fn apply(&self, observe: &mut dyn FnMut(&Tensor<B, 4>)) -> Tensor<B, 4> {
+        let normed = rms_norm(
+            self.pre_norm.clone(),
+            self.norm.weight.clone(),
+            self.norm.eps,
+        )
+        .swap_dims(1, 2);
+        observe(&normed);
+        rotate_kept(
+            normed,
+            self.keep.as_ref(),
+            self.cos.clone(),
+            self.sin.clone(),
+        )
+    }
+}
+
+impl<B: burn::tensor::backend::AutodiffBackend> Rebuild<B> {
+    fn inner(self) -> Rebuild<B::InnerBackend> {
+        Rebuild {
+            pre_norm: self.pre_norm.inner(),
+            norm: NormFirst {
+                weight: self.norm.weight.inner(),
+                eps: self.norm.eps,
+            },
+            keep: self.keep.map(|k| k.inner()),
+            cos: self.cos.inner(),
+            sin: self.sin.inner(),
+        }
+    }
+}
+
+/// `keep ⊙ rope(keep ⊙ x)` (`rope(x)` without `keep`): `x` `[batch, heads, seq, head_dim]`.
+/// RoPE's rotate_half mixes channel `d-1` with `d/2-1`, so a channel zeroed only before it would
+/// leak back.
+pub fn rotate_kept<B: ElementwiseBackend>(
+    x: Tensor<B, 4>,
+    keep: Option<&Tensor<B, 4>>,
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
+) -> Tensor<B, 4> {
+    match keep {
+        Some(keep) => rope(x * keep.clone(), cos, sin) * keep.clone(),
+        None => rope(x, cos, sin),
+    }
+}
+
 /// Backends that run [`delayed_attention`]. The default method is the chunked tensor-op version;
 /// the autodiff backend overrides it with a single graph node whose backward recomputes chunks.
 /// It is the decoder's backend: every op the decoder runs, and the weight upload, come with it.
-pub trait AttentionBackend: super::mlp::MlpBackend + super::upload::UploadBackend {
+pub trait AttentionBackend:
+    super::recompute::RecomputeBackend + super::upload::UploadBackend
+{
+    /// `rebuild`, where given, describes how `q` was made (see [`Rebuild`]); only the autodiff
+    /// backend uses it.
+    ///
     /// # Shapes
     /// - `q`: `[batch, heads, q_len, head_dim]`; `k`, `v`: `[batch, kv_heads, k_len, head_dim]`
     /// - `key_bias`: `[batch, kv_heads, k_len]`
@@ -62,7 +137,9 @@ pub trait AttentionBackend: super::mlp::MlpBackend + super::upload::UploadBacken
         v: FloatTensor<Self>,
         key_bias: Option<FloatTensor<Self>>,
         options: AttentionOptions,
+        rebuild: Option<Rebuild<Self>>,
     ) -> FloatTensor<Self> {
+        let _ = rebuild;
         let out = Self::attention_forward_with_lse(
             float(q),
             float(k),
@@ -186,12 +263,26 @@ pub fn delayed_attention<B: AttentionBackend>(
     key_bias: Option<Tensor<B, 3>>,
     options: AttentionOptions,
 ) -> Tensor<B, 4> {
+    delayed_attention_rebuilding(q, k, v, key_bias, options, None)
+}
+
+/// [`delayed_attention`] where `q` was made as `rebuild` says: under autodiff the attention
+/// keeps `rebuild` (whose tensors training keeps anyway) instead of `q`.
+pub fn delayed_attention_rebuilding<B: AttentionBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    key_bias: Option<Tensor<B, 3>>,
+    options: AttentionOptions,
+    rebuild: Option<Rebuild<B>>,
+) -> Tensor<B, 4> {
     float(B::delayed_attention(
         q.into_primitive().tensor(),
         k.into_primitive().tensor(),
         v.into_primitive().tensor(),
         key_bias.map(|b| b.into_primitive().tensor()),
         options,
+        rebuild,
     ))
 }
 
@@ -504,13 +595,21 @@ impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B
         v: FloatTensor<Self>,
         key_bias: Option<FloatTensor<Self>>,
         options: AttentionOptions,
+        rebuild: Option<Rebuild<Self>>,
     ) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct DelayedAttentionBackward;
 
+        /// The queries, or how to rebuild them.
+        #[derive(Debug, Clone)]
+        enum Queries<B: Backend> {
+            Kept(FloatTensor<B>),
+            Rebuilt(Rebuild<B>),
+        }
+
         #[derive(Debug, Clone)]
         struct Saved<B: Backend> {
-            q: FloatTensor<B>,
+            q: Queries<B>,
             k: FloatTensor<B>,
             v: FloatTensor<B>,
             key_bias: Option<FloatTensor<B>>,
@@ -535,8 +634,12 @@ impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B
                     output: float(saved.output),
                     lse: float(saved.lse),
                 };
+                let q = match saved.q {
+                    Queries::Kept(q) => float(q),
+                    Queries::Rebuilt(rebuild) => rebuild.apply(&mut |_| {}),
+                };
                 let inputs = AttentionInputs {
-                    q: float(saved.q),
+                    q,
                     k: float(saved.k),
                     v: float(saved.v),
                     key_bias: saved.key_bias.map(float),
@@ -594,7 +697,10 @@ impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B
         {
             OpsKind::Tracked(prep) => {
                 let state = Saved {
-                    q: q.primitive,
+                    q: match rebuild {
+                        Some(rebuild) => Queries::Rebuilt(rebuild.inner()),
+                        None => Queries::Kept(q.primitive),
+                    },
                     k: k.primitive,
                     v: v.primitive,
                     key_bias: inner_bias,

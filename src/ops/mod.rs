@@ -8,7 +8,7 @@ pub mod attention;
 pub mod cuda;
 pub mod elementwise;
 pub mod linear;
-pub mod mlp;
+pub mod recompute;
 pub mod upload;
 
 pub use attention::{AttentionBackend, TrainBackend};

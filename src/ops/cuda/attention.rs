@@ -255,12 +255,19 @@ pub fn attention_forward(
     } = geo;
     let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
     let bias = key_bias.map(|b| contiguous(b.cast(FloatDType::F32)));
-    let out = geo.empty(&q, vec![batch, heads, q_len, dim], dtype);
+    let flash = flash_applies(&geo);
+    // The flash kernels write the output token-major, `[B, T, H, D]`, returned as its `[B, H, T,
+    // D]` view: the output projection's layout, so merging the heads is free and training keeps
+    // one copy of the context (the attention's saved output is the projection's saved input).
+    let out = match flash {
+        true => geo.empty(&q, vec![batch, q_len, heads, dim], dtype),
+        false => geo.empty(&q, vec![batch, heads, q_len, dim], dtype),
+    };
     let lse = geo.empty(&q, vec![batch, kv_heads, group, q_len], DType::F32);
     let mut tensors = vec![&q, &k, &v, &out, &lse];
     tensors.extend(&bias);
     let options = *options;
-    if flash_applies(&geo) {
+    if flash {
         on_cubecl_stream(&tensors, true, move |context, ptrs| {
             let kernels = context.kernels()?;
             let choice = flash_kernel();
@@ -304,7 +311,7 @@ pub fn attention_forward(
             args.extend(geo.flash_args(&options));
             context.launch_with_shared(&kernel, geo.flash_query_grid(rows), threads, shared, &args)
         })?;
-        return Some((tensor(out), tensor(lse)));
+        return Some((tensor::<4>(out).swap_dims(1, 2), tensor(lse)));
     }
     on_cubecl_stream(&tensors, true, move |context, ptrs| {
         let options = &options;
@@ -381,9 +388,12 @@ pub fn attention_backward(
         dtype,
         ..
     } = geo;
-    // delta_i = sum_d dO_id O_id, the softmax backward's row term, in f32.
-    let delta = (grad_output.clone().cast(FloatDType::F32) * output.cast(FloatDType::F32))
-        .sum_dim(3)
+    // delta_i = sum_d dO_id O_id, the softmax backward's row term, in f32: one kernel reading
+    // both through their strides (burn's ops: two f32 casts, a product and a sum, ~8x the bytes).
+    let delta = super::elementwise::attention_delta(grad_output.clone(), output.clone())
+        .unwrap_or_else(|| {
+            (grad_output.clone().cast(FloatDType::F32) * output.cast(FloatDType::F32)).sum_dim(3)
+        })
         .reshape([batch, kv_heads, group, q_len]);
     let (q, k, v, grad_output) = (
         contiguous(q),

@@ -318,6 +318,40 @@ __device__ void rope(const T* x, T* out, const float* cos, const float* sin, int
     }
 }
 
+// The attention backward's row term delta = Σ_d dO · O (f32) over rows of [batch, heads, q_len]
+// (written contiguous), one warp per row. dO and O are read through their strides (batch, head,
+// row; each row's dim values contiguous): the flash forward writes O token-major and dO arrives
+// as the output projection's token-major gradient, so neither is copied to [B, H, T, D] first.
+template <typename T>
+__device__ void attention_delta_rows(const T* grad, const T* out, float* delta, int heads,
+                                     int q_len, int dim, long long grad_b, long long grad_h,
+                                     long long grad_t, long long out_b, long long out_h,
+                                     long long out_t, index_t rows) {
+    const int lane = threadIdx.x % 32, N = Vec16<T>::N;
+    WARP_ROWS(row, rows, 1) {
+        const int t = (int)(row % q_len);
+        const index_t bh = row / q_len;
+        const int h = (int)(bh % heads);
+        const index_t b = bh / heads;
+        const T* g = grad + b * grad_b + h * grad_h + t * grad_t;
+        const T* o = out + b * out_b + h * out_h + t * out_t;
+        float sum = 0.0f;
+        if (vectorises<T>(dim, g, o)) {
+            for (int i = lane * N; i < dim; i += 32 * N) {
+                float gv[N], ov[N];
+                Vec16<T>::load(g, i, gv);
+                Vec16<T>::load(o, i, ov);
+#pragma unroll
+                for (int k = 0; k < N; k++) sum += gv[k] * ov[k];
+            }
+        } else {
+            for (int i = lane; i < dim; i += 32) sum += load(g, i) * load(o, i);
+        }
+        sum = warp_sum(sum);
+        if (lane == 0) delta[row] = sum;
+    }
+}
+
 extern "C" __global__ void rms_norm_rows_bf16(const unsigned short* x, const unsigned short* w,
                                               unsigned short* out, int rows, int dim, float eps) {
     rms_norm_rows(x, w, out, rows, dim, eps);
@@ -362,6 +396,22 @@ extern "C" __global__ void rope_f32(const float* x, float* out, const float* cos
                                     long long stride_h, long long stride_t, long long stride_d,
                                     index_t n, float sign) {
     rope(x, out, cos, sin, heads, seq, dim, stride_b, stride_h, stride_t, stride_d, n, sign);
+}
+
+extern "C" __global__ void attention_delta_rows_bf16(
+    const unsigned short* grad, const unsigned short* out, float* delta, int heads, int q_len,
+    int dim, long long grad_b, long long grad_h, long long grad_t, long long out_b, long long out_h,
+    long long out_t, index_t rows) {
+    attention_delta_rows(grad, out, delta, heads, q_len, dim, grad_b, grad_h, grad_t, out_b, out_h,
+                         out_t, rows);
+}
+extern "C" __global__ void attention_delta_rows_f32(const float* grad, const float* out,
+                                                    float* delta, int heads, int q_len, int dim,
+                                                    long long grad_b, long long grad_h,
+                                                    long long grad_t, long long out_b,
+                                                    long long out_h, long long out_t, index_t rows) {
+    attention_delta_rows(grad, out, delta, heads, q_len, dim, grad_b, grad_h, grad_t, out_b, out_h,
+                         out_t, rows);
 }
 
 // The distillation KL per token, KL(p_s ‖ p_t) = Σ_v p_s,v (log p_s,v - log p_t,v) with

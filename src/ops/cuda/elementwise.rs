@@ -235,6 +235,50 @@ pub fn rope(
     Some(tensor(out))
 }
 
+/// The attention backward's row term `delta = Σ_d grad · out` in f32, `[batch, heads, seq, 1]`,
+/// from `grad` and `out` `[batch, heads, seq, dim]` read through their strides (each row's `dim`
+/// values contiguous; other layouts are copied first).
+pub fn attention_delta(grad: Tensor<Cuda, 4>, out: Tensor<Cuda, 4>) -> Option<Tensor<Cuda, 4>> {
+    let rows_contiguous = |t: Tensor<Cuda, 4>| -> Cube {
+        let t: Cube = t.into_primitive().tensor();
+        match t.meta.strides()[3] {
+            1 => t,
+            _ => into_contiguous(t),
+        }
+    };
+    let (grad, out) = (rows_contiguous(grad), rows_contiguous(out));
+    let [batch, heads, seq, dim] = <[usize; 4]>::try_from(grad.meta.shape().to_vec()).ok()?;
+    let rows = batch * heads * seq;
+    if !applies(&[&grad, &out], rows, dim) || out.meta.shape() != grad.meta.shape() {
+        return None;
+    }
+    let stride = |t: &Cube, axis: usize| KernelArg::Long(t.meta.strides()[axis] as i64);
+    let delta = empty_device_contiguous_dtype(
+        grad.client.clone(),
+        grad.device.clone(),
+        Shape::from(vec![batch, heads, seq, 1]),
+        DType::F32,
+    );
+    run(
+        |k| &k.attention_delta_rows,
+        &[&grad, &out, &delta],
+        grid_for_rows(rows),
+        &[
+            KernelArg::Int(heads as i32),
+            KernelArg::Int(seq as i32),
+            KernelArg::Int(dim as i32),
+            stride(&grad, 0),
+            stride(&grad, 1),
+            stride(&grad, 2),
+            stride(&out, 0),
+            stride(&out, 1),
+            stride(&out, 2),
+            KernelArg::Long(rows as i64),
+        ],
+    )?;
+    Some(tensor(delta))
+}
+
 /// Logits `[batch, seq, vocab]` pairs for the KL kernels: contiguous, one kernel dtype, same shape.
 fn kl_operands(student: Tensor<Cuda, 3>, teacher: Tensor<Cuda, 3>) -> Option<(Cube, Cube, usize)> {
     let (student, teacher) = (contiguous(student), contiguous(teacher));

@@ -287,18 +287,22 @@ __device__ __forceinline__ void online_softmax_tile(float (*s)[4], float* m, flo
     }
 }
 
-// One warp's 16 output rows (from row0) normalised by their sums, and their log-sum-exps.
+// One warp's 16 output rows (from row0) normalised by their sums, and their log-sum-exps. out is
+// token-major, [batch, q_len, heads, D] (the block's batch and head from blockIdx.z / y): the
+// output projection's layout, so the context needs no transposing copy (nor a second saved
+// copy in training); lse is [batch, heads, q_len] from q_head.
 template <int D>
 __device__ __forceinline__ void store_output_rows(float (*o)[4], const float* m, const float* l,
-                                                  int row0, int q_len, unsigned short* out,
-                                                  float* lse, index_t q_head, int g, int t) {
+                                                  int row0, int q_len, int heads,
+                                                  unsigned short* out, float* lse, index_t q_head,
+                                                  int g, int t) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const float total = quad_sum(l[r]);
         const int row = row0 + g + 8 * r;
         if (row >= q_len) continue;
         const float inv = 1.0f / total;
-        unsigned short* orow = out + (q_head + row) * D;
+        unsigned short* orow = out + (((index_t)blockIdx.z * q_len + row) * heads + blockIdx.y) * D;
 #pragma unroll
         for (int dt = 0; dt < D / 8; ++dt)
             *(unsigned int*)(orow + dt * 8 + 2 * t) = pack_bf16(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
@@ -309,7 +313,8 @@ __device__ __forceinline__ void store_output_rows(float (*o)[4], const float* m,
 // Query rows per block of the forward with MT 16-row tiles per warp.
 #define FLASH_BLOCK_ROWS(MT) (FLASH_ROWS * (MT))
 
-// q, out: [batch, heads, q_len, D]; k, v: [batch, kv_heads, k_len, D]; bias: f32
+// q: [batch, heads, q_len, D]; out: [batch, q_len, heads, D]; k, v: [batch, kv_heads, k_len, D];
+// bias: f32
 // [batch, kv_heads, k_len] or null; lse: f32 [batch, heads, q_len]. Queries sit at positions
 // offset .. offset + q_len, keys at 0 .. k_len.
 //
@@ -420,7 +425,8 @@ __device__ void flash_forward(const unsigned short* q, const unsigned short* k,
 
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
-        store_output_rows<D>(o[mt], m[mt], l[mt], row0 + mt * 16, q_len, out, lse, q_head, g, t);
+        store_output_rows<D>(o[mt], m[mt], l[mt], row0 + mt * 16, q_len, heads, out, lse, q_head,
+                            g, t);
 }
 
 #define FLASH_FORWARD(NAME, D, MT)                                                               \

@@ -292,7 +292,7 @@ extern "C" __global__ void __launch_bounds__(HOPPER_THREADS) flash_forward_hoppe
             wgmma_commit();
             wgmma_wait<0>();
         });
-    store_output_rows<D>(o, m, l, blk.row0, q_len, out, lse, blk.q_head, g, t);
+    store_output_rows<D>(o, m, l, blk.row0, q_len, heads, out, lse, blk.q_head, g, t);
 #endif
 }
 

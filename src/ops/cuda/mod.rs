@@ -990,6 +990,7 @@ struct Kernels {
     swiglu: Typed,
     swiglu_grads: Typed,
     rope: Typed,
+    attention_delta_rows: Typed,
     kl_rows: Typed,
     kl_student_grad_rows: Typed,
     /// bf16 only, head_dim 64 and 128.
@@ -1069,6 +1070,7 @@ impl Kernels {
             swiglu: typed("swiglu")?,
             swiglu_grads: typed("swiglu_grads")?,
             rope: typed("rope")?,
+            attention_delta_rows: typed("attention_delta_rows")?,
             kl_rows: typed("kl_rows")?,
             kl_student_grad_rows: typed("kl_student_grad_rows")?,
             flash_forward_d64: with_shared(
