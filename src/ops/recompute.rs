@@ -313,6 +313,29 @@ mod tests {
 
     type Ad = CpuAutodiff;
 
+    fn values<const D: usize>(t: Tensor<Cpu, D>) -> Vec<f32> {
+        t.into_data().to_vec::<f32>().unwrap()
+    }
+
+    fn assert_close(a: &[f32], b: &[f32]) {
+        assert_eq!(a.len(), b.len());
+        for (p, q) in a.iter().zip(b) {
+            assert!((p - q).abs() <= 1e-4 * (1.0 + q.abs()), "{p} vs {q}");
+        }
+    }
+
+    /// The gradients of `Σ y · mix`: a fixed, uneven weighting of the outputs.
+    fn mixed_backward(
+        y: &Tensor<Ad, 3>,
+        mix: &[f32],
+    ) -> <Ad as burn::tensor::backend::AutodiffBackend>::Gradients {
+        let mix = Tensor::<Ad, 3>::from_data(
+            TensorData::new(mix.to_vec(), y.dims()),
+            &Default::default(),
+        );
+        (y.clone() * mix).sum().backward()
+    }
+
     /// Output and every gradient (input, norm weight, gate, up, down; each combination of which
     /// is tracked) equal burn's autodiff of the composed norm, linear and SwiGLU operations, with
     /// and without the norm in the node.
@@ -364,43 +387,30 @@ mod tests {
                             None,
                         )
                     };
-                    let weights = Tensor::<Ad, 3>::from_data(
-                        TensorData::new(mix.clone(), [2, 3, 8]),
-                        &Default::default(),
-                    );
-                    let grads = (y.clone() * weights).sum().backward();
-                    let values = |t: Tensor<Cpu, 3>| t.into_data().to_vec::<f32>().unwrap();
-                    let values1 = |t: Tensor<Cpu, 1>| t.into_data().to_vec::<f32>().unwrap();
-                    let values2 = |t: Tensor<Cpu, 2>| t.into_data().to_vec::<f32>().unwrap();
+                    let grads = mixed_backward(&y, &mix);
                     (
                         values(y.inner()),
                         xa.grad(&grads).map(values),
-                        wn.grad(&grads).map(values1),
-                        [g, u, d].map(|w| w.grad(&grads).map(values2)),
+                        wn.grad(&grads).map(values),
+                        [g, u, d].map(|w| w.grad(&grads).map(values)),
                     )
                 };
                 let (y, dx, dn, dw) = run(true);
                 let (y_ref, dx_ref, dn_ref, dw_ref) = run(false);
-                let close = |a: &[f32], b: &[f32]| {
-                    assert_eq!(a.len(), b.len());
-                    for (p, q) in a.iter().zip(b) {
-                        assert!((p - q).abs() <= 1e-4 * (1.0 + q.abs()), "{p} vs {q}");
-                    }
-                };
-                close(&y, &y_ref);
+                assert_close(&y, &y_ref);
                 assert_eq!(dx.is_some(), tracked[0]);
                 if let (Some(a), Some(b)) = (dx, dx_ref) {
-                    close(&a, &b);
+                    assert_close(&a, &b);
                 }
                 assert_eq!(dn.is_some(), tracked[1] && with_norm, "norm weight");
                 assert_eq!(dn.is_some(), dn_ref.is_some());
                 if let (Some(a), Some(b)) = (dn, dn_ref) {
-                    close(&a, &b);
+                    assert_close(&a, &b);
                 }
                 for (i, (a, b)) in dw.into_iter().zip(dw_ref).enumerate() {
                     assert_eq!(a.is_some(), tracked[i + 2], "weight {i}");
                     if let (Some(a), Some(b)) = (a, b) {
-                        close(&a, &b);
+                        assert_close(&a, &b);
                     }
                 }
             }
@@ -449,38 +459,25 @@ mod tests {
                         Some(b.clone()),
                     )
                 };
-                let mix = Tensor::<Ad, 3>::from_data(
-                    TensorData::new(mix.clone(), [2, 5, 3]),
-                    &Default::default(),
-                );
-                let grads = (y.clone() * mix).sum().backward();
-                let v3 = |t: Tensor<Cpu, 3>| t.into_data().to_vec::<f32>().unwrap();
-                let v2 = |t: Tensor<Cpu, 2>| t.into_data().to_vec::<f32>().unwrap();
-                let v1 = |t: Tensor<Cpu, 1>| t.into_data().to_vec::<f32>().unwrap();
+                let grads = mixed_backward(&y, &mix);
                 (
-                    v3(y.inner()),
+                    values(y.inner()),
                     [
-                        xa.grad(&grads).map(v3),
-                        nw.grad(&grads).map(v1),
-                        w.grad(&grads).map(v2),
-                        b.grad(&grads).map(v1),
+                        xa.grad(&grads).map(values),
+                        nw.grad(&grads).map(values),
+                        w.grad(&grads).map(values),
+                        b.grad(&grads).map(values),
                     ],
                 )
             };
             let (y, grads) = run(true);
             let (y_ref, grads_ref) = run(false);
-            let close = |a: &[f32], b: &[f32]| {
-                assert_eq!(a.len(), b.len());
-                for (p, q) in a.iter().zip(b) {
-                    assert!((p - q).abs() <= 1e-4 * (1.0 + q.abs()), "{p} vs {q}");
-                }
-            };
-            close(&y, &y_ref);
+            assert_close(&y, &y_ref);
             for (i, (a, b)) in grads.into_iter().zip(grads_ref).enumerate() {
                 assert_eq!(a.is_some(), tracked[i], "operand {i}");
                 assert_eq!(b.is_some(), tracked[i], "operand {i} (reference)");
                 if let (Some(a), Some(b)) = (a, b) {
-                    close(&a, &b);
+                    assert_close(&a, &b);
                 }
             }
         }
