@@ -3,7 +3,8 @@
 //! Layout: [`model`] (the architectures), [`ops`] (their operations and CUDA kernels), [`dms`]
 //! (the method), [`checkpoint`] (Hugging Face files),
 //! [`data`] (text), [`train`] (the loop), [`run`] (the run folder), [`eval`] (inference),
-//! [`atomic`] (crash-safe writes), [`backend`] (devices), [`cli`] (commands).
+//! [`atomic`] (crash-safe writes), [`backend`] (devices), [`heap`] (heap bytes in use, for
+//! profiles on the CPU), [`cli`] (commands).
 
 pub mod atomic;
 pub mod backend;
