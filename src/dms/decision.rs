@@ -134,13 +134,9 @@ impl<B: crate::ops::recompute::RecomputeBackend> DmsAdapter<B> {
     /// - `residual`: `[batch, seq, hidden]` → `[batch, kv_heads, seq]`
     pub fn raw(&self, residual: Tensor<B, 3>) -> Tensor<B, 3> {
         let dtype = residual.dtype();
-        let norm = crate::ops::recompute::NormFirst {
-            weight: in_dtype(self.norm.weight.val(), dtype),
-            eps: self.norm.eps,
-        };
         crate::ops::recompute::linear_after_norm(
             residual,
-            norm,
+            self.norm.first(dtype),
             in_dtype(self.proj.weight.val(), dtype),
             self.proj.bias.as_ref().map(|b| in_dtype(b.val(), dtype)),
         )

@@ -177,6 +177,17 @@ impl<B: UploadBackend> RmsNorm<B> {
     }
 }
 
+impl<B: Backend> RmsNorm<B> {
+    /// This norm as the first step of a recomputing operation, its weight in `dtype` (the
+    /// activations').
+    pub fn first(&self, dtype: burn::tensor::DType) -> NormFirst<B> {
+        NormFirst {
+            weight: in_dtype(self.weight.val(), dtype),
+            eps: self.eps,
+        }
+    }
+}
+
 impl<B: ElementwiseBackend> RmsNorm<B> {
     /// # Shapes
     /// - `x`: `[..., dim]` → same
@@ -213,10 +224,7 @@ impl<B: RecomputeBackend> Mlp<B> {
         if self.recompute && projections.iter().all(|p| p.bias.is_none()) {
             let dtype = x.dtype();
             let [gate, up, down] = projections.map(|p| in_dtype(p.weight.val(), dtype));
-            let norm = norm.map(|norm| NormFirst {
-                weight: in_dtype(norm.weight.val(), dtype),
-                eps: norm.eps,
-            });
+            let norm = norm.map(|norm| norm.first(dtype));
             return swiglu_mlp(x, norm, gate, up, down);
         }
         let x = match norm {
@@ -313,10 +321,7 @@ impl<B: AttentionBackend> Attention<B> {
         let (q, q_rebuild) = match &self.q_norm {
             Some(norm) => {
                 let rebuild = Rebuild {
-                    norm: NormFirst {
-                        weight: in_dtype(norm.weight.val(), q.dtype()),
-                        eps: norm.eps,
-                    },
+                    norm: norm.first(q.dtype()),
                     pre_norm: q,
                     keep: keep.cloned(),
                     cos: rope.cos.clone(),
